@@ -1,0 +1,80 @@
+# lightning-ood: every command a user runs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARCH := $(shell uname -m)
+# torch/torchvision pins that install from this kind of machine's local wheel cache (see README, "Installation").
+ifeq ($(ARCH),aarch64)
+TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+endif
+STAMP := $(VENV)/.installed
+
+# Training selection: make train-cifar DATASET=cifar100 MODEL=densenet ARGS="--trainer.devices 2"
+DATASET ?= cifar10
+MODEL ?= resnet18
+ARGS ?=
+# Real image data for the quick run and the benchmarks (read-only).
+SHARED_DATA ?= ../shared/data
+
+.PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared bench-train bench-eval clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH_PINS)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv with the package, its dependencies and the dev tools
+
+demo: $(STAMP) ## Main job, offline (~2 min on 2 CPU cores): train, fit statistics, OOD benchmark of every scorer
+	rm -rf logs/demo checkpoints/demo
+	$(BIN)/lightning-ood fit -c configs/demo.yaml
+	$(BIN)/lightning-ood test -c configs/demo.yaml --ckpt_path checkpoints/demo/last.ckpt
+	@echo "Results: logs/demo/version_1/ood_results.md (and .csv)."
+	@echo "TensorBoard (losses, score histograms, hparams): $(BIN)/tensorboard --logdir logs/demo, then open http://localhost:6006"
+
+test: $(STAMP) ## Run the test suite (generated data; tests needing ../shared/data skip when it is absent)
+	$(BIN)/pytest -q
+
+test-slow: $(STAMP) ## Run the long tests on real data too (marked `slow`)
+	$(BIN)/pytest -q -m "slow or not slow"
+
+lint: $(STAMP) ## Check style with ruff (lint + format check)
+	$(BIN)/ruff check lightning_ood tests benchmarks
+	$(BIN)/ruff format --check lightning_ood tests benchmarks
+
+format: $(STAMP) ## Reformat the code with ruff
+	$(BIN)/ruff check --fix lightning_ood tests benchmarks
+	$(BIN)/ruff format lightning_ood tests benchmarks
+
+train-cifar: $(STAMP) ## Train with the paper's schedule: DATASET=cifar10|cifar100 MODEL=resnet18|densenet ARGS=...
+	$(BIN)/lightning-ood fit -c configs/$(DATASET)_$(MODEL).yaml $(ARGS)
+
+train-quick: $(STAMP) ## Short real CPU run: ResNet-20, 6 epochs on ../shared/data/cifar10-jpeg, then its test accuracy
+	$(BIN)/lightning-ood fit -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml \
+		--data.init_args.root $(SHARED_DATA)/cifar10-jpeg $(ARGS)
+	$(BIN)/lightning-ood test -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml \
+		--data.init_args.root $(SHARED_DATA)/cifar10-jpeg --ckpt_path checkpoints/quick_cpu/last.ckpt
+
+ood-shared: $(STAMP) ## OOD table of the train-quick model on ../shared/data (ID CIFAR-10 JPEG; TIN, MNIST, F-MNIST)
+	$(BIN)/lightning-ood test -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml \
+		-c configs/overlays/shared_data.yaml --ckpt_path checkpoints/quick_cpu/last.ckpt $(ARGS)
+
+bench-train: $(STAMP) ## Training-step throughput: Lightning vs a plain PyTorch loop (ratio, several repeats)
+	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+
+bench-eval: $(STAMP) ## Evaluation cost: plain forward vs full evaluation (every scorer) vs a forward per scorer
+	$(BIN)/python benchmarks/bench_eval.py $(ARGS)
+
+clean: ## Remove caches, logs and checkpoints (keeps .venv; `rm -rf .venv` for a full reset)
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info logs lightning_logs checkpoints .bench
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,3 @@
+from lightning_ood.cli import main
+
+main()

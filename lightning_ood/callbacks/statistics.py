@@ -1,0 +1,112 @@
+"""Fit the OOD statistics (prototypes, covariance, activation percentiles, ...) on the training set after ``fit``.
+
+The pass runs over the training images with the TEST transform, the model in eval mode, each image exactly once under
+DDP (sums and counts are all-reduced, activations gathered), so every rank ends with the single-process result. A
+checkpoint carrying the statistics is written afterwards, because ModelCheckpoint saves before ``on_train_end``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from lightning_ood.errors import DataError
+from lightning_ood.statistics import FeatureStatistics, StatisticsAccumulator, quantile_stride
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ACTIVATIONS = 64_000_000  # activation values kept for exact percentiles (256 MB of float32)
+
+
+def _reducers(trainer: Trainer | None, device: torch.device):
+    """Sum and gather functions across ranks (identity in a single process)."""
+    if trainer is None or trainer.world_size == 1:
+        return None, None
+
+    def sum_across(t: Tensor) -> Tensor:
+        return trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
+
+    def gather_across(t: Tensor) -> Tensor:
+        return torch.cat([g.cpu() for g in gather_all_tensors(t.to(device))])
+
+    return sum_across, gather_across
+
+
+@torch.no_grad()
+def compute_feature_statistics(
+    module: LightningModule,
+    loader: DataLoader,
+    trainer: Trainer | None = None,
+    max_activations: int = DEFAULT_MAX_ACTIVATIONS,
+    progress: bool = True,
+) -> FeatureStatistics:
+    """One pass of ``module.backbone.features`` over ``loader`` (items ``(image, label, index)``)."""
+    backbone = module.backbone
+    was_training = backbone.training
+    backbone.eval()
+    num_samples = len(loader.dataset)
+    stride = quantile_stride(num_samples, backbone.feature_dim, max_activations)
+    acc = StatisticsAccumulator(backbone.num_classes, backbone.feature_dim, stride)
+    show = progress and (trainer is None or trainer.is_global_zero)
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not show, transient=True) as bar:
+        task = bar.add_task("Fitting OOD statistics on the training set", total=len(loader))
+        for images, labels, indices in loader:
+            features = backbone.features(images.to(module.device))
+            if not torch.isfinite(features).all():
+                raise DataError(
+                    f"Non-finite (NaN/inf) penultimate features on training images {indices[:5].tolist()}...: "
+                    "the weights or the inputs are broken; statistics cannot be fitted."
+                )
+            acc.update(features, labels, indices)
+            bar.advance(task)
+    stats = acc.compute(*_reducers(trainer, module.device))
+    stats.global_step = trainer.global_step if trainer is not None else -1
+    backbone.train(was_training)
+    note = "" if stride == 1 else f", activation percentiles from 1 image in {stride}"
+    rank_zero_info(
+        f"Fitted OOD statistics on {stats.num_samples} training images in {time.perf_counter() - start:.1f}s "
+        f"({stats.num_classes} classes, {stats.feature_dim}-d features{note})."
+    )
+    return stats
+
+
+class FitOODStatistics(Callback):
+    """After training, fit the OOD statistics on the training set and save them in ``last.ckpt``.
+
+    Args:
+        max_activations: activation values kept in memory for the exact ReAct percentiles; above it, one image in
+            ``ceil(N * L / max_activations)`` is used (by dataset index, so the result does not depend on DDP).
+        save_checkpoint: write ``<checkpoint dir>/last.ckpt`` again once the statistics exist.
+    """
+
+    def __init__(self, max_activations: int = DEFAULT_MAX_ACTIVATIONS, save_checkpoint: bool = True) -> None:
+        self.max_activations = max_activations
+        self.save_checkpoint = save_checkpoint
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.ood_statistics = None  # the weights are about to change
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader = trainer.datamodule.statistics_dataloader()
+        pl_module.ood_statistics = compute_feature_statistics(
+            pl_module, loader, trainer, self.max_activations, progress=trainer.progress_bar_callback is not None
+        )
+        if self.save_checkpoint and not trainer.fast_dev_run:
+            checkpoint = trainer.checkpoint_callback
+            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
+                path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+                trainer.save_checkpoint(path)
+                checkpoint.last_model_path = str(path)
+                rank_zero_info(f"Saved {path} with the OOD statistics.")

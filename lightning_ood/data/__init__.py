@@ -1,0 +1,8 @@
+"""DataModules: CIFAR (torchvision or image folders), the offline demo, and the shared base with ``[ID, *OOD]``
+test loaders."""
+
+from lightning_ood.data.base import DATA_ROOT_ENV, OODDataModule
+from lightning_ood.data.cifar import CIFARDataModule
+from lightning_ood.data.demo import DemoDataModule
+
+__all__ = ["DATA_ROOT_ENV", "CIFARDataModule", "DemoDataModule", "OODDataModule"]

@@ -1,0 +1,139 @@
+"""Dataset classes for OOD images in their distributed on-disk layouts (item = ``(image, -1)``)."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+from lightning_ood.errors import DataError
+
+OOD_LABEL = -1
+
+
+def find_images(root: Path) -> list[Path]:
+    """All image files under ``root`` (recursively), sorted for a deterministic order."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+
+
+class ImageFiles(Dataset):
+    """A list of image files, loaded as RGB PIL images and transformed; the label is always -1."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable | None = None, name: str = "images") -> None:
+        if not paths:
+            raise DataError(f"{name}: no images found.")
+        self.paths = list(paths)
+        self.transform = transform
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = default_loader(str(self.paths[index]))
+        return (self.transform(image) if self.transform else image), OOD_LABEL
+
+
+def read_image_list(list_file: Path, root: Path, name: str) -> list[Path]:
+    """Image paths from an OpenOOD-style list (``<relative path> [label]`` per line), resolved against ``root``.
+
+    OpenOOD's lists start each path with a dataset folder name (``tin/val/images/...``); when that first component is
+    not a folder under ``root``, it is dropped (so ``root`` may point at ``tiny-imagenet-200`` directly).
+    """
+    if not list_file.is_file():
+        raise DataError(f"{name}: image list {list_file} does not exist.")
+    rel_paths = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    if not rel_paths:
+        raise DataError(f"{name}: image list {list_file} is empty.")
+    first = Path(rel_paths[0])
+    strip = not (root / first).exists() and (root / Path(*first.parts[1:])).exists()
+    paths = [root / (Path(*Path(p).parts[1:]) if strip else Path(p)) for p in rel_paths]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"{name}: {len(missing)} of {len(paths)} images listed in {list_file} are missing under {root} "
+            f"(first: {missing[0]}). Point the set's root at the folder the list is relative to."
+        )
+    return paths
+
+
+def find_idx_file(root: Path, stem: str) -> Path | None:
+    """``stem`` or ``stem.gz`` in ``root``, ``root/raw`` or torchvision's ``root/<Name>/raw``."""
+    for folder in (root, root / "raw", *(p / "raw" for p in sorted(root.glob("*")) if p.is_dir())):
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """Images of an idx3-ubyte file (MNIST format, optionally gzipped) as a uint8 array (N, H, W)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic, count, rows, cols = (int.from_bytes(data[i : i + 4], "big") for i in range(0, 16, 4))
+    if magic != 2051 or len(data) != 16 + count * rows * cols:
+        raise DataError(f"{path} is not a valid idx3-ubyte image file (magic {magic}, {len(data)} bytes).")
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols)
+
+
+class ArrayImages(Dataset):
+    """In-memory uint8 images (N, H, W) or (N, H, W, 3) turned into PIL images and transformed; label -1."""
+
+    def __init__(self, images: np.ndarray, transform: Callable | None = None) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = Image.fromarray(self.images[index])
+        return (self.transform(image) if self.transform else image), OOD_LABEL
+
+
+class NoiseImages(Dataset):
+    """Synthetic noise inputs, generated in the network's (normalised) input space, deterministic given the seed.
+
+    ``kind="gaussian"``: each value ~ N(mean, std), the paper's validation set with the defaults N(0, 1).
+    ``kind="uniform"``: each value ~ U(low, high).
+    Item ``i`` is generated from ``seed + i`` so any subset or order gives the same images.
+    """
+
+    def __init__(
+        self,
+        size: int = 10_000,
+        shape: tuple[int, int, int] = (3, 32, 32),
+        kind: str = "gaussian",
+        seed: int = 0,
+        mean: float = 0.0,
+        std: float = 1.0,
+        low: float = -1.0,
+        high: float = 1.0,
+    ) -> None:
+        if size < 1:
+            raise DataError(f"{kind} noise: size must be >= 1, got {size}.")
+        if kind not in ("gaussian", "uniform"):
+            raise DataError(f"noise kind must be 'gaussian' or 'uniform', got {kind!r}.")
+        self.size, self.shape, self.kind, self.seed = size, tuple(shape), kind, seed
+        self.mean, self.std, self.low, self.high = mean, std, low, high
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        generator = torch.Generator().manual_seed(self.seed + index)
+        if self.kind == "gaussian":
+            x = torch.randn(self.shape, generator=generator) * self.std + self.mean
+        else:
+            x = torch.rand(self.shape, generator=generator) * (self.high - self.low) + self.low
+        return x, OOD_LABEL

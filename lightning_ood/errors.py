@@ -1,0 +1,22 @@
+"""User-facing errors: one clear message, no traceback, non-zero exit (see ``cli.main``)."""
+
+
+class LightningOODError(Exception):
+    """A problem with the user's input (config, data, checkpoint) that the message alone explains."""
+
+
+class ConfigError(LightningOODError, ValueError):
+    """An unknown name or an invalid value in the configuration."""
+
+
+class DataError(LightningOODError, FileNotFoundError):
+    """Data that is missing, unreadable or laid out differently from what was expected."""
+
+
+class CheckpointError(LightningOODError):
+    """A checkpoint that is missing, corrupt or does not fit the configured model."""
+
+
+def unknown_name(kind: str, name: str, choices) -> ConfigError:
+    """Build the error for a name that is not registered, listing the valid ones."""
+    return ConfigError(f"Unknown {kind} {name!r}. Choose one of: {', '.join(sorted(choices))}.")

@@ -1,0 +1,262 @@
+"""The LightningModule: trains a backbone with the paper's SGD schedule and runs the one-pass OOD benchmark.
+
+Training defaults follow the paper (Section V-A): SGD with learning rate 0.1, momentum 0.9, weight decay 1e-4, batch
+size 128 (set on the DataModule), 100 epochs (set on the Trainer), learning rate divided by 10 at epochs 50, 75, 90.
+
+Testing takes the loaders ``[ID test, *OOD sets]``: the backbone runs once per batch, every feature-space scorer
+scores those features, ODIN-type scorers run their own perturbation pass; one metric collection per (scorer, OOD set)
+is updated in ``test_step`` and computed, synchronised across processes, at the end. The module orchestrates; method
+logic lives in :mod:`lightning_ood.scoring`, metrics in :mod:`lightning_ood.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_ood.errors import CheckpointError, ConfigError, LightningOODError
+from lightning_ood.metrics import OODMetrics
+from lightning_ood.models import Backbone, build_backbone
+from lightning_ood.report import OODReport
+from lightning_ood.scoring import DEFAULT_SCORERS, Scorer, build_scorer
+from lightning_ood.statistics import FeatureStatistics
+
+STATISTICS_KEY = "ood_statistics"
+ScorerSpec = list[str] | dict[str, dict[str, Any]]
+
+
+def scorer_specs(scorers: ScorerSpec | None) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Normalise the ``scorers`` argument to ``{label: (registered name, hyperparameters)}``.
+
+    A list names registered scorers with their defaults; a mapping gives each label its hyperparameters, with the
+    registered name under ``scorer`` (defaulting to the label): ``{"ours_p30": {"scorer": "fmls", "percentile": 30}}``.
+    """
+    if scorers is None:
+        scorers = list(DEFAULT_SCORERS)
+    if isinstance(scorers, list | tuple):
+        if len(set(scorers)) != len(scorers):
+            raise ConfigError(f"A scorer is listed twice in {list(scorers)}.")
+        return {name: (name, {}) for name in scorers}
+    specs = {}
+    for label, params in scorers.items():
+        params = dict(params or {})
+        specs[label] = (params.pop("scorer", label), params)
+    return specs
+
+
+class OODClassifier(LightningModule):
+    """An image classifier whose test pass benchmarks post-hoc OOD detection.
+
+    Args:
+        backbone: registered backbone name (``resnet18``, ``resnet20``, ``densenet100``).
+        num_classes: number of ID classes (linked from the DataModule by the CLI).
+        lr: initial SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty on all parameters.
+        milestones: epochs at which the learning rate is multiplied by ``gamma``.
+        gamma: learning-rate decay factor.
+        nesterov: use Nesterov momentum.
+        scorers: OOD scorers of the test pass: a list of registered names (``[msp, energy, fmls]``) or a mapping
+            ``label -> {scorer: <name>, <hyperparameter>: <value>, ...}``; ``None`` runs every method of the paper's
+            tables with its defaults.
+        tpr: the TPR of the FPR@TPR metric (0.95).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        milestones: Sequence[int] = (50, 75, 90),
+        gamma: float = 0.1,
+        nesterov: bool = False,
+        scorers: ScorerSpec | None = None,
+        tpr: float = 0.95,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ConfigError(f"lr must be positive, got {lr}")
+        if sorted(milestones) != list(milestones):
+            raise ConfigError(f"milestones must be increasing, got {list(milestones)}")
+        self.save_hyperparameters()
+        self.backbone: Backbone = build_backbone(backbone, num_classes)
+        self.scorer_specs = scorer_specs(scorers)
+        for name, params in self.scorer_specs.values():  # fail at construction, not after a long fit
+            build_scorer(name, **params)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.ood_statistics: FeatureStatistics | None = None
+        self.scorers: dict[str, Scorer] = {}
+        self.ood_metrics = nn.ModuleDict()
+        self.score_collectors = nn.ModuleDict()
+        self.test_set_names: list[str] = []
+        self.ood_report: OODReport | None = None
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, 3, H, W) -> (N, C)
+        return self.backbone(x)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.backbone(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
+        )
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(hp.milestones), gamma=hp.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.hparams.num_classes:
+            raise ConfigError(
+                f"The data has {data_classes} classes but the model was built for {self.hparams.num_classes}. "
+                f"Use a checkpoint trained on this dataset, or let the CLI link model.num_classes to the data."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ood_statistics is not None:
+            checkpoint[STATISTICS_KEY] = self.ood_statistics.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, with one clear message, a checkpoint whose architecture or class count differs from ours."""
+        saved = checkpoint.get("hyper_parameters", {})
+        if "backbone" in saved and saved["backbone"] != self.hparams.backbone:
+            raise CheckpointError(
+                f"The checkpoint holds a {saved['backbone']!r} backbone but model.backbone is "
+                f"{self.hparams.backbone!r}; set --model.backbone {saved['backbone']}."
+            )
+        if "num_classes" in saved and saved["num_classes"] != self.hparams.num_classes:
+            raise CheckpointError(
+                f"The checkpoint was trained for {saved['num_classes']} classes but the data has "
+                f"{self.hparams.num_classes} classes; evaluate it on the dataset it was trained on."
+            )
+        self.ood_statistics = None
+        if STATISTICS_KEY in checkpoint:
+            stats = FeatureStatistics.from_state_dict(checkpoint[STATISTICS_KEY])
+            expected = (self.hparams.num_classes, self.backbone.feature_dim)
+            if (stats.num_classes, stats.feature_dim) != expected:
+                raise CheckpointError(
+                    f"The checkpoint's OOD statistics are for {stats.num_classes} classes x {stats.feature_dim} "
+                    f"features, the model has {expected[0]} x {expected[1]}; the checkpoint is inconsistent."
+                )
+            self.ood_statistics = stats
+
+    # ---------------------------------------------------------------- OOD test pass
+    def on_test_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        self.test_set_names = list(datamodule.test_set_names)
+        if len(self.test_set_names) < 2:
+            rank_zero_info("No OOD sets configured (data.init_args.ood): testing ID accuracy only.")
+        stale = self.ood_statistics is not None and self.ood_statistics.global_step not in (-1, self.global_step)
+        if self.ood_statistics is None or stale:
+            from lightning_ood.callbacks.statistics import compute_feature_statistics
+
+            reason = "were fitted on other weights" if stale else "are not in this checkpoint"
+            rank_zero_info(f"OOD statistics {reason}: computing them on the training set now.")
+            self.ood_statistics = compute_feature_statistics(
+                self, datamodule.statistics_dataloader(), self.trainer, progress=self.trainer.progress_bar_callback
+            )
+        head = self.backbone.head
+        self.scorers = {
+            label: build_scorer(name, **params).fit_statistics(self.ood_statistics, head).to(self.device)
+            for label, (name, params) in self.scorer_specs.items()
+        }
+        oods = self.test_set_names[1:]
+        self.ood_metrics = nn.ModuleDict(
+            {self._key(s, o): OODMetrics(self.hparams.tpr) for s in self.scorers for o in oods}
+        ).to(self.device)
+        self.score_collectors = nn.ModuleDict(
+            {self._key(s, d): CatMetric(nan_strategy="disable") for s in self.scorers for d in self.test_set_names}
+        ).to(self.device)
+        self.test_acc.reset()
+
+    @staticmethod
+    def _key(scorer: str, dataset: str) -> str:
+        return f"{scorer}|{dataset}".replace(".", "_")  # ModuleDict keys cannot contain dots
+
+    def score_batch(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits and every scorer's scores for a batch of (normalised) images; one backbone pass for all
+        feature-space scorers."""
+        with torch.no_grad():
+            features = self.backbone.features(x).float()
+            logits = self.backbone.head(features)
+        scores = {}
+        for label, scorer in self.scorers.items():
+            if scorer.needs_inputs:
+                scores[label] = scorer.score_inputs(x, self.backbone.features, self.trainer.datamodule.std)
+            else:
+                with torch.no_grad():
+                    scores[label] = scorer.score(features, logits)
+        return logits, scores
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        logits, scores = self.score_batch(x)
+        dataset = self.test_set_names[dataloader_idx]
+        is_id = dataloader_idx == 0
+        if is_id:
+            self.test_acc.update(logits, y)
+        for label, s in scores.items():
+            self.score_collectors[self._key(label, dataset)].update(s.double())
+            if is_id:
+                for ood in self.test_set_names[1:]:
+                    self.ood_metrics[self._key(label, ood)].update(s, torch.ones_like(s, dtype=torch.long))
+            else:
+                self.ood_metrics[self._key(label, dataset)].update(s, torch.zeros_like(s, dtype=torch.long))
+
+    def on_test_epoch_end(self) -> None:
+        accuracy = float(self.test_acc.compute())
+        self.log("test/acc", accuracy, rank_zero_only=True)
+        oods = self.test_set_names[1:]
+        metrics: dict[str, dict[str, dict[str, float]]] = {}
+        for scorer in self.scorers:
+            metrics[scorer] = {}
+            for ood in oods:
+                try:
+                    values = self.ood_metrics[self._key(scorer, ood)].compute()
+                except ValueError as err:
+                    raise LightningOODError(f"Scorer {scorer!r} on OOD set {ood!r}: {err}") from err
+                metrics[scorer][ood] = {k: float(v) for k, v in values.items()}
+        counts = {}
+        for dataset in self.test_set_names:
+            collector = self.score_collectors[self._key(next(iter(self.scorers)), dataset)] if self.scorers else None
+            counts[dataset] = int(collector.compute().numel()) if collector is not None else 0
+        self.ood_report = OODReport(
+            id_name=self.test_set_names[0],
+            backbone=self.hparams.backbone,
+            accuracy=accuracy,
+            metrics=metrics if oods else {},
+            num_images=counts,
+        )
+        if oods:
+            for scorer in self.scorers:
+                average = self.ood_report.average(scorer)
+                self.log(f"ood/{scorer}/fpr95", average["fpr95"], rank_zero_only=True)
+                self.log(f"ood/{scorer}/auroc", average["auroc"], rank_zero_only=True)
+
+    def gathered_scores(self) -> dict[str, dict[str, Tensor]]:
+        """``scores[scorer][dataset]`` from all ranks (call on every rank: it synchronises)."""
+        return {
+            scorer: {d: self.score_collectors[self._key(scorer, d)].compute().cpu() for d in self.test_set_names}
+            for scorer in self.scorers
+        }

@@ -1,0 +1,187 @@
+"""Result tables like the paper's: per (scorer, OOD set) FPR95 / AUROC / AUPR, averages over the OOD sets, and the
+paper's own figures beside ours where the setting matches (dataset, backbone, method, OOD set).
+
+All values are percentages, as in the paper. FPR95 is lower-is-better; AUROC and AUPR higher-is-better.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+from rich.table import Table
+
+from lightning_ood.io import atomic_write_text
+from lightning_ood.scoring import paper_name
+
+METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
+METRIC_TITLES = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑"}
+
+# Our names -> the paper's table names.
+DATASET_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet-1k"}
+BACKBONE_TITLES = {
+    "resnet18": "ResNet-18",
+    "densenet100": "DenseNet",
+    "resnet50": "ResNet-50",
+    "mobilenet_v2": "MobileNet",
+}
+OOD_TITLES = {
+    "svhn": "SVHN",
+    "lsun_crop": "LSUN-C",
+    "lsun_resize": "LSUN-R",
+    "isun": "iSUN",
+    "textures": "Textures",
+    "places365": "Places365",
+    "inaturalist": "iNaturalist",
+    "sun": "SUN",
+    "places": "Places",
+}
+
+
+@cache
+def paper_results() -> dict[tuple[str, str, str, str], tuple[float, float]]:
+    """The paper's figures shipped with the package: (dataset, backbone, method, OOD set) -> (FPR95, AUROC)."""
+    text = files("lightning_ood").joinpath("reference/paper_results.csv").read_text()
+    table = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        key = (row["id_dataset"], row["model"], row["method"].replace(" ", ""), row["ood"])
+        table[key] = (float(row["fpr95"]), float(row["auroc"]))
+    return table
+
+
+def paper_figure(id_name: str, backbone: str, scorer: str, ood: str) -> tuple[float, float] | None:
+    """The paper's (FPR95, AUROC) for this setting, or ``None`` when the paper has no such number."""
+    method = paper_name(scorer)
+    dataset, model = DATASET_TITLES.get(id_name), BACKBONE_TITLES.get(backbone)
+    ood_title = "Average" if ood == "Average" else OOD_TITLES.get(ood)
+    if None in (method, dataset, model, ood_title):
+        return None
+    return paper_results().get((dataset, model, method.replace(" ", ""), ood_title))
+
+
+@dataclass
+class OODReport:
+    """Everything one test pass measured.
+
+    Attributes:
+        id_name: ID dataset name (``cifar10``).
+        backbone: backbone name (``resnet18``).
+        accuracy: ID top-1 accuracy in [0, 1].
+        metrics: ``metrics[scorer][ood][metric]`` in [0, 1].
+        num_images: images per test set (ID first).
+        skipped: OOD sets that were configured but not evaluated, with the reason.
+    """
+
+    id_name: str
+    backbone: str
+    accuracy: float
+    metrics: dict[str, dict[str, dict[str, float]]]
+    num_images: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scorers(self) -> list[str]:
+        return list(self.metrics)
+
+    @property
+    def ood_names(self) -> list[str]:
+        return list(next(iter(self.metrics.values()), {}))
+
+    def average(self, scorer: str) -> dict[str, float]:
+        """Mean of each metric over the OOD sets (the paper's "Average" column)."""
+        per_set = self.metrics[scorer].values()
+        return {m: sum(v[m] for v in per_set) / len(per_set) for m in METRICS}
+
+    def paper(self, scorer: str, ood: str) -> tuple[float, float] | None:
+        return paper_figure(self.id_name, self.backbone, scorer, ood)
+
+    # ------------------------------------------------------------------------------------------------ renderers
+    def rows(self) -> list[dict[str, object]]:
+        """Long format: one row per (scorer, OOD set) plus one ``Average`` row per scorer; values in percent."""
+        out = []
+        for scorer in self.scorers:
+            entries = [*self.metrics[scorer].items(), ("Average", self.average(scorer))]
+            for ood, values in entries:
+                paper = self.paper(scorer, ood)
+                out.append(
+                    {
+                        "id_dataset": self.id_name,
+                        "backbone": self.backbone,
+                        "scorer": scorer,
+                        "paper_method": paper_name(scorer) or "",
+                        "ood": ood,
+                        **{m: round(100 * values[m], 2) for m in METRICS},
+                        "paper_fpr95": paper[0] if paper else "",
+                        "paper_auroc": paper[1] if paper else "",
+                    }
+                )
+        return out
+
+    def to_csv(self) -> str:
+        rows = self.rows()
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["scorer"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+
+    def _cell(self, scorer: str, ood: str, metric: str, values: dict[str, float]) -> str:
+        text = f"{100 * values[metric]:.2f}"
+        paper = self.paper(scorer, ood) if metric in ("fpr95", "auroc") else None
+        return f"{text} ({paper[0 if metric == 'fpr95' else 1]:.2f})" if paper else text
+
+    def to_markdown(self) -> str:
+        """A table shaped like the paper's Table I: FPR95 and AUROC per OOD set, then the average."""
+        columns = [*self.ood_names, "Average"]
+        head = ["Method", *(f"{c} {METRIC_TITLES[m]}" for c in columns for m in ("fpr95", "auroc"))]
+        lines = [
+            f"ID: {self.id_name} ({self.num_images.get(self.id_name, '?')} images), backbone: {self.backbone}, "
+            f"accuracy: {100 * self.accuracy:.2f}%. Values in %; the paper's figure in parentheses where it reports "
+            f"this setting.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+        for scorer in self.scorers:
+            cells = [scorer]
+            for ood in columns:
+                values = self.average(scorer) if ood == "Average" else self.metrics[scorer][ood]
+                cells += [self._cell(scorer, ood, m, values) for m in ("fpr95", "auroc")]
+            lines.append("| " + " | ".join(cells) + " |")
+        if self.skipped:
+            lines += ["", "Skipped OOD sets: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())]
+        return "\n".join(lines) + "\n"
+
+    def rich_table(self) -> Table:
+        columns = [*self.ood_names, "Average"]
+        table = Table(
+            title=f"OOD detection: {self.id_name} / {self.backbone} (accuracy {100 * self.accuracy:.2f}%)",
+            caption="FPR95↓ / AUROC↑ in %; (paper) where the paper reports this setting",
+        )
+        table.add_column("Method", style="bold")
+        for column in columns:
+            table.add_column(f"{column}\nFPR95 / AUROC", justify="right")
+        best = {c: min(self.scorers, key=lambda s, c=c: self._values(s, c)["fpr95"]) for c in columns}
+        for scorer in self.scorers:
+            cells = []
+            for column in columns:
+                values = self._values(scorer, column)
+                cell = f"{self._cell(scorer, column, 'fpr95', values)} / {self._cell(scorer, column, 'auroc', values)}"
+                cells.append(f"[green]{cell}[/]" if best[column] == scorer else cell)
+            table.add_row(scorer, *cells)
+        return table
+
+    def _values(self, scorer: str, column: str) -> dict[str, float]:
+        return self.average(scorer) if column == "Average" else self.metrics[scorer][column]
+
+    def write(self, folder: str | Path) -> tuple[Path, Path]:
+        """Write ``ood_results.md`` and ``ood_results.csv`` into ``folder`` (atomically)."""
+        folder = Path(folder)
+        return (
+            atomic_write_text(folder / "ood_results.md", self.to_markdown()),
+            atomic_write_text(folder / "ood_results.csv", self.to_csv()),
+        )

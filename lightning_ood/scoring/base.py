@@ -1,0 +1,109 @@
+"""The scorer contract: ``fit`` on training features once, then ``score(features, logits) -> (N,)``.
+
+Higher score = more in-distribution, for every scorer. Scorers are plain objects (no config objects, no devices baked
+in): hyperparameters are fixed at construction; ``fit`` stores what the training data and the head determine.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_ood.errors import ConfigError
+from lightning_ood.statistics import FeatureStatistics
+
+try:  # Python 3.11+
+    from typing import Self
+except ImportError:  # pragma: no cover
+    from typing_extensions import Self
+
+
+class Scorer:
+    """Base class. Subclasses implement :meth:`fit_statistics` and :meth:`score`.
+
+    Attributes:
+        needs_inputs: the scorer works on input images (see :class:`~lightning_ood.scoring.odin.ODIN`) rather than on
+            precomputed features and logits.
+        needs_prototypes: the scorer uses the class means of the training features.
+    """
+
+    needs_inputs: ClassVar[bool] = False
+
+    def fit(self, features: Tensor, labels: Tensor, head: nn.Linear) -> Self:
+        """Fit on training features ``(N, L)``, their ground-truth labels ``(N,)`` and the classifier head."""
+        return self.fit_statistics(FeatureStatistics.from_features(features, labels, head.out_features), head)
+
+    def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Self:
+        """Fit from precomputed :class:`FeatureStatistics` (what the Lightning pipeline does)."""
+        self.weight = head.weight.detach().clone()  # (C, L)
+        self.bias = head.bias.detach().clone() if head.bias is not None else torch.zeros(head.out_features)
+        return self
+
+    def score(self, features: Tensor, logits: Tensor) -> Tensor:  # (N, L), (N, C) -> (N,)
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Self:
+        """Move every fitted tensor to ``device``."""
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, Scorer):
+                value.to(device)
+        return self
+
+    def head_logits(self, features: Tensor) -> Tensor:  # (N, L) -> (N, C)
+        return features @ self.weight.T + self.bias
+
+    def __repr__(self) -> str:
+        params = {k: v for k, v in vars(self).items() if not isinstance(v, Tensor | Scorer)}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
+
+
+# ------------------------------------------------------------------------------------------------ score functions
+def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:  # (N, C) -> (N,)
+    """Negative free energy ``T * logsumexp(f / T)`` (Liu et al., 2020)."""
+    return temperature * torch.logsumexp(logits / temperature, dim=1)
+
+
+def max_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:  # (N, C) -> (N,)
+    """Maximum softmax probability (Hendrycks & Gimpel, 2017); ``temperature`` as in ODIN."""
+    return F.softmax(logits / temperature, dim=1).amax(dim=1)
+
+
+OUTPUTS = {"energy": energy, "msp": max_softmax}
+
+
+def check_output(output: str) -> str:
+    if output not in OUTPUTS:
+        raise ConfigError(f"Unknown score output {output!r}. Choose one of: {', '.join(OUTPUTS)}.")
+    return output
+
+
+def check_percentile(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 100.0:
+        raise ConfigError(f"{name} must be a percentile in [0, 100], got {value}.")
+
+
+def check_nonnegative(name: str, value: float | None) -> None:
+    if value is not None and value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}.")
+
+
+class LogitScorer(Scorer):
+    """A scorer that turns (possibly modified) logits into a score with ``output`` (energy or MSP).
+
+    Subclasses override :meth:`logits`; ODIN reuses it for its perturbation pass, so any logit-modifying method
+    combines with ODIN.
+    """
+
+    def __init__(self, output: str = "energy") -> None:
+        self.output = check_output(output)
+
+    def logits(self, features: Tensor, logits: Tensor) -> Tensor:  # (N, L), (N, C) -> (N, C)
+        return logits
+
+    def score(self, features: Tensor, logits: Tensor) -> Tensor:
+        return OUTPUTS[self.output](self.logits(features, logits))

@@ -1,0 +1,46 @@
+"""Shared fixtures: generated image data in the real on-disk layouts, and paths to the optional shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LIGHTNING_OOD_SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_class_images(folder: Path, label: int, count: int, size: int, rng: np.random.Generator) -> None:
+    """Images whose mean colour depends on the class (a learnable signal) plus noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = np.array([(label * 37) % 256, (label * 91) % 256, (label * 53) % 256], dtype=np.float32)
+    for i in range(count):
+        pixels = base + rng.normal(0, 30, size=(size, size, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+
+
+def make_cifar_folder(root: Path, classes=CIFAR10_CLASSES, train: int = 6, test: int = 3, size: int = 32) -> Path:
+    """A CIFAR-style image-folder copy: ``root/{train,test}/<class>/NNNN.png``."""
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(classes):
+        write_class_images(root / "train" / name, label, train, size, rng)
+        write_class_images(root / "test" / name, label, test, size, rng)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory) -> Path:
+    """A tiny generated CIFAR-10 image-folder copy (10 classes, 6 train and 3 test images each)."""
+    return make_cifar_folder(tmp_path_factory.mktemp("cifar10-generated"))
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, skipping the test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not available")
+    return path
