@@ -21,7 +21,8 @@ ARGS ?=
 # Real image data for the quick run and the benchmarks (read-only).
 SHARED_DATA ?= ../shared/data
 
-.PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared bench-train bench-eval clean
+.PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared tune-shared sweep-shared \
+	bench-train bench-eval clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,12 +36,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv with the package, its dependencies and the dev tools
 
-demo: $(STAMP) ## Main job, offline (~2 min on 2 CPU cores): train, fit statistics, OOD benchmark of every scorer
-	rm -rf logs/demo checkpoints/demo
-	$(BIN)/lightning-ood fit -c configs/demo.yaml
-	$(BIN)/lightning-ood test -c configs/demo.yaml --ckpt_path checkpoints/demo/last.ckpt
-	@echo "Results: logs/demo/version_1/ood_results.md (and .csv)."
-	@echo "TensorBoard (losses, score histograms, hparams): $(BIN)/tensorboard --logdir logs/demo, then open http://localhost:6006"
+DEMO := -c configs/demo.yaml --trainer.logger.init_args.version
+demo: $(STAMP) ## Main job, offline (~2 min on 2 CPU cores): train, statistics, OOD benchmark of every scorer, sweeps
+	rm -rf logs/demo checkpoints/demo cache/demo
+	$(BIN)/lightning-ood fit $(DEMO) fit
+	$(BIN)/lightning-ood test $(DEMO) test --ckpt_path checkpoints/demo/last.ckpt
+	$(BIN)/lightning-ood sweep $(DEMO) sweep --ckpt_path checkpoints/demo/last.ckpt --cache_dir cache/demo
+	@echo
+	@echo "Results table: logs/demo/test/ood_results.md (and .csv); sensitivity to lambda and p: logs/demo/sweep/*.png"
+	@echo "TensorBoard (losses, score histograms, sweeps, hparams): $(BIN)/tensorboard --logdir logs/demo"
+	@echo "  then open http://localhost:6006"
 
 test: $(STAMP) ## Run the test suite (generated data; tests needing ../shared/data skip when it is absent)
 	$(BIN)/pytest -q
@@ -65,9 +70,16 @@ train-quick: $(STAMP) ## Short real CPU run: ResNet-20, 6 epochs on ../shared/da
 	$(BIN)/lightning-ood test -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml \
 		--data.init_args.root $(SHARED_DATA)/cifar10-jpeg --ckpt_path checkpoints/quick_cpu/last.ckpt
 
+SHARED := -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml -c configs/ood/shared_data.yaml \
+	--ckpt_path checkpoints/quick_cpu/last.ckpt
 ood-shared: $(STAMP) ## OOD table of the train-quick model on ../shared/data (ID CIFAR-10 JPEG; TIN, MNIST, F-MNIST)
-	$(BIN)/lightning-ood test -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml \
-		-c configs/overlays/shared_data.yaml --ckpt_path checkpoints/quick_cpu/last.ckpt $(ARGS)
+	$(BIN)/lightning-ood test $(SHARED) $(ARGS)
+
+tune-shared: $(STAMP) ## Select p and lambda on Gaussian noise (paper, Sec. V-F) for the train-quick model
+	$(BIN)/lightning-ood tune $(SHARED) --output checkpoints/quick_cpu/selected.yaml $(ARGS)
+
+sweep-shared: $(STAMP) ## Sensitivity to lambda and p (paper, Figs. 6-7) of the train-quick model on ../shared/data
+	$(BIN)/lightning-ood sweep $(SHARED) $(ARGS)
 
 bench-train: $(STAMP) ## Training-step throughput: Lightning vs a plain PyTorch loop (ratio, several repeats)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
@@ -75,6 +87,6 @@ bench-train: $(STAMP) ## Training-step throughput: Lightning vs a plain PyTorch 
 bench-eval: $(STAMP) ## Evaluation cost: plain forward vs full evaluation (every scorer) vs a forward per scorer
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)
 
-clean: ## Remove caches, logs and checkpoints (keeps .venv; `rm -rf .venv` for a full reset)
-	rm -rf .pytest_cache .ruff_cache build dist *.egg-info logs lightning_logs checkpoints .bench
+clean: ## Remove logs, checkpoints, the feature cache and tool caches (keeps .venv; `rm -rf .venv` for a full reset)
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info logs lightning_logs checkpoints cache .bench
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

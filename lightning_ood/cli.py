@@ -9,9 +9,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
 from lightning_ood.callbacks import FitOODStatistics, OODResultsTable, ScoreHistograms
+from lightning_ood.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, read_checkpoint
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.errors import LightningOODError
 from lightning_ood.module import OODClassifier
+from lightning_ood.trainer import OODTrainer
 
 TRAINER_DEFAULTS = {
     "max_epochs": 100,
@@ -24,7 +26,12 @@ TRAINER_DEFAULTS = {
 
 
 class OODCLI(LightningCLI):
-    """Adds an always-on ``checkpoint`` (ModelCheckpoint) group and links the data's class count to the model."""
+    """Adds an always-on ``checkpoint`` (ModelCheckpoint) group, links the data's class count to the model, and the
+    ``tune`` / ``sweep`` subcommands of :class:`OODTrainer`."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}, "sweep": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -38,6 +45,11 @@ class OODCLI(LightningCLI):
             }
         )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would overwrite the config with the hyperparameters stored in ``--ckpt_path`` (so a test would
+        silently run the checkpoint's scorers instead of the configured ones). Here the config decides; a checkpoint
+        for another backbone or class count is refused with a clear message when it is loaded."""
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -53,7 +65,16 @@ class OODCLI(LightningCLI):
         if self._get(self.config_init, "trainer.enable_progress_bar") is not False:
             callbacks.insert(0, RichProgressBar())
         self.trainer_defaults["callbacks"] = callbacks
+        self.trainer_defaults.setdefault("plugins", [AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
+
+    def _check_ckpt_path(self) -> None:
+        """Read a given checkpoint once up front, so a missing or corrupt file is one clear error."""
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path and str(ckpt_path) not in SPECIAL_PATHS:
+            read_checkpoint(ckpt_path)
+
+    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
 
 
 def user_error(exc: BaseException | None) -> LightningOODError | None:
@@ -73,9 +94,11 @@ def main(args=None) -> None:
         OODCLI(
             OODClassifier,
             OODDataModule,
+            trainer_class=OODTrainer,
             subclass_mode_data=True,
             trainer_defaults=dict(TRAINER_DEFAULTS),
             seed_everything_default=42,
+            load_from_checkpoint_support=False,  # plain hyperparameters in checkpoints (see _parse_ckpt_path)
             save_config_kwargs={"overwrite": True},
             args=args,
         )

@@ -95,12 +95,22 @@ class OODMetrics(MetricCollection):
         super().__init__(
             {
                 "fpr95": FPRAtTPR(tpr),
-                "auroc": BinaryAUROC(normalization=None),
-                "aupr_in": BinaryAveragePrecision(normalization=None),
-                "aupr_out": AUPROut(normalization=None),
+                # inputs are formatted by ``update`` below: skip torchmetrics' per-batch validation
+                "auroc": BinaryAUROC(normalization=None, validate_args=False),
+                "aupr_in": BinaryAveragePrecision(normalization=None, validate_args=False),
+                "aupr_out": AUPROut(normalization=None, validate_args=False),
             },
             compute_groups=False,
         )
 
     def update(self, scores: Tensor, is_id: Tensor) -> None:  # type: ignore[override]
         super().update(scores.detach().double(), is_id.long())
+
+
+def ood_metrics(id_scores: Tensor, ood_scores: Tensor, tpr: float = 0.95) -> dict[str, float]:
+    """FPR95, AUROC, AUPR-In and AUPR-Out of one ID/OOD score pair, as floats (the functional :class:`OODMetrics`)."""
+    metrics = OODMetrics(tpr)
+    scores = torch.cat([id_scores.flatten(), ood_scores.flatten()])
+    is_id = torch.cat([torch.ones(id_scores.numel()), torch.zeros(ood_scores.numel())])
+    metrics.update(scores, is_id)
+    return {name: float(value) for name, value in metrics.compute().items()}

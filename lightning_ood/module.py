@@ -177,10 +177,11 @@ class OODClassifier(LightningModule):
                 self, datamodule.statistics_dataloader(), self.trainer, progress=self.trainer.progress_bar_callback
             )
         head = self.backbone.head
-        self.scorers = {
-            label: build_scorer(name, **params).fit_statistics(self.ood_statistics, head).to(self.device)
-            for label, (name, params) in self.scorer_specs.items()
-        }
+        with torch.inference_mode(False):  # fitted tensors must be usable by ODIN's autograd pass
+            self.scorers = {
+                label: build_scorer(name, **params).fit_statistics(self.ood_statistics, head).to(self.device)
+                for label, (name, params) in self.scorer_specs.items()
+            }
         oods = self.test_set_names[1:]
         self.ood_metrics = nn.ModuleDict(
             {self._key(s, o): OODMetrics(self.hparams.tpr) for s in self.scorers for o in oods}
@@ -247,6 +248,7 @@ class OODClassifier(LightningModule):
             accuracy=accuracy,
             metrics=metrics if oods else {},
             num_images=counts,
+            skipped=dict(getattr(self.trainer.datamodule, "skipped_ood", {})),
         )
         if oods:
             for scorer in self.scorers:

@@ -9,8 +9,8 @@ import torch
 from lightning_ood.cli import main
 from tests.conftest import REPO
 
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "overlays" not in p.parts)
-OVERLAYS = sorted((REPO / "configs" / "overlays").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))  # complete configs
+OVERLAYS = sorted([*(REPO / "configs" / "overlays").glob("*.yaml"), *(REPO / "configs" / "ood").glob("*.yaml")])
 
 
 def run_cli(*args: str) -> None:
@@ -46,7 +46,7 @@ def test_every_config_parses(config, capsys):
     assert "class_path: lightning_ood.data." in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_overlay_composes_with_a_full_config(overlay, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli("fit", "-c", str(REPO / "configs/cifar10_resnet18.yaml"), "-c", str(overlay), "--print_config")

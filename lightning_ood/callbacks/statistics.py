@@ -42,6 +42,7 @@ def _reducers(trainer: Trainer | None, device: torch.device):
     return sum_across, gather_across
 
 
+@torch.inference_mode(False)  # statistics must stay usable in autograd (ODIN) even when called in inference mode
 @torch.no_grad()
 def compute_feature_statistics(
     module: LightningModule,

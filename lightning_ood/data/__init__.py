@@ -4,5 +4,6 @@ test loaders."""
 from lightning_ood.data.base import DATA_ROOT_ENV, OODDataModule
 from lightning_ood.data.cifar import CIFARDataModule
 from lightning_ood.data.demo import DemoDataModule
+from lightning_ood.data.synthetic import SyntheticDataModule
 
-__all__ = ["DATA_ROOT_ENV", "CIFARDataModule", "DemoDataModule", "OODDataModule"]
+__all__ = ["DATA_ROOT_ENV", "CIFARDataModule", "DemoDataModule", "OODDataModule", "SyntheticDataModule"]

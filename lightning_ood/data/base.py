@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_ood.data.ood import build_ood_set, ood_entry
+from lightning_ood.data.ood import build_ood_set, download_ood_set, ood_entry
 from lightning_ood.data.transforms import eval_transform
 from lightning_ood.errors import ConfigError, DataError
 
@@ -56,8 +58,11 @@ class OODDataModule(LightningDataModule):
         eval_batch_size: batch size of the test and statistics loaders (defaults to ``batch_size``).
         num_workers: loader worker processes; ``None`` picks one per core beyond the first (at most 8).
         ood: OOD test sets, each a registered name (``mnist``) or a mapping ``{name: tin, root: ..., label: ...}``
-            with the set's options.
+            with the set's options (see :mod:`lightning_ood.data.ood`).
         ood_root: folder holding the OOD sets in their default sub-folders (defaults to the data root).
+        download: let ``prepare_data`` download missing data where torchvision can.
+        skip_missing_ood: skip an OOD set whose data is missing, with a warning (the result table lists it),
+            instead of failing.
     """
 
     num_classes: int
@@ -72,6 +77,8 @@ class OODDataModule(LightningDataModule):
         num_workers: int | None = None,
         ood: list[str | dict[str, Any]] | None = None,
         ood_root: str | None = None,
+        download: bool = True,
+        skip_missing_ood: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -81,24 +88,59 @@ class OODDataModule(LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.ood = list(ood or [])
         self.ood_root = Path(ood_root or default_data_root()).expanduser()
+        self.download = download
+        self.skip_missing_ood = skip_missing_ood
+        self.skipped_ood: dict[str, str] = {}
         self.train_set: Dataset | None = None
         self.test_sets: dict[str, Dataset] = {}
         self.statistics_set: Dataset | None = None
+
+    def prepare_ood_sets(self) -> None:
+        """Download the configured OOD sets that are missing, where torchvision can (call from ``prepare_data``)."""
+        if not self.download:
+            return
+        for entry in self.ood:
+            label, name, options = ood_entry(entry)
+            try:
+                download_ood_set(name, self.ood_root, options.get("root"))
+            except DataError as err:
+                if not self.skip_missing_ood:
+                    raise
+                rank_zero_warn(f"Skipping OOD set {label!r}: {err}")
 
     def build_ood_sets(self) -> dict[str, Dataset]:
         """The configured OOD sets by display name, resized and normalised like the ID test images."""
         transform = eval_transform(self.mean, self.std, self.image_size)
         shape = (3, self.image_size, self.image_size)
         sets: dict[str, Dataset] = {}
+        self.skipped_ood = {}
         for entry in self.ood:
             label, name, options = ood_entry(entry)
             if label in sets or label == self.id_name:
                 raise ConfigError(f"OOD set name {label!r} is used twice; give one of them a distinct 'label'.")
-            dataset = build_ood_set(name, transform, shape, self.ood_root, **options)
-            if len(dataset) == 0:
-                raise DataError(f"OOD set {label!r} is empty.")
+            try:
+                dataset = build_ood_set(name, transform, shape, self.ood_root, **options)
+                if len(dataset) == 0:
+                    raise DataError(f"OOD set {label!r} is empty.")
+            except DataError as err:
+                if not self.skip_missing_ood:
+                    raise
+                rank_zero_warn(f"Skipping OOD set {label!r}: {err}")
+                self.skipped_ood[label] = str(err).split(". ")[0]
+                continue
             sets[label] = dataset
+        if self.ood and not sets:
+            raise DataError(f"None of the configured OOD sets could be loaded: {', '.join(self.skipped_ood)}.")
         return sets
+
+    def validation_set(self, size: int = 2000, seed: int = 0) -> Dataset:
+        """A seeded random subset of the training images with the test transform: the ID side of hyperparameter
+        selection (the test set stays untouched)."""
+        if self.statistics_set is None:
+            self.setup("statistics")
+        n = len(self.statistics_set)
+        indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(size, n)]
+        return Subset(self.statistics_set, indices.sort().values.tolist())
 
     # ---------------------------------------------------------------- names
     @property
@@ -119,7 +161,7 @@ class OODDataModule(LightningDataModule):
             shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=shuffle and self.num_workers > 0,  # only the training loader is iterated repeatedly
         )
 
     def eval_loader(self, dataset: Dataset) -> DataLoader:

@@ -79,6 +79,7 @@ class CIFARDataModule(OODDataModule):
             (see :mod:`lightning_ood.data.ood`).
         ood_root: folder holding the OOD sets in their default sub-folders (defaults to ``$LIGHTNING_OOD_DATA`` or
             ``./data``).
+        skip_missing_ood: skip missing OOD sets with a warning instead of failing.
     """
 
     image_size = 32
@@ -93,16 +94,22 @@ class CIFARDataModule(OODDataModule):
         num_workers: int | None = None,
         ood: list[str | dict[str, Any]] | None = None,
         ood_root: str | None = None,
+        skip_missing_ood: bool = False,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, ood=ood, ood_root=ood_root
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            ood=ood,
+            ood_root=ood_root,
+            download=download,
+            skip_missing_ood=skip_missing_ood,
         )
         if dataset not in CIFAR:
             raise unknown_name("dataset", dataset, CIFAR)
         self.dataset = dataset
         self.spec = CIFAR[dataset]
         self.root = Path(root or default_data_root()).expanduser()
-        self.download = download
         self.num_classes = self.spec.num_classes
         self.mean, self.std = NORMALIZATION[dataset]
 
@@ -111,6 +118,7 @@ class CIFARDataModule(OODDataModule):
         return self.dataset
 
     def prepare_data(self) -> None:
+        self.prepare_ood_sets()
         if has_split_folders(self.root) or (self.root / self.spec.folder).is_dir() or not self.download:
             return
         check_writable(self.root, self.spec.title)

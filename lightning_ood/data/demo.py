@@ -96,6 +96,7 @@ class DemoDataModule(OODDataModule):
         num_workers: loader workers (0: the data is in memory).
         ood: further registered OOD sets, e.g. ``[{name: gaussian_noise, size: 500}]``.
         ood_root: root of registered OOD sets that read files.
+        skip_missing_ood: skip missing registered OOD sets with a warning instead of failing.
     """
 
     image_size = 32
@@ -111,8 +112,16 @@ class DemoDataModule(OODDataModule):
         num_workers: int | None = 0,
         ood: list[str | dict[str, Any]] | None = None,
         ood_root: str | None = None,
+        skip_missing_ood: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, ood, ood_root)
+        super().__init__(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            ood=ood,
+            ood_root=ood_root,
+            skip_missing_ood=skip_missing_ood,
+        )
         if not 2 <= id_classes <= 9:
             raise ConfigError(f"id_classes must be in [2, 9], got {id_classes}.")
         if not 0.0 < test_fraction < 1.0:
@@ -157,6 +166,9 @@ class DemoDataModule(OODDataModule):
 
     def _labelled(self, images: np.ndarray, labels: np.ndarray, train: bool) -> Dataset:
         return LabelledArrays(images, labels, self._transform(train))
+
+    def prepare_data(self) -> None:
+        self.prepare_ood_sets()
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:

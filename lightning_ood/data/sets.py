@@ -84,6 +84,19 @@ def read_idx_images(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols)
 
 
+class OODLabels(Dataset):
+    """A labelled dataset (torchvision's SVHN, CIFAR, ...) whose labels are replaced by -1."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.dataset[index][0], OOD_LABEL
+
+
 class ArrayImages(Dataset):
     """In-memory uint8 images (N, H, W) or (N, H, W, 3) turned into PIL images and transformed; label -1."""
 

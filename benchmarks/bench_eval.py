@@ -1,0 +1,132 @@
+"""Cost of the one-pass OOD evaluation.
+
+(a) one plain forward pass (``backbone(x)``) over the ID and OOD images;
+(b) the full evaluation, ``trainer.test`` of :class:`OODClassifier` with every feature-space scorer (one backbone pass
+    shared by all scorers, metric updates, synchronised compute, report), statistics already fitted;
+(c) a forward pass per scorer, as OpenOOD's evaluator does (each postprocessor runs the network again).
+
+Reports b/a (target <= 1.15) and c/b. Images are generated in memory so that every mode sees the same tensors and
+no decoding cost hides the overhead; the timing does not depend on image content.
+
+    python benchmarks/bench_eval.py --backbone resnet20 --id-size 2000 --ood-size 2000 --ood-sets 3 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_ood.callbacks.statistics import compute_feature_statistics
+from lightning_ood.data import SyntheticDataModule
+from lightning_ood.module import OODClassifier
+from lightning_ood.scoring import DEFAULT_SCORERS, build_scorer
+
+
+def feature_scorers() -> list[str]:
+    """Every scorer of the paper's tables that works on features (ODIN-type scorers need their own passes)."""
+    return [name for name in DEFAULT_SCORERS if not build_scorer(name).needs_inputs]
+
+
+@torch.no_grad()
+def plain_forward(module: OODClassifier, loaders) -> float:
+    start = time.perf_counter()
+    for loader in loaders:
+        for x, _ in loader:
+            module.backbone(x)
+    return time.perf_counter() - start
+
+
+def full_evaluation(module: OODClassifier, datamodule: SyntheticDataModule) -> float:
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+    )
+    start = time.perf_counter()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def forward_per_scorer(module: OODClassifier, loaders, names: list[str]) -> float:
+    scorers = [build_scorer(n).fit_statistics(module.ood_statistics, module.backbone.head) for n in names]
+    start = time.perf_counter()
+    for scorer in scorers:
+        for loader in loaders:
+            for x, _ in loader:
+                features = module.backbone.features(x)
+                scorer.score(features, module.backbone.head(features))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet20")
+    parser.add_argument("--id-size", type=int, default=2000)
+    parser.add_argument("--ood-size", type=int, default=2000)
+    parser.add_argument("--ood-sets", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-per-scorer", action="store_true", help="skip (c), the slowest mode")
+    parser.add_argument("--out", default=".bench/eval.json")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    names = feature_scorers()
+    datamodule = SyntheticDataModule(
+        num_classes=10,
+        train_size=2000,
+        test_size=args.id_size,
+        ood_sizes={f"noise{i}" if i % 2 else f"shifted{i}": args.ood_size for i in range(args.ood_sets)},
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+    )
+    datamodule.setup("test")
+    module = OODClassifier(backbone=args.backbone, num_classes=10, scorers=names).eval()
+    module.ood_statistics = compute_feature_statistics(module, datamodule.statistics_dataloader(), progress=False)
+    loaders = datamodule.test_dataloader()
+    images = sum(len(loader.dataset) for loader in loaders)
+
+    runs = {"a_forward": [], "b_full": [], "c_per_scorer": []}
+    for repeat in range(args.repeats):
+        runs["a_forward"].append(plain_forward(module, loaders))
+        runs["b_full"].append(full_evaluation(module, datamodule))
+        if not args.skip_per_scorer:
+            runs["c_per_scorer"].append(forward_per_scorer(module, loaders, names))
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in runs.items() if v))
+    median = {k: statistics.median(v) for k, v in runs.items() if v}
+    summary = {
+        "backbone": args.backbone,
+        "images": images,
+        "scorers": names,
+        "threads": torch.get_num_threads(),
+        "seconds": runs,
+        "median_seconds": median,
+        "b_over_a": median["b_full"] / median["a_forward"],
+    }
+    if "c_per_scorer" in median:
+        summary["c_over_b"] = median["c_per_scorer"] / median["b_full"]
+    print(
+        f"\n{len(names)} feature-space scorers, {images} images, {args.backbone}, {torch.get_num_threads()} threads "
+        f"(median of {args.repeats}):\n"
+        f"  (a) plain forward       {median['a_forward']:.2f}s\n"
+        f"  (b) full evaluation     {median['b_full']:.2f}s   b/a = {summary['b_over_a']:.3f} (target <= 1.15)"
+    )
+    if "c_over_b" in summary:
+        print(f"  (c) forward per scorer  {median['c_per_scorer']:.2f}s   c/b = {summary['c_over_b']:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

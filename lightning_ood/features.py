@@ -1,0 +1,177 @@
+"""Feature extraction with an on-disk cache: extract once, score many times.
+
+A cache entry holds the penultimate features, logits and labels of one dataset under one set of weights and one
+transform. Its key is a hash of the three (weights: every backbone tensor; dataset: its files with sizes and
+modification times, or its in-memory content; transform: its ``repr``), so changing any of them selects another entry
+and a stale one is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from lightning_ood.io import atomic_write
+
+
+@dataclass
+class FeatureSet:
+    """Features (N, L), logits (N, C) and labels (N,) of one dataset."""
+
+    features: Tensor
+    logits: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+def weights_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of every tensor (parameters and buffers) of ``module``, with their names."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _files_digest(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = Path(path).stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _array_digest(*arrays) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = array.numpy() if isinstance(array, Tensor) else np.asarray(array)
+        digest.update(str(array.shape).encode() + np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """What identifies the images of ``dataset``: its files (path, size, mtime) or its in-memory content."""
+    kind = type(dataset).__name__
+    if isinstance(dataset, Subset):
+        return f"Subset({dataset_fingerprint(dataset.dataset)}, {_array_digest(np.asarray(dataset.indices))})"
+    if isinstance(dataset, TensorDataset):
+        return f"{kind}({_array_digest(*dataset.tensors)})"
+    if hasattr(dataset, "paths"):  # ImageFiles
+        return f"{kind}({_files_digest(dataset.paths)})"
+    if hasattr(dataset, "samples"):  # torchvision ImageFolder
+        return f"{kind}({_files_digest(p for p, _ in dataset.samples)})"
+    if hasattr(dataset, "images"):  # ArrayImages, LabelledArrays
+        return f"{kind}({_array_digest(dataset.images)})"
+    if hasattr(dataset, "data"):  # torchvision CIFAR, SVHN, MNIST
+        return f"{kind}({_array_digest(dataset.data)})"
+    if hasattr(dataset, "seed") and hasattr(dataset, "size"):  # NoiseImages
+        return f"{kind}({sorted((k, str(v)) for k, v in vars(dataset).items())})"
+    if hasattr(dataset, "dataset"):  # wrappers (OODLabels, IndexedDataset)
+        return f"{kind}({dataset_fingerprint(dataset.dataset)})"
+    first, last = dataset[0][0], dataset[len(dataset) - 1][0]
+    return f"{kind}(n={len(dataset)}, {_array_digest(first, last)})"
+
+
+def transform_fingerprint(dataset: Dataset) -> str:
+    """``repr`` of the transform applied to the images (found through wrappers)."""
+    while not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return repr(getattr(dataset, "transform", None))
+
+
+# ------------------------------------------------------------------------------------------------ extraction
+@torch.inference_mode(False)
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    description: str = "Extracting features",
+    progress: bool = True,
+) -> FeatureSet:
+    """Penultimate features, logits and labels of every item of ``dataset`` (in order), the model in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    features, logits, labels = [], [], []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task(description, total=len(loader))
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            h = backbone.features(x.to(device)).float()
+            features.append(h.cpu())
+            logits.append(backbone.head(h).cpu())
+            labels.append(torch.as_tensor(y))
+            bar.advance(task)
+    backbone.train(was_training)
+    return FeatureSet(torch.cat(features), torch.cat(logits), torch.cat(labels))
+
+
+class FeatureCache:
+    """Feature sets on disk under ``folder``, keyed by (weights, dataset, transform)."""
+
+    def __init__(self, folder: str | Path = "cache/features") -> None:
+        self.folder = Path(folder)
+
+    def key(self, weights: str, dataset: str, transform: str) -> str:
+        return hashlib.sha256(f"{weights}\n{dataset}\n{transform}".encode()).hexdigest()[:24]
+
+    def path(self, name: str, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+        return self.folder / f"{safe}-{key}.pt"
+
+    def get(
+        self,
+        name: str,
+        backbone: nn.Module,
+        dataset: Dataset,
+        weights: str | None = None,
+        **extract_kwargs,
+    ) -> tuple[FeatureSet, bool]:
+        """The cached features of ``dataset`` under ``backbone``'s weights, extracting them on a miss.
+
+        Returns the feature set and whether it came from the cache.
+        """
+
+        def extract() -> dict:
+            result = extract_features(backbone, dataset, description=f"Extracting features: {name}", **extract_kwargs)
+            return {"features": result.features, "logits": result.logits, "labels": result.labels}
+
+        stored, hit = self.get_or_compute(name, self.dataset_key(backbone, dataset, weights), extract)
+        return FeatureSet(stored["features"], stored["logits"], stored["labels"]), hit
+
+    def dataset_key(self, backbone: nn.Module, dataset: Dataset, weights: str | None = None) -> str:
+        weights = weights or weights_fingerprint(backbone)
+        return self.key(weights, dataset_fingerprint(dataset), transform_fingerprint(dataset))
+
+    def get_or_compute(self, name: str, key: str, compute) -> tuple[dict, bool]:
+        """The stored tensors of ``(name, key)``, or ``compute()``'s, stored atomically; and whether it was a hit."""
+        path = self.path(name, key)
+        if path.is_file():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True), True
+            except Exception:  # an unreadable entry is recomputed and replaced
+                path.unlink(missing_ok=True)
+        payload = compute()
+        atomic_write(path, lambda f: torch.save(payload, f))
+        meta = {
+            "name": name,
+            "key": key,
+            "tensors": {k: list(v.shape) for k, v in payload.items() if hasattr(v, "shape")},
+        }
+        atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        return payload, False

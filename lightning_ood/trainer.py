@@ -1,0 +1,239 @@
+"""``OODTrainer``: Lightning's Trainer plus two OOD commands on cached features, exposed by the CLI as subcommands.
+
+- ``tune``: choose the paper's p and lambda on Gaussian noise (Section V-F) and write them as a config overlay;
+- ``sweep``: FPR95/AUROC of ``fmls`` (and LINE / ReAct) over lambda and over p for every OOD set (Figures 6, 7).
+
+Both load a checkpoint, extract features once per (weights, dataset, transform) into a cache, and work on the cached
+tensors, so a second run, or a finer grid, costs seconds. They run in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from rich.console import Console
+from rich.table import Table
+
+from lightning_ood.callbacks.statistics import compute_feature_statistics
+from lightning_ood.checkpoints import read_checkpoint
+from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.sets import NoiseImages
+from lightning_ood.errors import ConfigError
+from lightning_ood.features import FeatureCache, FeatureSet, weights_fingerprint
+from lightning_ood.io import atomic_write_text
+from lightning_ood.module import OODClassifier
+from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.tuning import (
+    DEFAULT_CLIP_PERCENTILES,
+    DEFAULT_PERCENTILES,
+    select_fmls,
+    selected_scorers,
+    sensitivity_sweeps,
+    sweep_figure,
+    to_csv,
+    with_average,
+)
+
+SWEEP_LAMBDA_PERCENTILES = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0, 97.5, 99.0, 99.9)
+SWEEP_PERCENTILES = (0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
+
+
+def load_weights(model: OODClassifier, ckpt_path: str | None) -> None:
+    """Load a checkpoint's weights and statistics into ``model`` (clear errors for a missing or foreign file)."""
+    if ckpt_path is None:
+        raise ConfigError("This command evaluates a trained model: pass --ckpt_path <checkpoint>.")
+    checkpoint = read_checkpoint(ckpt_path)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+
+
+class OODTrainer(Trainer):
+    """A Trainer with the ``tune`` and ``sweep`` commands (see the module docstring)."""
+
+    def _prepare(self, model: OODClassifier, datamodule: OODDataModule, ckpt_path: str | None, cache: FeatureCache):
+        if self.world_size > 1:
+            raise ConfigError("tune and sweep run in one process: use --trainer.devices 1.")
+        device = self.strategy.root_device
+        load_weights(model, ckpt_path)
+        model.to(device).eval()
+        datamodule.trainer = None
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        if model.ood_statistics is None:  # a checkpoint without them: compute once, then keep them in the cache
+
+            def compute() -> dict:
+                rank_zero_info("OOD statistics are not in this checkpoint: computing them on the training set now.")
+                return compute_feature_statistics(model, datamodule.statistics_dataloader()).state_dict()
+
+            key = cache.dataset_key(model.backbone, datamodule.statistics_set)
+            state, hit = cache.get_or_compute("ood_statistics", key, compute)
+            if hit:
+                rank_zero_info("OOD statistics: not in this checkpoint, taken from the feature cache.")
+            model.ood_statistics = FeatureStatistics.from_state_dict(state)
+        return device
+
+    def _log_dir(self) -> Path:
+        folder = Path(self.log_dir or self.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _features(self, cache: FeatureCache, model, name, dataset, device, weights) -> FeatureSet:
+        features, hit = cache.get(name, model.backbone, dataset, weights=weights, device=device,
+                                  batch_size=getattr(self, "_eval_batch_size", 256))  # fmt: skip
+        rank_zero_info(f"{name}: {len(features)} images, features {'from the cache' if hit else 'extracted'}.")
+        return features
+
+    def tune(
+        self,
+        model: OODClassifier,
+        datamodule: OODDataModule,
+        ckpt_path: str | None = None,
+        percentiles: list[float] = list(DEFAULT_PERCENTILES),  # noqa: B006  (jsonargparse reads the default)
+        clips: list[float] | None = None,
+        clip_percentiles: list[float] = list(DEFAULT_CLIP_PERCENTILES),  # noqa: B006
+        val_size: int = 2000,
+        noise_size: int = 2000,
+        seed: int = 0,
+        cache_dir: str = "cache/features",
+        output: str | None = None,
+    ) -> dict:
+        """Select the paper's p and lambda on ID validation images vs Gaussian noise N(0, 1).
+
+        Args:
+            model: the model (from the config).
+            datamodule: the data (from the config); its training images provide the ID validation subset.
+            ckpt_path: the checkpoint to tune.
+            percentiles: masking percentiles p to try (the paper: 10, 20, ..., 90).
+            clips: absolute lambdas to try; when unset, lambda runs over ``clip_percentiles``.
+            clip_percentiles: lambdas as percentiles of the training activations.
+            val_size: ID validation images (a seeded random subset of the training images, test transform).
+            noise_size: Gaussian-noise images.
+            seed: seed of the validation subset and of the noise.
+            cache_dir: feature cache folder.
+            output: also write the selected overlay here (it is always written to the run's log folder).
+
+        Returns:
+            ``{"percentile": p, "clip": lambda, "fpr95": ..., "auroc": ..., "overlay": path}``.
+        """
+        cache = FeatureCache(cache_dir)
+        device = self._prepare(model, datamodule, ckpt_path, cache)
+        weights = weights_fingerprint(model.backbone)
+        self._eval_batch_size = datamodule.eval_batch_size
+        id_val = self._features(cache, model, f"{datamodule.id_name}_val", datamodule.validation_set(val_size, seed),
+                                device, weights)  # fmt: skip
+        shape = (3, datamodule.image_size, datamodule.image_size)
+        noise_set = NoiseImages(size=noise_size, shape=shape, seed=seed + 1)
+        noise = self._features(cache, model, "gaussian_noise_val", noise_set, device, weights)
+        start = time.perf_counter()
+        head = copy.deepcopy(model.backbone.head).cpu()  # cached features live on the CPU
+        best, grid = select_fmls(model.ood_statistics, head, id_val, noise, percentiles, clips, clip_percentiles)
+        elapsed = time.perf_counter() - start
+        self._print_grid(grid, best)
+
+        folder = self._log_dir()
+        overlay = {"model": {"scorers": selected_scorers(model.scorer_specs, best)}}
+        text = (
+            f"# Selected by `lightning-ood tune` on {len(id_val)} ID validation images vs {len(noise)} Gaussian-noise "
+            f"images:\n# p = {best.percentile:g}, lambda = {best.clip:.6g}"
+            + (f" (the {best.clip_percentile:g}th percentile of training activations)" if best.clip_percentile else "")
+            + f"; validation FPR95 {100 * best.fpr95:.2f}%, AUROC {100 * best.auroc:.2f}%.\n"
+            + yaml.safe_dump(overlay, sort_keys=False)
+        )
+        paths = [atomic_write_text(folder / "selected.yaml", text)]
+        if output:
+            paths.append(atomic_write_text(output, text))
+        atomic_write_text(folder / "tune_grid.csv", to_csv(grid))
+        rank_zero_info(
+            f"Selected p = {best.percentile:g}, lambda = {best.clip:.4g} (grid of {len(grid)} in {elapsed:.2f}s). "
+            f"Overlay: {', '.join(map(str, paths))}; grid: {folder / 'tune_grid.csv'}. "
+            f"Test with: lightning-ood test -c <config> -c {paths[-1]} --ckpt_path {ckpt_path}"
+        )
+        return {"percentile": best.percentile, "clip": best.clip, "fpr95": best.fpr95, "auroc": best.auroc,
+                "overlay": str(paths[-1])}  # fmt: skip
+
+    @staticmethod
+    def _print_grid(grid, best) -> None:
+        clips = sorted({c.clip for c in grid})
+        table = Table(title="tune: validation FPR95 % (AUROC %) of fmls, ID validation vs Gaussian noise")
+        table.add_column("p \\ lambda")
+        for clip in clips:
+            q = next(c.clip_percentile for c in grid if c.clip == clip)
+            table.add_column(f"{clip:.3g}" + (f"\n(q{q:g})" if q is not None else ""), justify="right")
+        for p in sorted({c.percentile for c in grid}):
+            cells = []
+            for clip in clips:
+                c = next(c for c in grid if c.percentile == p and c.clip == clip)
+                cell = f"{100 * c.fpr95:.1f} ({100 * c.auroc:.1f})"
+                cells.append(f"[bold green]{cell}[/]" if c == best else cell)
+            table.add_row(f"{p:g}", *cells)
+        Console().print(table)
+
+    def sweep(
+        self,
+        model: OODClassifier,
+        datamodule: OODDataModule,
+        ckpt_path: str | None = None,
+        lambdas: list[float] | None = None,
+        lambda_percentiles: list[float] = list(SWEEP_LAMBDA_PERCENTILES),  # noqa: B006
+        percentiles: list[float] = list(SWEEP_PERCENTILES),  # noqa: B006
+        cache_dir: str = "cache/features",
+    ) -> dict:
+        """Sensitivity of ``fmls`` (and LINE / ReAct) to lambda and to p on every OOD set of the test loaders.
+
+        Args:
+            model: the model (from the config); its ``fmls`` and ``line`` hyperparameters are the fixed ones.
+            datamodule: the data (from the config); its test sets are swept.
+            ckpt_path: the checkpoint.
+            lambdas: absolute lambdas; when unset, lambda runs over ``lambda_percentiles`` of the training activations.
+            lambda_percentiles: lambdas as percentiles of the training activations.
+            percentiles: masking percentiles p.
+            cache_dir: feature cache folder.
+
+        Returns:
+            ``{"csv": path, "figures": [paths], "seconds": time of the sweep on cached features}``.
+        """
+        cache = FeatureCache(cache_dir)
+        device = self._prepare(model, datamodule, ckpt_path, cache)
+        if len(datamodule.test_sets) < 2:
+            raise ConfigError("sweep needs OOD sets: set data.init_args.ood.")
+        stats = model.ood_statistics
+        weights = weights_fingerprint(model.backbone)
+        self._eval_batch_size = datamodule.eval_batch_size
+        sets = {name: self._features(cache, model, name, dataset, device, weights)
+                for name, dataset in datamodule.test_sets.items()}  # fmt: skip
+        id_name = datamodule.id_name
+        oods = {name: data for name, data in sets.items() if name != id_name}
+        specs = {name: params for name, params in model.scorer_specs.values()}
+        fmls = specs.get("fmls", {})
+        grid = lambdas or [stats.activation_percentile(q) for q in lambda_percentiles]
+        start = time.perf_counter()
+        points = with_average(sensitivity_sweeps(
+            stats, copy.deepcopy(model.backbone.head).cpu(), sets[id_name], oods, grid, percentiles,
+            percentile=fmls.get("percentile", 60.0), clip=fmls.get("clip", 1.0), line_params=specs.get("line"),
+        ))  # fmt: skip
+        elapsed = time.perf_counter() - start
+
+        folder = self._log_dir()
+        csv_path = atomic_write_text(folder / "sensitivity.csv", to_csv(points))
+        figures = []
+        tensorboard = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        for sweep, label in (("lambda", "lambda (ReAct threshold)"), ("percentile", "masking percentile p")):
+            figure = sweep_figure(points, sweep, label)
+            path = folder / f"sensitivity_{sweep}.png"
+            figure.savefig(path)
+            figures.append(path)
+            if tensorboard is not None:
+                tensorboard.experiment.add_figure(f"sensitivity/{sweep}", figure, close=True)
+        if tensorboard is not None:
+            tensorboard.experiment.flush()
+        rank_zero_info(
+            f"Sweep of {len(grid)} lambdas and {len(percentiles)} percentiles over {len(oods)} OOD sets on cached "
+            f"features took {elapsed:.2f}s. Written: {csv_path}, {', '.join(map(str, figures))}."
+        )
+        return {"csv": str(csv_path), "figures": [str(f) for f in figures], "seconds": elapsed}

@@ -1,0 +1,184 @@
+"""Hyperparameter selection on Gaussian noise (the paper's Section V-F) and sensitivity sweeps (Figures 6 and 7),
+computed on cached features: no pass over the images beyond the first.
+
+Selection rule: on ID validation images (held-out training images with the test transform) against Gaussian noise
+N(0, 1) per input value, take the (p, lambda) of ``fmls`` with the lowest FPR95; ties go to the higher AUROC, then to
+the least intrusive setting (the largest lambda, then the smallest p), so an easy validation set that many settings
+separate perfectly does not push the choice to an extreme.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from torch import nn
+
+from lightning_ood.features import FeatureSet
+from lightning_ood.metrics import ood_metrics
+from lightning_ood.scoring import build_scorer
+from lightning_ood.statistics import FeatureStatistics
+
+DEFAULT_PERCENTILES = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)  # the paper's grid for p
+DEFAULT_CLIP_PERCENTILES = (50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0, 99.0)  # lambda grid, as activation percentiles
+FMLS_FAMILY = ("fmls", "energy_fmls", "react_fm", "react_ls", "fm_ls", "msp_fmls", "odin_fmls")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the selection grid with its validation metrics."""
+
+    percentile: float
+    clip: float
+    clip_percentile: float | None
+    fpr95: float
+    auroc: float
+
+
+def selection_key(candidate: Candidate) -> tuple[float, float, float, float]:
+    """The paper's rule as a sort key: lowest FPR95, then highest AUROC, then largest lambda, then smallest p."""
+    return (candidate.fpr95, -candidate.auroc, -candidate.clip, candidate.percentile)
+
+
+def score(name: str, stats: FeatureStatistics, head: nn.Linear, data: FeatureSet, **params):
+    return build_scorer(name, **params).fit_statistics(stats, head).score(data.features, data.logits)
+
+
+def select_fmls(
+    stats: FeatureStatistics,
+    head: nn.Linear,
+    id_val: FeatureSet,
+    noise: FeatureSet,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    clips: Sequence[float] | None = None,
+    clip_percentiles: Sequence[float] = DEFAULT_CLIP_PERCENTILES,
+) -> tuple[Candidate, list[Candidate]]:
+    """Grid search of (p, lambda) for ``fmls`` on ID validation vs noise; returns the choice and the whole grid.
+
+    ``clips`` gives absolute lambdas; otherwise lambda runs over ``clip_percentiles`` of the training activations.
+    """
+    grid = (
+        [(c, None) for c in clips]
+        if clips is not None
+        else [(stats.activation_percentile(q), q) for q in clip_percentiles]
+    )
+    candidates = []
+    for p in percentiles:
+        for clip, q in grid:
+            id_scores = score("fmls", stats, head, id_val, percentile=p, clip=clip)
+            noise_scores = score("fmls", stats, head, noise, percentile=p, clip=clip)
+            m = ood_metrics(id_scores, noise_scores)
+            candidates.append(Candidate(float(p), float(clip), q, m["fpr95"], m["auroc"]))
+    best = min(candidates, key=selection_key)
+    return best, candidates
+
+
+def selected_scorers(specs: dict[str, tuple[str, dict]], best: Candidate) -> dict[str, dict]:
+    """The model's scorer mapping with the chosen p and lambda applied to the paper's method and its variants."""
+    out = {}
+    for label, (name, params) in specs.items():
+        params = dict(params)
+        if name in FMLS_FAMILY:
+            params["percentile"] = best.percentile
+            if name != "fm_ls" and "clip_percentile" not in params:
+                params["clip"] = best.clip
+        out[label] = {"scorer": name, **params}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+@dataclass(frozen=True)
+class SweepPoint:
+    sweep: str  # "lambda" or "percentile"
+    scorer: str
+    value: float
+    ood: str
+    fpr95: float
+    auroc: float
+
+
+def sensitivity_sweeps(
+    stats: FeatureStatistics,
+    head: nn.Linear,
+    id_test: FeatureSet,
+    oods: dict[str, FeatureSet],
+    lambdas: Sequence[float],
+    percentiles: Sequence[float],
+    percentile: float = 60.0,
+    clip: float = 1.0,
+    line_params: dict | None = None,
+) -> list[SweepPoint]:
+    """FPR95/AUROC per OOD set over lambda (fmls at ``percentile``, LINE and ReAct with the same clip) and over p
+    (fmls at ``clip``; LINE at its own masks and ``clip`` as the reference line of the paper's Figure 7)."""
+    line_params = dict(line_params or {})
+    points: list[SweepPoint] = []
+
+    def evaluate(sweep: str, label: str, value: float, name: str, **params) -> None:
+        scorer = build_scorer(name, **params).fit_statistics(stats, head)
+        id_scores = scorer.score(id_test.features, id_test.logits)
+        for ood, data in oods.items():
+            m = ood_metrics(id_scores, scorer.score(data.features, data.logits))
+            points.append(SweepPoint(sweep, label, float(value), ood, m["fpr95"], m["auroc"]))
+
+    for lam in lambdas:
+        evaluate("lambda", "fmls", lam, "fmls", percentile=percentile, clip=lam)
+        evaluate("lambda", "line", lam, "line", **{**line_params, "clip": lam})
+        evaluate("lambda", "react", lam, "react", clip=lam)
+    line_reference = {**line_params, "clip": line_params.get("clip", clip)}
+    for p in percentiles:
+        evaluate("percentile", "fmls", p, "fmls", percentile=p, clip=clip)
+        evaluate("percentile", "line", p, "line", **line_reference)  # does not depend on p: a reference
+    return points
+
+
+def with_average(points: list[SweepPoint]) -> list[SweepPoint]:
+    """Append, per (sweep, scorer, value), the average over the OOD sets."""
+    groups: dict[tuple, list[SweepPoint]] = {}
+    for p in points:
+        groups.setdefault((p.sweep, p.scorer, p.value), []).append(p)
+    averages = [
+        SweepPoint(s, scorer, v, "Average", sum(p.fpr95 for p in g) / len(g), sum(p.auroc for p in g) / len(g))
+        for (s, scorer, v), g in groups.items()
+    ]
+    return points + averages
+
+
+def to_csv(rows: list) -> str:
+    buffer = io.StringIO()
+    dicts = [asdict(r) for r in rows]
+    writer = csv.DictWriter(buffer, fieldnames=list(dicts[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(dicts)
+    return buffer.getvalue()
+
+
+def sweep_figure(points: list[SweepPoint], sweep: str, xlabel: str):
+    """Rows = OOD sets and their average, columns = FPR95 and AUROC, one line per scorer (values in %)."""
+    points = [p for p in points if p.sweep == sweep]
+    oods = list(dict.fromkeys(p.ood for p in points))
+    scorers = list(dict.fromkeys(p.scorer for p in points))
+    figure, axes = plt.subplots(len(oods), 2, figsize=(8, 2.4 * len(oods)), squeeze=False, dpi=100)
+    styles = {"fmls": ("tab:red", "-"), "line": ("tab:blue", "--"), "react": ("tab:green", ":")}
+    for row, ood in enumerate(oods):
+        for col, metric in enumerate(("fpr95", "auroc")):
+            axis = axes[row][col]
+            for scorer in scorers:
+                series = sorted(
+                    (p.value, 100 * getattr(p, metric)) for p in points if p.ood == ood and p.scorer == scorer
+                )
+                colour, style = styles.get(scorer, (None, "-"))
+                axis.plot(*zip(*series, strict=True), style, marker="o", markersize=3, color=colour, label=scorer)
+            axis.set_title(f"{ood}: {'FPR95 (lower is better)' if metric == 'fpr95' else 'AUROC (higher is better)'}",
+                           fontsize=9)  # fmt: skip
+            axis.set_xlabel(xlabel, fontsize=8)
+            axis.tick_params(labelsize=7)
+            axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    return figure

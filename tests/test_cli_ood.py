@@ -1,0 +1,88 @@
+"""The OOD commands through the CLI on generated data: fit -> test (config decides the scorers) -> tune -> sweep."""
+
+import csv
+import logging
+
+import pytest
+import yaml
+
+from tests.test_cli import cli_error, run_cli
+
+DATA = ["--data", "SyntheticDataModule", "--data.num_classes", "4", "--data.train_size", "64", "--data.test_size",
+        "40", "--data.ood_sizes", '{"shifted": 30, "noise": 26}', "--data.batch_size", "16"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def info_logs(caplog):
+    caplog.set_level(logging.INFO)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli_ood")
+    common = [*DATA, "--model.backbone", "resnet20", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
+              "--checkpoint.dirpath", str(tmp / "ckpt")]  # fmt: skip
+    run_cli("fit", *common, "--trainer.max_epochs", "1", "--model.scorers", "[msp, fmls]")
+    return tmp, common
+
+
+def test_test_uses_the_configured_scorers_not_the_checkpoints(trained):
+    tmp, common = trained
+    run_cli("test", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--model.scorers", "[energy, react]",
+            "--trainer.logger.init_args.version", "energy")  # fmt: skip
+    rows = list(csv.DictReader((tmp / "logs" / "lightning_ood" / "energy" / "ood_results.csv").open()))
+    assert sorted({r["scorer"] for r in rows}) == ["energy", "react"]
+    assert {r["ood"] for r in rows} == {"shifted", "noise", "Average"}
+
+
+def test_scorer_mapping_with_labels(trained):
+    tmp, common = trained
+    run_cli("test", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--trainer.logger.init_args.version",
+            "labels", "--model.scorers", '{"p30": {"scorer": "fmls", "percentile": 30}, "msp": {}}')  # fmt: skip
+    rows = list(csv.DictReader((tmp / "logs" / "lightning_ood" / "labels" / "ood_results.csv").open()))
+    assert sorted({r["scorer"] for r in rows}) == ["msp", "p30"]
+
+
+def test_tune_writes_an_overlay_that_test_picks_up(trained, caplog):
+    tmp, common = trained
+    overlay = tmp / "selected.yaml"
+    run_cli("tune", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--val_size", "40", "--noise_size",
+            "30", "--percentiles", "[30, 60]", "--clip_percentiles", "[80, 90]", "--cache_dir", str(tmp / "cache"),
+            "--output", str(overlay), "--trainer.logger.init_args.version", "tune",
+            "--model.scorers", "[msp, fmls]")  # fmt: skip
+    assert any("Selected p = " in r.getMessage() for r in caplog.records)
+    chosen = yaml.safe_load(overlay.read_text())["model"]["scorers"]
+    assert list(chosen) == ["msp", "fmls"]  # the configured scorers, with the choice applied to fmls
+    assert chosen["fmls"]["scorer"] == "fmls" and chosen["fmls"]["percentile"] in (30.0, 60.0)
+    grid = list(csv.DictReader((tmp / "logs" / "lightning_ood" / "tune" / "tune_grid.csv").open()))
+    assert len(grid) == 4
+    assert len(list((tmp / "cache").glob("*.pt"))) == 2  # ID validation + noise features
+    run_cli("test", *common, "-c", str(overlay), "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
+            "--trainer.logger.init_args.version", "tuned")  # fmt: skip
+    rows = list(csv.DictReader((tmp / "logs" / "lightning_ood" / "tuned" / "ood_results.csv").open()))
+    assert sorted({r["scorer"] for r in rows}) == ["fmls", "msp"]
+
+
+def test_sweep_on_cached_features(trained, caplog):
+    tmp, common = trained
+    args = [*common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--cache_dir", str(tmp / "cache"),
+            "--lambda_percentiles", "[50, 90, 99]", "--percentiles", "[0, 50, 90]"]  # fmt: skip
+    run_cli("sweep", *args, "--trainer.logger.init_args.version", "sweep1")
+    first = [r.getMessage() for r in caplog.records]
+    assert any("features extracted" in m for m in first)
+    caplog.clear()
+    run_cli("sweep", *args, "--trainer.logger.init_args.version", "sweep2")
+    second = [r.getMessage() for r in caplog.records]
+    assert not any("features extracted" in m for m in second) and any("from the cache" in m for m in second)
+    folder = tmp / "logs" / "lightning_ood" / "sweep2"
+    rows = list(csv.DictReader((folder / "sensitivity.csv").open()))
+    # (3 lambdas x fmls/line/react + 3 percentiles x fmls/line) x (2 OOD sets + their average)
+    assert len(rows) == (3 * 3 + 3 * 2) * 3
+    assert (folder / "sensitivity_lambda.png").stat().st_size > 10_000
+    assert (folder / "sensitivity_percentile.png").stat().st_size > 10_000
+
+
+def test_tune_needs_a_checkpoint(capsys):
+    err = cli_error(capsys, "tune", *DATA)
+    assert "pass --ckpt_path" in err

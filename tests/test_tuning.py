@@ -1,0 +1,192 @@
+"""Hyperparameter selection (Section V-F), sensitivity sweeps and the feature cache."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_ood.features import FeatureCache, FeatureSet, extract_features
+from lightning_ood.models import build_backbone
+from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.tuning import (
+    Candidate,
+    select_fmls,
+    selected_scorers,
+    selection_key,
+    sensitivity_sweeps,
+    to_csv,
+    with_average,
+)
+
+
+def linear_head(weight, bias=None) -> nn.Linear:
+    weight = torch.tensor(weight, dtype=torch.float32)
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(torch.zeros(weight.shape[0]) if bias is None else torch.tensor(bias))
+    return head
+
+
+def feature_set(h: torch.Tensor, head: nn.Linear) -> FeatureSet:
+    with torch.no_grad():
+        return FeatureSet(h, head(h), torch.zeros(len(h), dtype=torch.long))
+
+
+def constructed_case():
+    """Two units, two classes. Class 0 uses unit 0 (W[0] = [1, 0.5]: every p in 10..90 keeps only unit 0); its
+    prototype is [1, 0]. ID validation features are [a, 0], a ~ U[0.5, 1.5] (cosine 1); noise features are [b, b],
+    b ~ U[1, 3] (cosine 1/sqrt(2), predicted class 0). With the class-1 logit at 0 the score is increasing in
+    s * min(h0, lambda): ID gives min(a, lambda), noise gives lambda / sqrt(2).
+
+    - FPR95 = 0 iff lambda / sqrt(2) < min(a_5%, lambda) = min(0.55, lambda): lambda < 0.778;
+    - AUROC = 1 iff every ID score beats every noise score: 0.5 > lambda / sqrt(2), lambda < 0.707.
+    So on the grid below the optimum is lambda = 0.7 (the largest perfect lambda), p = 10 (p does not matter: the
+    smallest wins the tie)."""
+    head = linear_head([[1.0, 0.5], [0.0, 0.0]])
+    stats = FeatureStatistics.from_features(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    a = torch.linspace(0.5, 1.5, 201)
+    b = torch.linspace(1.0, 3.0, 201)
+    id_val = feature_set(torch.stack([a, torch.zeros_like(a)], 1), head)
+    noise = feature_set(torch.stack([b, b], 1), head)
+    return stats, head, id_val, noise
+
+
+def test_selection_picks_the_known_optimum():
+    stats, head, id_val, noise = constructed_case()
+    clips = [0.3, 0.6, 0.7, 0.75, 0.9, 1.2, 2.0]
+    best, grid = select_fmls(stats, head, id_val, noise, percentiles=[10, 50, 90], clips=clips)
+    assert (best.percentile, best.clip) == (10.0, 0.7)
+    assert (best.fpr95, best.auroc) == (0.0, 1.0)
+    by_clip = {c.clip: c for c in grid if c.percentile == 10}
+    assert by_clip[0.75].fpr95 == 0.0 and by_clip[0.75].auroc < 1.0  # separates at 95% TPR, not everywhere
+    assert by_clip[0.9].fpr95 == 1.0  # every noise image above the ID threshold
+    assert len(grid) == 21
+
+
+def test_selection_rule_order():
+    candidates = [
+        Candidate(90.0, 1.0, None, fpr95=0.20, auroc=1.00),
+        Candidate(30.0, 0.8, None, fpr95=0.10, auroc=0.95),
+        Candidate(60.0, 0.8, None, fpr95=0.10, auroc=0.97),
+        Candidate(60.0, 1.0, None, fpr95=0.10, auroc=0.97),
+        Candidate(40.0, 1.0, None, fpr95=0.10, auroc=0.97),
+    ]
+    ranked = sorted(candidates, key=selection_key)
+    # lowest FPR first (0.10 beats 0.20 despite AUROC 1), then AUROC, then the larger lambda, then the smaller p
+    assert [(c.percentile, c.clip) for c in ranked] == [(40.0, 1.0), (60.0, 1.0), (60.0, 0.8), (30.0, 0.8), (90.0, 1.0)]
+
+
+def test_lambda_grid_from_activation_percentiles():
+    stats, head, id_val, noise = constructed_case()
+    _, grid = select_fmls(stats, head, id_val, noise, percentiles=[60], clip_percentiles=[50, 90])
+    assert [c.clip_percentile for c in grid] == [50, 90]
+    assert [c.clip for c in grid] == [stats.activation_percentile(50), stats.activation_percentile(90)]
+
+
+def test_selected_overlay_updates_the_paper_family_only():
+    specs = {"fmls": ("fmls", {"percentile": 60, "clip": 1.0}), "ours_msp": ("msp_fmls", {}),
+             "line": ("line", {"clip": 1.0}), "fm_ls": ("fm_ls", {}), "energy": ("energy", {})}  # fmt: skip
+    out = selected_scorers(specs, Candidate(30.0, 0.8, None, 0.1, 0.9))
+    assert out["fmls"] == {"scorer": "fmls", "percentile": 30.0, "clip": 0.8}
+    assert out["ours_msp"] == {"scorer": "msp_fmls", "percentile": 30.0, "clip": 0.8}
+    assert out["fm_ls"] == {"scorer": "fm_ls", "percentile": 30.0}  # no ReAct in this ablation
+    assert out["line"] == {"scorer": "line", "clip": 1.0} and out["energy"] == {"scorer": "energy"}
+    assert yaml.safe_load(yaml.safe_dump({"model": {"scorers": out}}))["model"]["scorers"] == out
+
+
+def test_sweeps_against_a_direct_computation():
+    rng = np.random.default_rng(0)
+    head = linear_head(rng.normal(size=(3, 8)).tolist(), rng.normal(size=3).tolist())
+    train = torch.tensor(rng.gamma(2.0, 0.5, (60, 8)), dtype=torch.float32)
+    labels = torch.arange(60) % 3
+    stats = FeatureStatistics.from_features(train, labels)
+    id_test = feature_set(torch.tensor(rng.gamma(2.0, 0.5, (40, 8)), dtype=torch.float32), head)
+    oods = {name: feature_set(torch.tensor(rng.gamma(shape, 0.7, (30, 8)), dtype=torch.float32), head)
+            for name, shape in (("a", 1.0), ("b", 3.0))}  # fmt: skip
+    points = sensitivity_sweeps(stats, head, id_test, oods, lambdas=[0.5, 1.0, 2.0], percentiles=[0, 50, 90])
+    assert len(points) == (3 * 3 + 3 * 2) * 2
+    # one point recomputed by hand: fmls at p = 60, lambda = 1.0 on set "b"
+    w, b = head.weight.detach().numpy(), head.bias.detach().numpy()
+    protos = stats.class_means.numpy()
+
+    def fmls(h):
+        out = []
+        for x in h.numpy():
+            c = int(np.argmax(w @ x + b))
+            keep = w[c] >= np.percentile(w[c], 60)
+            f = w @ np.minimum(x * keep, 1.0) + b
+            s = x @ protos[c] / (np.linalg.norm(x) * np.linalg.norm(protos[c]))
+            out.append(np.log(np.exp(s * f).sum()))
+        return np.array(out)
+
+    s_id, s_ood = fmls(id_test.features), fmls(oods["b"].features)
+    expected = roc_auc_score(np.r_[np.ones(40), np.zeros(30)], np.r_[s_id, s_ood])
+    got = next(p for p in points if (p.sweep, p.scorer, p.value, p.ood) == ("lambda", "fmls", 1.0, "b"))
+    assert got.auroc == pytest.approx(expected, abs=1e-6)
+    lines = [p for p in points if p.sweep == "percentile" and p.scorer == "line" and p.ood == "a"]
+    assert len({(p.fpr95, p.auroc) for p in lines}) == 1  # LINE is the constant reference of the p sweep
+    averaged = with_average(points)
+    avg = next(p for p in averaged if (p.sweep, p.scorer, p.value, p.ood) == ("lambda", "fmls", 1.0, "Average"))
+    pair = [p for p in points if (p.sweep, p.scorer, p.value) == ("lambda", "fmls", 1.0)]
+    assert avg.fpr95 == pytest.approx(sum(p.fpr95 for p in pair) / 2)
+    assert to_csv(averaged).splitlines()[0] == "sweep,scorer,value,ood,fpr95,auroc"
+
+
+def test_feature_cache_reuse_and_invalidation(tmp_path):
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet20", 4)
+    data = TensorDataset(torch.randn(10, 3, 32, 32), torch.arange(10) % 4)
+    cache = FeatureCache(tmp_path)
+    first, hit = cache.get("set", backbone, data, progress=False)
+    assert not hit and first.features.shape == (10, 64) and first.logits.shape == (10, 4)
+    again, hit = cache.get("set", backbone, data, progress=False)
+    assert hit and torch.equal(again.features, first.features)
+    direct = extract_features(backbone, data, progress=False)
+    torch.testing.assert_close(direct.features, first.features)
+    # new weights -> a new entry
+    with torch.no_grad():
+        backbone.head.weight.add_(1.0)
+    _, hit = cache.get("set", backbone, data, progress=False)
+    assert not hit
+    # new images -> a new entry
+    changed = TensorDataset(data.tensors[0] + 1, data.tensors[1])
+    _, hit = cache.get("set", backbone, changed, progress=False)
+    assert not hit
+    assert len(list(tmp_path.glob("set-*.pt"))) == 3
+
+
+def test_feature_cache_sees_file_and_transform_changes(tmp_path):
+    from PIL import Image
+
+    from lightning_ood.data.sets import ImageFiles
+    from lightning_ood.data.transforms import eval_transform
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    paths = sorted(folder.glob("*.png"))
+    backbone = build_backbone("resnet20", 4)
+    cache = FeatureCache(tmp_path / "cache")
+    base = ImageFiles(paths, eval_transform((0.5,) * 3, (0.25,) * 3, 32))
+    assert cache.get("imgs", backbone, base, progress=False)[1] is False
+    assert cache.get("imgs", backbone, base, progress=False)[1] is True
+    other_transform = ImageFiles(paths, eval_transform((0.5,) * 3, (0.3,) * 3, 32))
+    assert cache.get("imgs", backbone, other_transform, progress=False)[1] is False
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(paths[0])  # the same file name, new content
+    assert cache.get("imgs", backbone, base, progress=False)[1] is False
+
+
+def test_corrupt_cache_entry_is_recomputed(tmp_path):
+    backbone = build_backbone("resnet20", 4)
+    data = TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
+    cache = FeatureCache(tmp_path)
+    cache.get("x", backbone, data, progress=False)
+    (entry,) = tmp_path.glob("x-*.pt")
+    entry.write_bytes(b"truncated")
+    result, hit = cache.get("x", backbone, data, progress=False)
+    assert not hit and result.features.shape == (4, 64)
