@@ -43,7 +43,7 @@ demo: $(STAMP) ## Main job, offline (~2 min on 2 CPU cores): train, statistics, 
 	$(BIN)/lightning-ood test $(DEMO) test --ckpt_path checkpoints/demo/last.ckpt
 	$(BIN)/lightning-ood sweep $(DEMO) sweep --ckpt_path checkpoints/demo/last.ckpt --cache_dir cache/demo
 	@echo
-	@echo "Results table: logs/demo/test/ood_results.md (and .csv); sensitivity to lambda and p: logs/demo/sweep/*.png"
+	@echo "Results table: logs/demo/test/ood_results.md (and .csv, .json); sensitivity to lambda and p: logs/demo/sweep/*.png"
 	@echo "TensorBoard (losses, score histograms, sweeps, hparams): $(BIN)/tensorboard --logdir logs/demo"
 	@echo "  then open http://localhost:6006"
 

@@ -88,6 +88,14 @@ def user_error(exc: BaseException | None) -> LightningOODError | None:
     return None
 
 
+def clean_message(message: str) -> str:
+    """The message itself, without the traceback that DataLoader workers embed when they re-raise an error."""
+    if "Original Traceback" in message:
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
 def main(args=None) -> None:
     """Entry point; user errors print one line and exit with status 2."""
     try:
@@ -106,7 +114,7 @@ def main(args=None) -> None:
         err = user_error(exc)
         if err is None:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {clean_message(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

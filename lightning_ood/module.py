@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics.aggregation import CatMetric
+from torchmetrics.aggregation import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_ood.errors import CheckpointError, ConfigError, LightningOODError
+from lightning_ood.errors import CheckpointError, ConfigError, DataError, LightningOODError
 from lightning_ood.metrics import OODMetrics
 from lightning_ood.models import Backbone, build_backbone
 from lightning_ood.report import OODReport
@@ -99,6 +99,7 @@ class OODClassifier(LightningModule):
         self.scorers: dict[str, Scorer] = {}
         self.ood_metrics = nn.ModuleDict()
         self.score_collectors = nn.ModuleDict()
+        self.nonfinite = nn.ModuleDict()
         self.test_set_names: list[str] = []
         self.ood_report: OODReport | None = None
 
@@ -163,18 +164,26 @@ class OODClassifier(LightningModule):
 
     # ---------------------------------------------------------------- OOD test pass
     def on_test_start(self) -> None:
+        from lightning_ood.callbacks.statistics import broadcast_buffers, compute_feature_statistics
+
+        broadcast_buffers(self.backbone, self.trainer)  # every rank scores with the same network
         datamodule = self.trainer.datamodule
         self.test_set_names = list(datamodule.test_set_names)
         if len(self.test_set_names) < 2:
             rank_zero_info("No OOD sets configured (data.init_args.ood): testing ID accuracy only.")
         stale = self.ood_statistics is not None and self.ood_statistics.global_step not in (-1, self.global_step)
         if self.ood_statistics is None or stale:
-            from lightning_ood.callbacks.statistics import compute_feature_statistics
-
             reason = "were fitted on other weights" if stale else "are not in this checkpoint"
             rank_zero_info(f"OOD statistics {reason}: computing them on the training set now.")
+            try:
+                loader = datamodule.statistics_dataloader()
+            except DataError as err:
+                raise DataError(
+                    f"The OOD statistics {reason} and computing them needs the training images, which are not "
+                    f"available: {err}"
+                ) from err
             self.ood_statistics = compute_feature_statistics(
-                self, datamodule.statistics_dataloader(), self.trainer, progress=self.trainer.progress_bar_callback
+                self, loader, self.trainer, progress=self.trainer.progress_bar_callback is not None
             )
         head = self.backbone.head
         with torch.inference_mode(False):  # fitted tensors must be usable by ODIN's autograd pass
@@ -189,18 +198,21 @@ class OODClassifier(LightningModule):
         self.score_collectors = nn.ModuleDict(
             {self._key(s, d): CatMetric(nan_strategy="disable") for s in self.scorers for d in self.test_set_names}
         ).to(self.device)
+        self.nonfinite = nn.ModuleDict({d: SumMetric() for d in self.test_set_names}).to(self.device)
         self.test_acc.reset()
 
     @staticmethod
     def _key(scorer: str, dataset: str) -> str:
         return f"{scorer}|{dataset}".replace(".", "_")  # ModuleDict keys cannot contain dots
 
-    def score_batch(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def score_batch(self, x: Tensor, dataset: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits and every scorer's scores for a batch of (normalised) images; one backbone pass for all
-        feature-space scorers."""
+        feature-space scorers. Images with NaN/inf features are counted per ``dataset`` (reported at the end)."""
         with torch.no_grad():
             features = self.backbone.features(x).float()
             logits = self.backbone.head(features)
+        if dataset is not None:
+            self.nonfinite[dataset].update((~torch.isfinite(features).all(dim=1)).sum())
         scores = {}
         for label, scorer in self.scorers.items():
             if scorer.needs_inputs:
@@ -212,8 +224,8 @@ class OODClassifier(LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
-        logits, scores = self.score_batch(x)
         dataset = self.test_set_names[dataloader_idx]
+        logits, scores = self.score_batch(x, dataset)
         is_id = dataloader_idx == 0
         if is_id:
             self.test_acc.update(logits, y)
@@ -226,6 +238,13 @@ class OODClassifier(LightningModule):
                 self.ood_metrics[self._key(label, dataset)].update(s, torch.zeros_like(s, dtype=torch.long))
 
     def on_test_epoch_end(self) -> None:
+        broken = {d: int(m.compute()) for d, m in self.nonfinite.items()}  # synchronised: every rank raises or none
+        if any(broken.values()):
+            counts = ", ".join(f"{n} of '{d}'" for d, n in broken.items() if n)
+            raise DataError(
+                f"NaN or infinite penultimate features for {counts} images: the weights or the inputs are broken, "
+                f"and every score and metric would be meaningless. No results were written."
+            )
         accuracy = float(self.test_acc.compute())
         self.log("test/acc", accuracy, rank_zero_only=True)
         oods = self.test_set_names[1:]
@@ -249,6 +268,7 @@ class OODClassifier(LightningModule):
             metrics=metrics if oods else {},
             num_images=counts,
             skipped=dict(getattr(self.trainer.datamodule, "skipped_ood", {})),
+            skipped_images=dict(getattr(self.trainer.datamodule, "skipped_images", {})),
         )
         if oods:
             for scorer in self.scorers:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
@@ -74,6 +75,7 @@ class OODReport:
         metrics: ``metrics[scorer][ood][metric]`` in [0, 1].
         num_images: images per test set (ID first).
         skipped: OOD sets that were configured but not evaluated, with the reason.
+        skipped_images: undecodable images left out, per OOD set (``bad_images: skip``).
     """
 
     id_name: str
@@ -82,6 +84,7 @@ class OODReport:
     metrics: dict[str, dict[str, dict[str, float]]]
     num_images: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    skipped_images: dict[str, int] = field(default_factory=dict)
 
     @property
     def scorers(self) -> list[str]:
@@ -154,13 +157,18 @@ class OODReport:
             lines.append("| " + " | ".join(cells) + " |")
         if self.skipped:
             lines += ["", "Skipped OOD sets: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())]
+        if self.skipped_images:
+            left_out = ", ".join(f"{k}: {v}" for k, v in self.skipped_images.items())
+            lines += ["", f"Undecodable images left out: {left_out}"]
         return "\n".join(lines) + "\n"
 
     def rich_table(self) -> Table:
         columns = [*self.ood_names, "Average"]
+        notes = [f"skipped sets: {', '.join(self.skipped)}"] if self.skipped else []
+        notes += [f"undecodable images left out: {self.skipped_images}"] if self.skipped_images else []
         table = Table(
             title=f"OOD detection: {self.id_name} / {self.backbone} (accuracy {100 * self.accuracy:.2f}%)",
-            caption="FPR95↓ / AUROC↑ in %; (paper) where the paper reports this setting",
+            caption="; ".join(["FPR95↓ / AUROC↑ in %; (paper) where the paper reports this setting", *notes]),
         )
         table.add_column("Method", style="bold")
         for column in columns:
@@ -178,10 +186,25 @@ class OODReport:
     def _values(self, scorer: str, column: str) -> dict[str, float]:
         return self.average(scorer) if column == "Average" else self.metrics[scorer][column]
 
-    def write(self, folder: str | Path) -> tuple[Path, Path]:
-        """Write ``ood_results.md`` and ``ood_results.csv`` into ``folder`` (atomically)."""
+    def to_json(self) -> str:
+        """Every measured value at full precision (fractions in [0, 1]), for programs."""
+        payload = {
+            "id_dataset": self.id_name,
+            "backbone": self.backbone,
+            "accuracy": self.accuracy,
+            "num_images": self.num_images,
+            "skipped": self.skipped,
+            "skipped_images": self.skipped_images,
+            "metrics": self.metrics,
+            "average": {scorer: self.average(scorer) for scorer in self.scorers} if self.ood_names else {},
+        }
+        return json.dumps(payload, indent=1)
+
+    def write(self, folder: str | Path) -> tuple[Path, Path, Path]:
+        """Write ``ood_results.md``, ``ood_results.csv`` and ``ood_results.json`` into ``folder`` (atomically)."""
         folder = Path(folder)
         return (
             atomic_write_text(folder / "ood_results.md", self.to_markdown()),
             atomic_write_text(folder / "ood_results.csv", self.to_csv()),
+            atomic_write_text(folder / "ood_results.json", self.to_json()),
         )

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from lightning_ood.report import OODReport, paper_figure, paper_results
@@ -55,9 +57,10 @@ def test_markdown_table(tmp_path):
     assert "| fmls | 20.00 (22.30) | 96.00 (96.26) | 40.00 (39.04) | 90.00 (92.79) | 30.00 (30.92) |" in md
     assert "| maxlogit | 50.00 | 91.00 | 60.00 | 89.00 | 55.00 | 90.00 |" in md
     assert "accuracy: 95.00%" in md and "Skipped OOD sets: places365 (not found)" in md
-    written_md, written_csv = report.write(tmp_path)
+    written_md, written_csv, written_json = report.write(tmp_path)
     assert written_md.read_text() == md and written_csv.read_text() == report.to_csv()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ood_results.csv", "ood_results.md"]  # no temp files left
+    assert json.loads(written_json.read_text())["metrics"]["fmls"]["svhn"]["fpr95"] == 0.20  # full precision
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ood_results.csv", "ood_results.json", "ood_results.md"]
 
 
 def test_rich_table_marks_the_best_fpr():

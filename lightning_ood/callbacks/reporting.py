@@ -21,7 +21,8 @@ from torch import Tensor
 
 
 def run_folder(trainer: Trainer) -> Path:
-    """The run's log folder (``logs/<name>/version_N``), or the default root when there is no logger."""
+    """The run's log folder (``logs/<name>/version_N``), or the default root when there is no logger. A collective
+    under DDP: call it on every rank."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -30,14 +31,17 @@ class OODResultsTable(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         report = getattr(pl_module, "ood_report", None)
-        if report is None or not trainer.is_global_zero:
+        if report is None:
+            return
+        folder = run_folder(trainer)  # on every rank: Trainer.log_dir broadcasts under DDP
+        if not trainer.is_global_zero:
             return
         if not report.metrics:
             Console().print(f"ID accuracy on {report.id_name}: {100 * report.accuracy:.2f}% (no OOD sets configured)")
             return
         Console().print(report.rich_table())
-        markdown, csv = report.write(run_folder(trainer))
-        rank_zero_info(f"OOD results written to {markdown} and {csv}")
+        markdown, csv, json = report.write(folder)
+        rank_zero_info(f"OOD results written to {markdown}, {csv.name} and {json.name}")
 
 
 def overlay_figure(title: str, scores: dict[str, Tensor], bins: int = 60):

@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ACTIVATIONS = 64_000_000  # activation values kept for exact percentiles (256 MB of float32)
 
 
+def broadcast_buffers(module: torch.nn.Module, trainer: Trainer | None) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP keeps parameters identical but each rank
+    updates its running statistics on its own batches, so after training the ranks' networks differ slightly; the
+    checkpoint holds rank 0's. Scoring or fitting on all ranks with rank 0's buffers makes the result the single-process
+    one for the saved weights."""
+    if trainer is None or trainer.world_size == 1:
+        return
+    for buffer in module.buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
+
+
 def _reducers(trainer: Trainer | None, device: torch.device):
     """Sum and gather functions across ranks (identity in a single process)."""
     if trainer is None or trainer.world_size == 1:
@@ -53,6 +64,7 @@ def compute_feature_statistics(
 ) -> FeatureStatistics:
     """One pass of ``module.backbone.features`` over ``loader`` (items ``(image, label, index)``)."""
     backbone = module.backbone
+    broadcast_buffers(backbone, trainer)
     was_training = backbone.training
     backbone.eval()
     num_samples = len(loader.dataset)

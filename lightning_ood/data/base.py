@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_ood.data.ood import build_ood_set, download_ood_set, ood_entry
+from lightning_ood.data.reproducible import EpochShuffle, SeededItems
 from lightning_ood.data.transforms import eval_transform
 from lightning_ood.errors import ConfigError, DataError
 
@@ -91,6 +92,7 @@ class OODDataModule(LightningDataModule):
         self.download = download
         self.skip_missing_ood = skip_missing_ood
         self.skipped_ood: dict[str, str] = {}
+        self.skipped_images: dict[str, int] = {}
         self.train_set: Dataset | None = None
         self.test_sets: dict[str, Dataset] = {}
         self.statistics_set: Dataset | None = None
@@ -113,7 +115,7 @@ class OODDataModule(LightningDataModule):
         transform = eval_transform(self.mean, self.std, self.image_size)
         shape = (3, self.image_size, self.image_size)
         sets: dict[str, Dataset] = {}
-        self.skipped_ood = {}
+        self.skipped_ood, self.skipped_images = {}, {}
         for entry in self.ood:
             label, name, options = ood_entry(entry)
             if label in sets or label == self.id_name:
@@ -129,6 +131,8 @@ class OODDataModule(LightningDataModule):
                 self.skipped_ood[label] = str(err).split(". ")[0]
                 continue
             sets[label] = dataset
+            if getattr(dataset, "skipped", None):
+                self.skipped_images[label] = len(dataset.skipped)
         if self.ood and not sets:
             raise DataError(f"None of the configured OOD sets could be loaded: {', '.join(self.skipped_ood)}.")
         return sets
@@ -154,16 +158,6 @@ class OODDataModule(LightningDataModule):
         return list(self.test_sets)
 
     # ---------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=shuffle and self.num_workers > 0,  # only the training loader is iterated repeatedly
-        )
-
     def eval_loader(self, dataset: Dataset) -> DataLoader:
         """An ordered loader that, under DDP, gives each rank a disjoint share of the samples without padding."""
         trainer = self.trainer
@@ -172,11 +166,25 @@ class OODDataModule(LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        return self._loader(dataset, self.eval_batch_size, sampler=sampler)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches whose order and augmentation depend only on (seed, epoch): resuming is exact."""
         assert self.train_set is not None, "setup('fit') builds the training set"
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything (the CLI's seed_everything)
+        sampler = EpochShuffle(len(self.train_set), seed, self._epoch_in_progress)
+        return DataLoader(
+            SeededItems(self.train_set, seed),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _epoch_in_progress(self) -> int:
+        """The epoch the training loop is about to run. Lightning creates a resumed run's first iterator before it
+        advances ``current_epoch`` past the epoch the checkpoint ended; ``processed`` already counts it."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self.eval_loader(dataset) for dataset in self.test_sets.values()]

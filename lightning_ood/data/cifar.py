@@ -139,5 +139,5 @@ class CIFARDataModule(OODDataModule):
         if stage in (None, "test", "validate", "predict") and not self.test_sets:
             id_test = cifar_split(self.dataset, self.root, False, test_tf, self.download)
             self.test_sets = {self.dataset: id_test, **self.build_ood_sets()}
-        if stage in (None, "fit", "test", "statistics") and self.statistics_set is None:
+        if stage in (None, "fit", "statistics") and self.statistics_set is None:
             self.statistics_set = cifar_split(self.dataset, self.root, True, test_tf, self.download)

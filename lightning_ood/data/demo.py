@@ -173,7 +173,7 @@ class DemoDataModule(OODDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._labelled(self.train_images, self.train_labels, train=True)
-        if stage in (None, "fit", "test", "statistics") and self.statistics_set is None:
+        if stage in (None, "fit", "statistics") and self.statistics_set is None:
             self.statistics_set = self._labelled(self.train_images, self.train_labels, train=False)
         if stage in (None, "test", "validate", "predict") and not self.test_sets:
             transform = self._transform(train=False)

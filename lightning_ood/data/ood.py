@@ -19,6 +19,9 @@ Registered sets (default folder under ``ood_root``; layout as torchvision or the
 - ``cifar10``, ``cifar100`` (the ``ood_root`` itself): torchvision's files (downloadable) or ``test/<class>/*``.
 - ``gaussian_noise``, ``uniform_noise``: generated, N(0, 1) / U(-1, 1) per input value; options ``size``, ``seed``.
 - ``folder``: any images below ``root``; ``image_list``: ``root`` + a list file, one relative path per line.
+
+File-based sets take ``bad_images: error`` (default: an undecodable file stops the run, naming it) or ``skip`` (each
+file is decoded once up front; failures are left out with a warning and counted under the result table).
 """
 
 from __future__ import annotations
@@ -79,24 +82,26 @@ def missing_error(name: str, root: Path, spec: OODSet, detail: str = "") -> Data
 
 
 # ------------------------------------------------------------------------------------------------ builders
-def _images_below(root: Path, transform, name: str, image_list: str | None = None) -> Dataset:
+def _images_below(
+    root: Path, transform, name: str, image_list: str | None = None, bad_images: str = "error"
+) -> Dataset:
     if image_list is not None:
-        return ImageFiles(read_image_list(Path(image_list).expanduser(), root, name), transform, name)
+        return ImageFiles(read_image_list(Path(image_list).expanduser(), root, name), transform, name, bad_images)
     if not root.is_dir():
         raise missing_error(name, root, OOD_SETS.get(name, OOD_SETS["folder"]))
     paths = find_images(root)
     if not paths:
-        raise DataError(f"OOD set '{name}': no images under {root}.")
-    return ImageFiles(paths, transform, name)
+        raise DataError(f"OOD set '{name}' is empty: no images under {root}.")
+    return ImageFiles(paths, transform, name, bad_images)
 
 
 def _subfolder(*candidates: str) -> Callable[..., Dataset]:
     """Images below the first existing candidate sub-folder of the root (or below the root itself)."""
 
-    def build(root: Path, transform, name: str, image_list: str | None = None) -> Dataset:
+    def build(root: Path, transform, name: str, image_list: str | None = None, bad_images: str = "error") -> Dataset:
         if image_list is None:
             root = next((root / c for c in candidates if (root / c).is_dir()), root)
-        return _images_below(root, transform, name, image_list)
+        return _images_below(root, transform, name, image_list, bad_images)
 
     return build
 
@@ -189,16 +194,16 @@ def _noise(kind: str) -> Callable[..., Dataset]:
     return build
 
 
-def _tin(root: Path, transform, name: str, image_list: str | None = None) -> Dataset:
+def _tin(root: Path, transform, name: str, image_list: str | None = None, bad_images: str = "error") -> Dataset:
     if image_list is None and not (root / "val" / "images").is_dir():
         raise missing_error(name, root, OOD_SETS["tin"])
-    return _images_below(root if image_list else root / "val" / "images", transform, name, image_list)
+    return _images_below(root if image_list else root / "val" / "images", transform, name, image_list, bad_images)
 
 
-def _image_list(root: Path, transform, name: str, image_list: str | None = None) -> Dataset:
+def _image_list(root: Path, transform, name: str, image_list: str | None = None, bad_images: str = "error") -> Dataset:
     if image_list is None:
         raise ConfigError(f"OOD set '{name}' needs an image_list: {{name: image_list, root: ..., image_list: ...}}.")
-    return _images_below(root, transform, name, image_list)
+    return _images_below(root, transform, name, image_list, bad_images)
 
 
 OOD_SETS: dict[str, OODSet] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,13 +24,57 @@ def find_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
 
 
-class ImageFiles(Dataset):
-    """A list of image files, loaded as RGB PIL images and transformed; the label is always -1."""
+BAD_IMAGE_POLICIES = ("error", "skip")
 
-    def __init__(self, paths: Sequence[Path], transform: Callable | None = None, name: str = "images") -> None:
+
+def decode_image(path: Path):
+    """Open an image as RGB, turning a decoding failure into a :class:`DataError` naming the file."""
+    try:
+        return default_loader(str(path))
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data, bad headers
+        raise DataError(
+            f"Cannot decode image {path} ({type(err).__name__}: {err}). Remove or replace the file, or skip "
+            f"undecodable images of this set with bad_images: skip."
+        ) from err
+
+
+class ImageFiles(Dataset):
+    """A list of image files, loaded as RGB PIL images and transformed; the label is always -1.
+
+    Args:
+        paths: the image files.
+        transform: applied to each PIL image.
+        name: the set's name, for messages.
+        bad_images: ``error`` (a file that cannot be decoded stops the run with its path) or ``skip`` (every file is
+            decoded once up front; the ones that fail are left out, counted in ``skipped`` and warned about).
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], transform: Callable | None = None, name: str = "images", bad_images: str = "error"
+    ) -> None:
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise DataError(f"{name}: bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}.")
         if not paths:
-            raise DataError(f"{name}: no images found.")
+            raise DataError(f"OOD set '{name}' is empty: no images found.")
         self.paths = list(paths)
+        self.skipped: list[Path] = []
+        if bad_images == "skip":
+            readable = []
+            for path in self.paths:
+                try:
+                    decode_image(path).load()
+                    readable.append(path)
+                except DataError:
+                    self.skipped.append(path)
+            self.paths = readable
+            if self.skipped:
+                warnings.warn(
+                    f"OOD set '{name}': skipped {len(self.skipped)} undecodable image(s) of {len(paths)} "
+                    f"(first: {self.skipped[0]}).",
+                    stacklevel=2,
+                )
+            if not self.paths:
+                raise DataError(f"OOD set '{name}' is empty: none of its {len(paths)} images could be decoded.")
         self.transform = transform
         self.name = name
 
@@ -37,7 +82,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = default_loader(str(self.paths[index]))
+        image = decode_image(self.paths[index])
         return (self.transform(image) if self.transform else image), OOD_LABEL
 
 

@@ -1,0 +1,92 @@
+"""Real 2-process DDP runs on CPU (gloo) with dataset sizes that divide neither by the world size nor by the batch
+size: statistics, every scorer's metrics and the written results equal the single-process ones."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_ood.callbacks.statistics import compute_feature_statistics
+from lightning_ood.checkpoints import read_checkpoint
+from lightning_ood.data import SyntheticDataModule
+from lightning_ood.module import OODClassifier
+from tests.conftest import REPO
+
+SCORERS = "[msp, odin, mahalanobis, energy, bats, dice, react, dice_react, line, fmls, react_fm, react_ls, fm_ls, " \
+          "msp_react, msp_fmls, odin_react, odin_fmls, line_ls, maxlogit]"  # fmt: skip
+DATA = {"num_classes": 4, "train_size": 101, "test_size": 53, "ood_sizes": {"shifted": 37, "noise": 41}}
+DATA_ARGS = ["--data", "SyntheticDataModule", "--data.num_classes", "4", "--data.train_size", "101",
+             "--data.test_size", "53", "--data.ood_sizes", json.dumps(DATA["ood_sizes"]), "--data.batch_size", "8",
+             "--data.eval_batch_size", "8"]  # fmt: skip
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def cli(*args: str, devices: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "PL_DISABLE_FORK": "1"}
+    strategy = ["--trainer.strategy", "ddp"] if devices > 1 else []
+    cmd = [sys.executable, "-m", "lightning_ood", *args, "--trainer.accelerator", "cpu", "--trainer.devices",
+           str(devices), *strategy, "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    logs = ["--trainer.logger.init_args.save_dir", str(tmp / "logs")]
+    # One DDP fit: training, the statistics callback under DDP, the checkpoint written once.
+    cli("fit", *DATA_ARGS, *logs, "--model.backbone", "resnet20", "--trainer.max_epochs", "1",
+        "--checkpoint.dirpath", str(tmp / "ckpt"), "--trainer.logger.init_args.version", "fit", devices=2)  # fmt: skip
+    ckpt = tmp / "ckpt" / "last.ckpt"
+    bare = tmp / "bare.ckpt"  # without statistics: test computes them (under DDP for the 2-process run)
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint.pop("ood_statistics")
+    torch.save(checkpoint, bare)
+    for devices in (1, 2):
+        cli("test", *DATA_ARGS, *logs, "--model.backbone", "resnet20", "--model.scorers", SCORERS, "--ckpt_path",
+            str(bare), "--trainer.logger.init_args.version", f"test{devices}", devices=devices)  # fmt: skip
+    return tmp
+
+
+def test_statistics_callback_under_ddp_equals_one_process(runs):
+    checkpoint = read_checkpoint(runs / "ckpt" / "last.ckpt")
+    model = OODClassifier(backbone="resnet20", num_classes=4)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    ddp_stats = model.ood_statistics
+    dm = SyntheticDataModule(**DATA, batch_size=8, eval_batch_size=8)
+    dm.setup("fit")
+    single = compute_feature_statistics(model, dm.statistics_dataloader(), progress=False)
+    assert ddp_stats.num_samples == single.num_samples == 101  # every image exactly once
+    assert torch.equal(ddp_stats.counts, single.counts)
+    torch.testing.assert_close(ddp_stats.class_means, single.class_means, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ddp_stats.covariance, single.covariance, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ddp_stats.std, single.std, rtol=1e-9, atol=1e-12)
+    assert torch.equal(ddp_stats.activation_quantiles, single.activation_quantiles)  # the same values, gathered
+
+
+def test_every_metric_equals_the_single_process_run(runs):
+    one = json.loads((runs / "logs" / "lightning_ood" / "test1" / "ood_results.json").read_text())
+    two = json.loads((runs / "logs" / "lightning_ood" / "test2" / "ood_results.json").read_text())
+    assert one["num_images"] == two["num_images"] == {"synthetic": 53, "shifted": 37, "noise": 41}
+    assert len(one["metrics"]) == 19
+    assert one["metrics"] == two["metrics"]  # exact equality, every scorer, OOD set and metric
+    assert one["accuracy"] == two["accuracy"]
+
+
+def test_outputs_written_once(runs):
+    folder = runs / "logs" / "lightning_ood" / "test2"
+    assert sorted(p.name for p in folder.glob("ood_results.*")) == ["ood_results.csv", "ood_results.json",
+                                                                    "ood_results.md"]  # fmt: skip
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+    assert not list((runs / "logs").rglob("*.tmp"))
