@@ -23,6 +23,7 @@ from torchmetrics.aggregation import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_ood.errors import CheckpointError, ConfigError, DataError, LightningOODError
+from lightning_ood.features import weights_fingerprint
 from lightning_ood.metrics import OODMetrics
 from lightning_ood.models import Backbone, build_backbone
 from lightning_ood.report import OODReport
@@ -171,7 +172,8 @@ class OODClassifier(LightningModule):
         self.test_set_names = list(datamodule.test_set_names)
         if len(self.test_set_names) < 2:
             rank_zero_info("No OOD sets configured (data.init_args.ood): testing ID accuracy only.")
-        stale = self.ood_statistics is not None and self.ood_statistics.global_step not in (-1, self.global_step)
+        fitted_on = self.ood_statistics.weights if self.ood_statistics is not None else ""
+        stale = fitted_on not in ("", weights_fingerprint(self.backbone))
         if self.ood_statistics is None or stale:
             reason = "were fitted on other weights" if stale else "are not in this checkpoint"
             rank_zero_info(f"OOD statistics {reason}: computing them on the training set now.")

@@ -67,7 +67,8 @@ class FeatureStatistics:
         std: (L,) per-unit standard deviation (population, divide by N).
         covariance: (L, L) shared within-class covariance (maximum likelihood, divide by N).
         activation_quantiles: (1001,) percentiles p = 0, 0.1, ..., 100 of all activations (all units, all images).
-        global_step: training step of the weights the statistics were computed with (-1 when unknown).
+        weights: fingerprint of the network the statistics were computed with ("" when unknown); a test on other
+            weights recomputes them.
     """
 
     counts: Tensor
@@ -76,7 +77,7 @@ class FeatureStatistics:
     std: Tensor
     covariance: Tensor
     activation_quantiles: Tensor
-    global_step: int = -1
+    weights: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -105,7 +106,7 @@ class FeatureStatistics:
     @classmethod
     def from_state_dict(cls, state: dict) -> FeatureStatistics:
         names = {f.name for f in fields(cls)}
-        missing = names - set(state) - {"global_step"}
+        missing = names - set(state) - {"weights"}
         if missing:
             raise KeyError(f"OOD statistics are missing {sorted(missing)}")
         return cls(**{k: v for k, v in state.items() if k in names})

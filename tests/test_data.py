@@ -81,7 +81,7 @@ def test_download_into_read_only_root(tmp_path, monkeypatch):
     read_only.mkdir()
     read_only.chmod(0o500)
     if os.geteuid() == 0:  # root may write anywhere: make the permission check see what a user would
-        monkeypatch.setattr("lightning_ood.data.cifar.os.access", lambda path, mode: str(path) != str(read_only))
+        monkeypatch.setattr("lightning_ood.data.cifar.is_writable", lambda path: str(path) != str(read_only))
     dm = CIFARDataModule(root=str(read_only / "cifar"), download=True)
     with pytest.raises(DataError, match=r"cannot download into .*ro/cifar: .*ro is not writable"):
         dm.prepare_data()
@@ -117,3 +117,27 @@ def test_folder_without_images(tmp_path):
     dm = CIFARDataModule(root=str(tmp_path))
     with pytest.raises(DataError, match="has no class folders with images"):
         dm.setup("fit")
+
+
+def test_training_order_and_augmentation_depend_only_on_seed_and_epoch(cifar_folder):
+    from lightning_ood.data.reproducible import EpochShuffle, SeededItems
+
+    epoch = {"value": 0}
+    sampler = EpochShuffle(10, seed=7, epoch=lambda: epoch["value"])
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == list(range(10)) and {e for _, e in first} == {0}
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert list(sampler) == first
+    epoch["value"] = 1
+    second = list(sampler)
+    assert [i for i, _ in second] != [i for i, _ in first] and {e for _, e in second} == {1}
+
+    dm = CIFARDataModule(root=str(cifar_folder), num_workers=0)
+    dm.setup("fit")
+    items = SeededItems(dm.train_set, seed=7)
+    torch.manual_seed(0)
+    a = items[(3, 1)][0]
+    torch.manual_seed(99)
+    b = items[(3, 1)][0]
+    assert torch.equal(a, b), "the same (index, epoch) gets the same crop and flip"
+    assert not all(torch.equal(a, items[(3, e)][0]) for e in range(2, 8)), "other epochs get other augmentations"

@@ -166,3 +166,13 @@ def test_on_demand_statistics_under_inference_mode_serve_odin(fitted, tmp_path):
     run.test(model, datamodule=datamodule(), ckpt_path=str(bare), verbose=False)
     assert not model.ood_statistics.class_means.is_inference()
     assert set(model.ood_report.metrics) == {"odin_fmls", "odin_react"}
+
+
+def test_statistics_in_the_checkpoint_are_used_as_they_are(fitted, tmp_path, caplog):
+    tmp_path_fit, model, _ = fitted
+    fresh = OODClassifier(backbone="resnet20", num_classes=4, scorers=["fmls"])
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path).test(fresh, datamodule=datamodule(), ckpt_path=str(tmp_path_fit / "ckpt" / "last.ckpt"),
+                               verbose=False)  # fmt: skip
+    assert not any("computing them" in r.getMessage() for r in caplog.records)
+    assert fresh.ood_statistics.weights == model.ood_statistics.weights != ""

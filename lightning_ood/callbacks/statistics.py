@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_ood.errors import DataError
+from lightning_ood.features import weights_fingerprint
 from lightning_ood.statistics import FeatureStatistics, StatisticsAccumulator, quantile_stride
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def compute_feature_statistics(
             acc.update(features, labels, indices)
             bar.advance(task)
     stats = acc.compute(*_reducers(trainer, module.device))
-    stats.global_step = trainer.global_step if trainer is not None else -1
+    stats.weights = weights_fingerprint(backbone)
     backbone.train(was_training)
     note = "" if stride == 1 else f", activation percentiles from 1 image in {stride}"
     rank_zero_info(

@@ -33,12 +33,16 @@ CIFAR = {
 }
 
 
+def is_writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
+
+
 def check_writable(root: Path, what: str) -> None:
     """Raise a :class:`DataError` when a download into ``root`` could not be written."""
     existing = root
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK):
+    if not is_writable(existing):
         raise DataError(
             f"{what}: cannot download into {root}: {existing} is not writable. Choose a writable data root "
             f"(--data.root or ${DATA_ROOT_ENV}) or place the files there by hand."
