@@ -69,6 +69,8 @@ class OODClassifier(LightningModule):
             ``label -> {scorer: <name>, <hyperparameter>: <value>, ...}``; ``None`` runs every method of the paper's
             tables with its defaults.
         tpr: the TPR of the FPR@TPR metric (0.95).
+        weights: pretrained weights of a torchvision backbone (ImageNet): a weights-enum name such as ``DEFAULT`` or
+            ``IMAGENET1K_V1`` (downloaded when online and not cached), or the path of a local ``.pth`` state dict.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class OODClassifier(LightningModule):
         nesterov: bool = False,
         scorers: ScorerSpec | None = None,
         tpr: float = 0.95,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -90,7 +93,7 @@ class OODClassifier(LightningModule):
         if sorted(milestones) != list(milestones):
             raise ConfigError(f"milestones must be increasing, got {list(milestones)}")
         self.save_hyperparameters()
-        self.backbone: Backbone = build_backbone(backbone, num_classes)
+        self.backbone: Backbone = build_backbone(backbone, num_classes, **({"weights": weights} if weights else {}))
         self.scorer_specs = scorer_specs(scorers)
         for name, params in self.scorer_specs.values():  # fail at construction, not after a long fit
             build_scorer(name, **params)

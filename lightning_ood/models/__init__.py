@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
-from lightning_ood.errors import unknown_name
+from lightning_ood.errors import ConfigError, unknown_name
 from lightning_ood.models.base import Backbone
 from lightning_ood.models.cifar_resnet import CifarResNet, resnet18, resnet20
 from lightning_ood.models.densenet import DenseNetBC, densenet100
@@ -22,6 +23,13 @@ def build_backbone(name: str, num_classes: int, **kwargs) -> Backbone:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in BACKBONES:
         raise unknown_name("backbone", name, [*BACKBONES, *ALIASES])
+    accepted = set(inspect.signature(BACKBONES[key]).parameters)
+    unknown = set(kwargs) - accepted
+    if unknown:
+        raise ConfigError(
+            f"Backbone {name!r} does not take {', '.join(sorted(unknown))} (pretrained weights are for the torchvision "
+            f"ImageNet backbones; CIFAR backbones are trained here)."
+        )
     return BACKBONES[key](num_classes=num_classes, **kwargs)
 
 
