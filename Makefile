@@ -21,7 +21,7 @@ ARGS ?=
 # Real image data for the quick run and the benchmarks (read-only).
 SHARED_DATA ?= ../shared/data
 
-.PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared tune-shared sweep-shared \
+.PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared tune-shared sweep-shared normratio-shared \
 	bench-train bench-eval clean
 
 help: ## Show this help
@@ -80,6 +80,10 @@ tune-shared: $(STAMP) ## Select p and lambda on Gaussian noise (paper, Sec. V-F)
 
 sweep-shared: $(STAMP) ## Sensitivity to lambda and p (paper, Figs. 6-7) of the train-quick model on ../shared/data
 	$(BIN)/lightning-ood sweep $(SHARED) $(ARGS)
+
+normratio-shared: $(STAMP) ## FeatureNorm block by NormRatio for the train-quick model, then its OOD table with FeatureNorm
+	$(BIN)/lightning-ood normratio $(SHARED) --output checkpoints/quick_cpu/featurenorm.yaml $(ARGS)
+	$(BIN)/lightning-ood test $(SHARED) -c checkpoints/quick_cpu/featurenorm.yaml
 
 bench-train: $(STAMP) ## Training-step throughput: Lightning vs a plain PyTorch loop (ratio, several repeats)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)

@@ -27,11 +27,12 @@ TRAINER_DEFAULTS = {
 
 class OODCLI(LightningCLI):
     """Adds an always-on ``checkpoint`` (ModelCheckpoint) group, links the data's class count to the model, and the
-    ``tune`` / ``sweep`` subcommands of :class:`OODTrainer`."""
+    ``tune`` / ``sweep`` / ``normratio`` subcommands of :class:`OODTrainer`."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "tune": {"model", "datamodule"}, "sweep": {"model", "datamodule"}}
+        ours = {"model", "datamodule"}
+        return {**LightningCLI.subcommands(), "tune": ours, "sweep": ours, "normratio": ours}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -158,20 +158,31 @@ class FeatureCache:
         weights = weights or weights_fingerprint(backbone)
         return self.key(weights, dataset_fingerprint(dataset), transform_fingerprint(dataset))
 
+    def load(self, name: str, key: str) -> dict | None:
+        """The stored tensors of ``(name, key)``, or ``None`` (an unreadable entry is removed)."""
+        path = self.path(name, key)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # truncated or foreign: recompute and replace
+            path.unlink(missing_ok=True)
+            return None
+
+    def store(self, name: str, key: str, payload: dict) -> Path:
+        """Write ``payload`` (a dict of tensors and plain values) atomically, with a readable JSON summary beside it."""
+        path = self.path(name, key)
+        atomic_write(path, lambda f: torch.save(payload, f))
+        shapes = {k: list(v.shape) for k, v in payload.items() if hasattr(v, "shape")}
+        meta = {"name": name, "key": key, "tensors": shapes}
+        atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        return path
+
     def get_or_compute(self, name: str, key: str, compute) -> tuple[dict, bool]:
         """The stored tensors of ``(name, key)``, or ``compute()``'s, stored atomically; and whether it was a hit."""
-        path = self.path(name, key)
-        if path.is_file():
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True), True
-            except Exception:  # an unreadable entry is recomputed and replaced
-                path.unlink(missing_ok=True)
+        stored = self.load(name, key)
+        if stored is not None:
+            return stored, True
         payload = compute()
-        atomic_write(path, lambda f: torch.save(payload, f))
-        meta = {
-            "name": name,
-            "key": key,
-            "tensors": {k: list(v.shape) for k, v in payload.items() if hasattr(v, "shape")},
-        }
-        atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        self.store(name, key, payload)
         return payload, False

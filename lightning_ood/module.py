@@ -23,6 +23,7 @@ from torchmetrics.aggregation import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_ood.errors import CheckpointError, ConfigError, DataError, LightningOODError
+from lightning_ood.featurenorm import block_outputs
 from lightning_ood.features import weights_fingerprint
 from lightning_ood.metrics import OODMetrics
 from lightning_ood.models import Backbone, build_backbone
@@ -71,6 +72,9 @@ class OODClassifier(LightningModule):
         tpr: the TPR of the FPR@TPR metric (0.95).
         weights: pretrained weights of a torchvision backbone (ImageNet): a weights-enum name such as ``DEFAULT`` or
             ``IMAGENET1K_V1`` (downloaded when online and not cached), or the path of a local ``.pth`` state dict.
+        statistics_cache: folder where statistics computed on demand (a checkpoint without them, or pretrained
+            torchvision weights with no checkpoint at all) are kept for the next test, keyed by the weights and the
+            training images; ``None`` recomputes them every time.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class OODClassifier(LightningModule):
         scorers: ScorerSpec | None = None,
         tpr: float = 0.95,
         weights: str | None = None,
+        statistics_cache: str | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -104,6 +109,8 @@ class OODClassifier(LightningModule):
         self.ood_metrics = nn.ModuleDict()
         self.score_collectors = nn.ModuleDict()
         self.nonfinite = nn.ModuleDict()
+        self.hooked_blocks: list[str] = []
+        self.norm_ratios = None
         self.test_set_names: list[str] = []
         self.ood_report: OODReport | None = None
 
@@ -168,7 +175,7 @@ class OODClassifier(LightningModule):
 
     # ---------------------------------------------------------------- OOD test pass
     def on_test_start(self) -> None:
-        from lightning_ood.callbacks.statistics import broadcast_buffers, compute_feature_statistics
+        from lightning_ood.callbacks.statistics import broadcast_buffers, statistics_on_demand
 
         broadcast_buffers(self.backbone, self.trainer)  # every rank scores with the same network
         datamodule = self.trainer.datamodule
@@ -179,23 +186,17 @@ class OODClassifier(LightningModule):
         stale = fitted_on not in ("", weights_fingerprint(self.backbone))
         if self.ood_statistics is None or stale:
             reason = "were fitted on other weights" if stale else "are not in this checkpoint"
-            rank_zero_info(f"OOD statistics {reason}: computing them on the training set now.")
-            try:
-                loader = datamodule.statistics_dataloader()
-            except DataError as err:
-                raise DataError(
-                    f"The OOD statistics {reason} and computing them needs the training images, which are not "
-                    f"available: {err}"
-                ) from err
-            self.ood_statistics = compute_feature_statistics(
-                self, loader, self.trainer, progress=self.trainer.progress_bar_callback is not None
+            self.ood_statistics = statistics_on_demand(
+                self, datamodule, self.trainer, reason, self.hparams.statistics_cache
             )
+        specs = self.resolve_blocks(self.scorer_specs, datamodule)
         head = self.backbone.head
         with torch.inference_mode(False):  # fitted tensors must be usable by ODIN's autograd pass
             self.scorers = {
                 label: build_scorer(name, **params).fit_statistics(self.ood_statistics, head).to(self.device)
-                for label, (name, params) in self.scorer_specs.items()
+                for label, (name, params) in specs.items()
             }
+        self.hooked_blocks = sorted({b for scorer in self.scorers.values() for b in scorer.needs_blocks})
         oods = self.test_set_names[1:]
         self.ood_metrics = nn.ModuleDict(
             {self._key(s, o): OODMetrics(self.hparams.tpr) for s in self.scorers for o in oods}
@@ -206,6 +207,20 @@ class OODClassifier(LightningModule):
         self.nonfinite = nn.ModuleDict({d: SumMetric() for d in self.test_set_names}).to(self.device)
         self.test_acc.reset()
 
+    def resolve_blocks(self, specs: dict, datamodule) -> dict:
+        """Scorer specs with every ``featurenorm`` block left open chosen by NormRatio on ID training images."""
+        open_blocks = [
+            label for label, (name, params) in specs.items() if name == "featurenorm" and not params.get("block")
+        ]
+        if not open_blocks:
+            return specs
+        from lightning_ood.callbacks.statistics import normratio_selection
+
+        ratios = normratio_selection(self, datamodule, self.trainer)
+        self.norm_ratios = ratios
+        return {label: (name, {**params, "block": ratios.selected}) if label in open_blocks else (name, params)
+                for label, (name, params) in specs.items()}  # fmt: skip
+
     @staticmethod
     def _key(scorer: str, dataset: str) -> str:
         return f"{scorer}|{dataset}".replace(".", "_")  # ModuleDict keys cannot contain dots
@@ -213,7 +228,7 @@ class OODClassifier(LightningModule):
     def score_batch(self, x: Tensor, dataset: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits and every scorer's scores for a batch of (normalised) images; one backbone pass for all
         feature-space scorers. Images with NaN/inf features are counted per ``dataset`` (reported at the end)."""
-        with torch.no_grad():
+        with torch.no_grad(), block_outputs(self.backbone, self.hooked_blocks) as blocks:
             features = self.backbone.features(x).float()
             logits = self.backbone.head(features)
         if dataset is not None:
@@ -222,6 +237,8 @@ class OODClassifier(LightningModule):
         for label, scorer in self.scorers.items():
             if scorer.needs_inputs:
                 scores[label] = scorer.score_inputs(x, self.backbone.features, self.trainer.datamodule.std)
+            elif scorer.needs_blocks:
+                scores[label] = scorer.score_blocks(blocks)
             else:
                 with torch.no_grad():
                     scores[label] = scorer.score(features, logits)

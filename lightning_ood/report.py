@@ -29,6 +29,7 @@ BACKBONE_TITLES = {
     "densenet100": "DenseNet",
     "resnet50": "ResNet-50",
     "mobilenet_v2": "MobileNet",
+    "vit_b_16": "ViT-B/16",
 }
 OOD_TITLES = {
     "svhn": "SVHN",

@@ -1,10 +1,11 @@
-"""``OODTrainer``: Lightning's Trainer plus two OOD commands on cached features, exposed by the CLI as subcommands.
+"""``OODTrainer``: Lightning's Trainer plus three OOD commands, exposed by the CLI as subcommands.
 
 - ``tune``: choose the paper's p and lambda on Gaussian noise (Section V-F) and write them as a config overlay;
-- ``sweep``: FPR95/AUROC of ``fmls`` (and LINE / ReAct) over lambda and over p for every OOD set (Figures 6, 7).
+- ``sweep``: FPR95/AUROC of ``fmls`` (and LINE / ReAct) over lambda and over p for every OOD set (Figures 6, 7);
+- ``normratio``: choose the FeatureNorm block by NormRatio on jigsaw-shuffled training images (Yu et al.).
 
-Both load a checkpoint, extract features once per (weights, dataset, transform) into a cache, and work on the cached
-tensors, so a second run, or a finer grid, costs seconds. They run in one process.
+``tune`` and ``sweep`` extract features once per (weights, dataset, transform) into a cache and work on the cached
+tensors, so a second run, or a finer grid, costs seconds. The commands run in one process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import copy
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -20,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
 from rich.table import Table
 
-from lightning_ood.callbacks.statistics import compute_feature_statistics
+from lightning_ood.callbacks.statistics import statistics_on_demand
 from lightning_ood.checkpoints import read_checkpoint
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.data.sets import NoiseImages
@@ -28,7 +30,6 @@ from lightning_ood.errors import ConfigError
 from lightning_ood.features import FeatureCache, FeatureSet, weights_fingerprint
 from lightning_ood.io import atomic_write_text
 from lightning_ood.module import OODClassifier
-from lightning_ood.statistics import FeatureStatistics
 from lightning_ood.tuning import (
     DEFAULT_CLIP_PERCENTILES,
     DEFAULT_PERCENTILES,
@@ -54,28 +55,25 @@ def load_weights(model: OODClassifier, ckpt_path: str | None) -> None:
 
 
 class OODTrainer(Trainer):
-    """A Trainer with the ``tune`` and ``sweep`` commands (see the module docstring)."""
+    """A Trainer with the ``tune``, ``sweep`` and ``normratio`` commands (see the module docstring)."""
 
-    def _prepare(self, model: OODClassifier, datamodule: OODDataModule, ckpt_path: str | None, cache: FeatureCache):
+    def _load(self, model: OODClassifier, datamodule: OODDataModule, ckpt_path: str | None) -> torch.device:
         if self.world_size > 1:
-            raise ConfigError("tune and sweep run in one process: use --trainer.devices 1.")
+            raise ConfigError("tune, sweep and normratio run in one process: use --trainer.devices 1.")
         device = self.strategy.root_device
-        load_weights(model, ckpt_path)
+        if ckpt_path is not None or model.hparams.weights is None:  # torchvision weights need no checkpoint
+            load_weights(model, ckpt_path)
         model.to(device).eval()
         datamodule.trainer = None
         datamodule.prepare_data()
+        return device
+
+    def _prepare(self, model: OODClassifier, datamodule: OODDataModule, ckpt_path: str | None, cache: FeatureCache):
+        device = self._load(model, datamodule, ckpt_path)
         datamodule.setup("test")
         if model.ood_statistics is None:  # a checkpoint without them: compute once, then keep them in the cache
-
-            def compute() -> dict:
-                rank_zero_info("OOD statistics are not in this checkpoint: computing them on the training set now.")
-                return compute_feature_statistics(model, datamodule.statistics_dataloader()).state_dict()
-
-            key = cache.dataset_key(model.backbone, datamodule.statistics_set)
-            state, hit = cache.get_or_compute("ood_statistics", key, compute)
-            if hit:
-                rank_zero_info("OOD statistics: not in this checkpoint, taken from the feature cache.")
-            model.ood_statistics = FeatureStatistics.from_state_dict(state)
+            model.ood_statistics = statistics_on_demand(model, datamodule, None, "are not in this checkpoint",
+                                                        str(cache.folder))  # fmt: skip
         return device
 
     def _log_dir(self) -> Path:
@@ -237,3 +235,60 @@ class OODTrainer(Trainer):
             f"features took {elapsed:.2f}s. Written: {csv_path}, {', '.join(map(str, figures))}."
         )
         return {"csv": str(csv_path), "figures": [str(f) for f in figures], "seconds": elapsed}
+
+    def normratio(
+        self,
+        model: OODClassifier,
+        datamodule: OODDataModule,
+        ckpt_path: str | None = None,
+        images: int = 2000,
+        seed: int = 0,
+        output: str | None = None,
+    ) -> dict:
+        """Choose the FeatureNorm block by NormRatio (Yu et al., CVPR 2023) on jigsaw-shuffled ID training images.
+
+        Args:
+            model: the model (from the config).
+            datamodule: the data (from the config); its training images (test transform) are used.
+            ckpt_path: the checkpoint.
+            images: ID training images (a seeded subset).
+            seed: seed of the subset and of the jigsaw permutations.
+            output: also write the overlay (the configured scorers plus ``featurenorm`` on the chosen block) here.
+
+        Returns:
+            ``{"block": chosen block, "ratios": {block: NormRatio}, "overlay": path}``.
+        """
+        from lightning_ood.callbacks.statistics import normratio_selection
+
+        self._load(model, datamodule, ckpt_path)
+        result = normratio_selection(model, datamodule, None, images, seed)
+        table = Table(title=f"NormRatio on {result.images} ID training images (ID / jigsaw FeatureNorm)")
+        table.add_column("block")
+        table.add_column("NormRatio", justify="right")
+        for name, ratio in result.ratios.items():
+            style = "bold green" if name == result.selected else ""
+            table.add_row(f"[{style}]{name}[/]" if style else name, f"{ratio:.4f}")
+        Console().print(table)
+        folder = self._log_dir()
+        atomic_write_text(folder / "normratio.csv", result.to_csv())
+        figure = result.figure()
+        figure.savefig(folder / "normratio.png")
+        tensorboard = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tensorboard is not None:
+            tensorboard.experiment.add_figure("normratio", figure, close=True)
+            tensorboard.experiment.flush()
+        scorers = {label: {"scorer": name, **params} for label, (name, params) in model.scorer_specs.items()}
+        scorers["featurenorm"] = {"scorer": "featurenorm", "block": result.selected}
+        text = (
+            f"# Selected by `lightning-ood normratio` on {result.images} ID training images: FeatureNorm block "
+            f"{result.selected} (NormRatio {result.ratios[result.selected]:.4f}).\n"
+            + yaml.safe_dump({"model": {"scorers": scorers}}, sort_keys=False)
+        )
+        paths = [atomic_write_text(folder / "featurenorm.yaml", text)]
+        if output:
+            paths.append(atomic_write_text(output, text))
+        rank_zero_info(
+            f"FeatureNorm block: {result.selected}. Written: {folder / 'normratio.csv'}, {folder / 'normratio.png'}, "
+            f"overlay {', '.join(map(str, paths))}."
+        )
+        return {"block": result.selected, "ratios": result.ratios, "overlay": str(paths[-1])}

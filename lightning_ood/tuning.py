@@ -86,7 +86,8 @@ def selected_scorers(specs: dict[str, tuple[str, dict]], best: Candidate) -> dic
         params = dict(params)
         if name in FMLS_FAMILY:
             params["percentile"] = best.percentile
-            if name != "fm_ls" and "clip_percentile" not in params:
+            if name != "fm_ls":  # the ablation without ReAct keeps no clipping
+                params.pop("clip_percentile", None)  # the chosen lambda replaces a percentile rule
                 params["clip"] = best.clip
         out[label] = {"scorer": name, **params}
     return out

@@ -17,7 +17,7 @@ from lightning_ood.module import OODClassifier
 from tests.conftest import REPO
 
 SCORERS = "[msp, odin, mahalanobis, energy, bats, dice, react, dice_react, line, fmls, react_fm, react_ls, fm_ls, " \
-          "msp_react, msp_fmls, odin_react, odin_fmls, line_ls, maxlogit]"  # fmt: skip
+          "msp_react, msp_fmls, odin_react, odin_fmls, line_ls, maxlogit, featurenorm]"  # fmt: skip
 DATA = {"num_classes": 4, "train_size": 101, "test_size": 53, "ood_sizes": {"shifted": 37, "noise": 41}}
 DATA_ARGS = ["--data", "SyntheticDataModule", "--data.num_classes", "4", "--data.train_size", "101",
              "--data.test_size", "53", "--data.ood_sizes", json.dumps(DATA["ood_sizes"]), "--data.batch_size", "8",
@@ -79,7 +79,7 @@ def test_every_metric_equals_the_single_process_run(runs):
     one = json.loads((runs / "logs" / "lightning_ood" / "test1" / "ood_results.json").read_text())
     two = json.loads((runs / "logs" / "lightning_ood" / "test2" / "ood_results.json").read_text())
     assert one["num_images"] == two["num_images"] == {"synthetic": 53, "shifted": 37, "noise": 41}
-    assert len(one["metrics"]) == 19
+    assert len(one["metrics"]) == 20
     assert one["metrics"] == two["metrics"]  # exact equality, every scorer, OOD set and metric
     assert one["accuracy"] == two["accuracy"]
 

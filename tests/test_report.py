@@ -22,7 +22,13 @@ def make_report(**kwargs) -> OODReport:
 
 
 def test_paper_figures_are_shipped_and_looked_up():
-    assert len(paper_results()) == 401  # 413 rows; Table IV repeats 12 averages of Tables I and II
+    # 413 rows of Tables I, II, IV (Table IV repeats 12 averages of Tables I and II), 6 Table III ablation averages and
+    # 50 rows of Table V (ViT-B/16), parsed from the paper's text
+    assert len(paper_results()) == 401 + 6 + 50
+    assert paper_figure("cifar100", "densenet100", "react_fm", "Average") == (36.74, 90.01)  # Table III
+    assert paper_figure("imagenet", "resnet50", "fm_ls", "Average") == (32.51, 92.36)
+    assert paper_figure("imagenet", "vit_b_16", "fmls", "Average") == (28.89, 93.54)  # Table V
+    assert paper_figure("imagenet", "vit_b_16", "line", "sun") == (33.79, 93.28)
     assert paper_figure("cifar10", "resnet18", "fmls", "svhn") == (22.30, 96.26)
     assert paper_figure("cifar100", "densenet100", "line", "Average") == (35.67, 88.68)
     assert paper_figure("imagenet", "resnet50", "dice_react", "inaturalist") == (18.64, 96.24)  # "DICE + ReAct"

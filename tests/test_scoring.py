@@ -737,8 +737,12 @@ def test_build_scorer_rejects_bad_hyperparameters(name, kwargs, match):
 
 @pytest.mark.parametrize("name", list(SCORERS))
 def test_every_registered_scorer_builds_fits_and_scores(name, prob, odin_setup):
-    scorer = build_scorer(name)
-    if scorer.needs_inputs:
+    scorer = build_scorer(name, block="block") if name == "featurenorm" else build_scorer(name)
+    if scorer.needs_blocks:  # reads a block's output (tests/test_featurenorm.py checks the value)
+        scorer.fit(prob.train, prob.labels, prob.head)
+        scores = scorer.score_blocks({"block": torch.rand(len(prob.test), 4, 3, 3)})
+        assert scores.shape == (len(prob.test),)
+    elif scorer.needs_inputs:
         s = odin_setup
         scorer.fit(s.train_h, s.labels, s.net.head)
         scores = scorer.score_inputs(s.x, s.net.features, STD)

@@ -88,7 +88,7 @@ def test_lambda_grid_from_activation_percentiles():
 
 
 def test_selected_overlay_updates_the_paper_family_only():
-    specs = {"fmls": ("fmls", {"percentile": 60, "clip": 1.0}), "ours_msp": ("msp_fmls", {}),
+    specs = {"fmls": ("fmls", {"percentile": 60, "clip_percentile": 90}), "ours_msp": ("msp_fmls", {}),
              "line": ("line", {"clip": 1.0}), "fm_ls": ("fm_ls", {}), "energy": ("energy", {})}  # fmt: skip
     out = selected_scorers(specs, Candidate(30.0, 0.8, None, 0.1, 0.9))
     assert out["fmls"] == {"scorer": "fmls", "percentile": 30.0, "clip": 0.8}

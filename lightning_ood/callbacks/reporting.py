@@ -49,7 +49,9 @@ def overlay_figure(title: str, scores: dict[str, Tensor], bins: int = 60):
     finite = {k: v[torch.isfinite(v)].float() for k, v in scores.items()}
     values = torch.cat(list(finite.values()))
     lo, hi = (float(values.min()), float(values.max())) if values.numel() else (0.0, 1.0)
-    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1).numpy()
+    if hi - lo < 1e-9:  # constant scores (an untrained or degenerate model): centre one bin on them
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = torch.linspace(lo, hi, bins + 1).numpy()
     figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
     for i, (name, v) in enumerate(finite.items()):
         axis.hist(v.numpy(), bins=edges, density=True, alpha=0.55 if i == 0 else 0.4, label=name + (" (ID)" * (i == 0)))

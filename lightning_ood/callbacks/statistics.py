@@ -124,3 +124,57 @@ class FitOODStatistics(Callback):
                 trainer.save_checkpoint(path)
                 checkpoint.last_model_path = str(path)
                 rank_zero_info(f"Saved {path} with the OOD statistics.")
+
+
+NORMRATIO_IMAGES = 2000  # ID training images used to choose the FeatureNorm block (a seeded subset)
+
+
+def normratio_selection(
+    module: LightningModule, datamodule, trainer: Trainer | None = None, images: int = NORMRATIO_IMAGES, seed: int = 0
+):
+    """NormRatio of every block of ``module.backbone`` on a seeded subset of the ID training images (test transform),
+    identical on every DDP rank; logs the ratios and the chosen block."""
+    from lightning_ood.data.base import IndexedDataset
+    from lightning_ood.featurenorm import norm_ratios
+
+    broadcast_buffers(module.backbone, trainer)
+    subset = datamodule.validation_set(images, seed)
+    loader = datamodule.eval_loader(IndexedDataset(subset))
+    sum_across, _ = _reducers(trainer, module.device)
+    result = norm_ratios(module.backbone, loader, seed=seed, device=module.device, sum_across=sum_across)
+    table = ", ".join(f"{name} {ratio:.3f}" for name, ratio in result.ratios.items())
+    rank_zero_info(f"NormRatio on {result.images} ID training images: {table}. FeatureNorm block: {result.selected}.")
+    return result
+
+
+def statistics_on_demand(
+    module: LightningModule, datamodule, trainer: Trainer | None, reason: str, cache_dir: str | None = None
+) -> FeatureStatistics:
+    """Statistics for a checkpoint that lacks them (``reason`` says why): from the cache when ``cache_dir`` holds
+    them for these weights and training images, else computed over the training set (and stored there, by rank 0).
+    Every rank takes the same branch."""
+    from lightning_ood.features import FeatureCache
+
+    try:
+        loader = datamodule.statistics_dataloader()
+    except DataError as err:
+        raise DataError(
+            f"The OOD statistics {reason} and computing them needs the training images, which are not available: {err}"
+        ) from err
+    cache = FeatureCache(cache_dir) if cache_dir else None
+    key = cache.dataset_key(module.backbone, datamodule.statistics_set) if cache else ""
+    stored = cache.load("ood_statistics", key) if cache else None
+    hit = stored is not None
+    if trainer is not None and trainer.world_size > 1:
+        hit = trainer.strategy.broadcast(hit, src=0)
+        stored = trainer.strategy.broadcast(stored, src=0) if hit else None
+    if hit:
+        rank_zero_info(f"OOD statistics {reason}: taken from the cache in {cache_dir}.")
+        return FeatureStatistics.from_state_dict(stored)
+    rank_zero_info(f"OOD statistics {reason}: computing them on the training set now.")
+    stats = compute_feature_statistics(
+        module, loader, trainer, progress=trainer is None or trainer.progress_bar_callback is not None
+    )
+    if cache is not None and (trainer is None or trainer.is_global_zero):
+        cache.store("ood_statistics", key, stats.state_dict())
+    return stats

@@ -8,7 +8,7 @@ scored exactly once whatever the number of processes, so metrics equal the singl
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +110,14 @@ class OODDataModule(LightningDataModule):
                     raise
                 rank_zero_warn(f"Skipping OOD set {label!r}: {err}")
 
+    def ood_transform(self) -> Callable:
+        """The transform of the OOD images: resized to the ID resolution and normalised like the ID test images
+        (subclasses whose test transform crops, as ImageNet's, override it)."""
+        return eval_transform(self.mean, self.std, self.image_size)
+
     def build_ood_sets(self) -> dict[str, Dataset]:
-        """The configured OOD sets by display name, resized and normalised like the ID test images."""
-        transform = eval_transform(self.mean, self.std, self.image_size)
+        """The configured OOD sets by display name, transformed by :meth:`ood_transform`."""
+        transform = self.ood_transform()
         shape = (3, self.image_size, self.image_size)
         sets: dict[str, Dataset] = {}
         self.skipped_ood, self.skipped_images = {}, {}

@@ -14,6 +14,9 @@ Registered sets (default folder under ``ood_root``; layout as torchvision or the
 - ``places365`` (``places365/``): ``val_256/*.jpg`` (torchvision ``Places365(split="val", small=True)``,
   downloadable) or any image folder; ``image_list`` for a fixed subset.
 - ``tin`` (``tiny-imagenet-200/``): ``val/images/*.JPEG``; ``image_list`` for OpenOOD's lists.
+- ``inaturalist`` (``iNaturalist/``), ``sun`` (``SUN/``), ``places`` (``Places/``): the ImageNet benchmark's OOD sets
+  curated by MOS (Huang & Li, CVPR 2021), 10,000 images each of concepts absent from ImageNet-1k, ``images/*.jpg`` as
+  in the MOS archives (not downloadable here); with ``textures`` they are the paper's Table II sets.
 - ``mnist`` (``mnist/``), ``fashion_mnist`` (``fashion-mnist/``): ``t10k-images-idx3-ubyte[.gz]`` in the folder,
   ``raw/`` or torchvision's ``MNIST/raw`` (downloadable).
 - ``cifar10``, ``cifar100`` (the ``ood_root`` itself): torchvision's files (downloadable) or ``test/<class>/*``.
@@ -206,6 +209,10 @@ def _image_list(root: Path, transform, name: str, image_list: str | None = None,
     return _images_below(root, transform, name, image_list, bad_images)
 
 
+# The ImageNet benchmark's curated OOD sets (MOS repository deeplearning-wisc/large_scale_ood, README).
+MOS = "MOS, Huang & Li, CVPR 2021"
+MOS_SOURCE = "http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset"
+
 OOD_SETS: dict[str, OODSet] = {
     "svhn": OODSet(
         _svhn, "svhn", "<root>/test_32x32.mat", "http://ufldl.stanford.edu/housenumbers/ (torchvision SVHN)", "SVHN",
@@ -240,6 +247,21 @@ OOD_SETS: dict[str, OODSet] = {
         _tin, "tiny-imagenet-200",
         "<root>/val/images/val_N.JPEG (optionally filtered by image_list, e.g. OpenOOD's cifar10_test_tin.txt)",
         "http://cs231n.stanford.edu/tiny-imagenet-200.zip", "TIN",
+    ),
+    "inaturalist": OODSet(
+        _subfolder("images"), "iNaturalist",
+        "<root>/images/*.jpg (MOS's iNaturalist subset: 10,000 images of 110 plant concepts not in ImageNet-1k)",
+        f"{MOS_SOURCE}/iNaturalist.tar.gz ({MOS})", "iNaturalist",
+    ),
+    "sun": OODSet(
+        _subfolder("images"), "SUN",
+        "<root>/images/*.jpg (MOS's SUN subset: 10,000 images of 50 scene concepts not in ImageNet-1k)",
+        f"{MOS_SOURCE}/SUN.tar.gz ({MOS})", "SUN",
+    ),
+    "places": OODSet(
+        _subfolder("images"), "Places",
+        "<root>/images/*.jpg (MOS's Places subset: 10,000 images of 50 scene concepts not in ImageNet-1k)",
+        f"{MOS_SOURCE}/Places.tar.gz ({MOS})", "Places",
     ),
     "mnist": OODSet(
         _idx("t10k-images-idx3-ubyte", "mnist"), "mnist",

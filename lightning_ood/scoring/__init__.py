@@ -8,6 +8,7 @@ scores = scorer.score(features, logits)           # (M, L), (M, C) -> (M,)
 
 from lightning_ood.scoring.base import LogitScorer, Scorer, energy, max_softmax
 from lightning_ood.scoring.dice import DICE
+from lightning_ood.scoring.featurenorm import FeatureNorm
 from lightning_ood.scoring.fmls import FMLS, class_weight_mask, prototype_cosine
 from lightning_ood.scoring.line import LINE
 from lightning_ood.scoring.mahalanobis import Mahalanobis
@@ -26,6 +27,7 @@ __all__ = [
     "ODIN",
     "SCORERS",
     "Energy",
+    "FeatureNorm",
     "LogitScorer",
     "Mahalanobis",
     "MaxLogit",

@@ -27,10 +27,12 @@ class Scorer:
     Attributes:
         needs_inputs: the scorer works on input images (see :class:`~lightning_ood.scoring.odin.ODIN`) rather than on
             precomputed features and logits.
-        needs_prototypes: the scorer uses the class means of the training features.
+        needs_blocks: names of intermediate blocks whose outputs the scorer reads through ``score_blocks`` (see
+            :class:`~lightning_ood.scoring.featurenorm.FeatureNorm`).
     """
 
     needs_inputs: ClassVar[bool] = False
+    needs_blocks: tuple[str, ...] = ()
 
     def fit(self, features: Tensor, labels: Tensor, head: nn.Linear) -> Self:
         """Fit on training features ``(N, L)``, their ground-truth labels ``(N,)`` and the classifier head."""

@@ -14,6 +14,7 @@ from typing import Any
 from lightning_ood.errors import ConfigError, unknown_name
 from lightning_ood.scoring.base import Scorer
 from lightning_ood.scoring.dice import DICE
+from lightning_ood.scoring.featurenorm import FeatureNorm
 from lightning_ood.scoring.fmls import FMLS
 from lightning_ood.scoring.line import LINE
 from lightning_ood.scoring.mahalanobis import Mahalanobis
@@ -57,12 +58,13 @@ SCORERS: dict[str, Entry] = {
     "dice_react": Entry(DICE, {"clip_percentile": 90.0}, "ReAct clipping, then DICE", "DICE+ReAct"),
     "line": Entry(LINE, {}, "Shapley-based unit and weight masks + clipping, energy", "LINE"),
     "maxlogit": Entry(MaxLogit, {}, "largest logit"),
+    "featurenorm": Entry(FeatureNorm, {}, "norm of a block's output; the block chosen by NormRatio (Yu et al.)"),
     # The paper's method
     "fmls": Entry(FMLS, {}, "feature masking + ReAct + logit smoothing, energy (the paper)", "Ours"),
     # Table III ablations (the same lambda as fmls)
-    "react_fm": Entry(FMLS, {"smooth": False}, "ablation: ReAct + feature masking"),
-    "react_ls": Entry(FMLS, {"mask": False}, "ablation: ReAct + logit smoothing"),
-    "fm_ls": Entry(FMLS, {"clip": None}, "ablation: feature masking + logit smoothing, no ReAct"),
+    "react_fm": Entry(FMLS, {"smooth": False}, "ablation: ReAct + feature masking", "ReAct+FM"),
+    "react_ls": Entry(FMLS, {"mask": False}, "ablation: ReAct + logit smoothing", "ReAct+LS"),
+    "fm_ls": Entry(FMLS, {"clip": None}, "ablation: feature masking + logit smoothing, no ReAct", "FM+LS"),
     # Table IV combinations
     "msp_react": Entry(ReAct, {"output": "msp"}, "MSP of ReAct-clipped logits", "MSP+ReAct"),
     "msp_fmls": Entry(FMLS, {"output": "msp"}, "MSP of the paper's modulated logits", "MSP+Ours"),
@@ -74,7 +76,7 @@ SCORERS: dict[str, Entry] = {
 }
 
 # What `lightning-ood test` scores when the config names no scorers: every method of the paper's tables.
-DEFAULT_SCORERS = [name for name in SCORERS if name not in ("maxlogit", "energy_react", "energy_fmls")]
+DEFAULT_SCORERS = [name for name in SCORERS if name not in ("maxlogit", "energy_react", "energy_fmls", "featurenorm")]
 
 
 def accepted_arguments(build: Callable[..., Scorer]) -> set[str]:

@@ -1,0 +1,147 @@
+"""FeatureNorm and NormRatio block selection (Yu et al., "Block Selection Method for Using Feature Norm in
+Out-of-Distribution Detection", CVPR 2023).
+
+- FeatureNorm of a block output ``z`` (N, C, H, W): ``mean_c || ReLU(z)[n, c] ||_2`` (the spatial L2 norm of each
+  channel, averaged over channels); higher = more in-distribution. Token outputs (N, T, D) of a transformer block use
+  the tokens as the spatial axis.
+- Jigsaw pseudo-OOD: an image cut into a 3x3 grid of ``floor(H/3) x floor(W/3)`` tiles, shuffled; the strip the grid
+  does not cover stays 0 in the network's input space (the dataset's mean colour), as the authors leave it empty.
+- NormRatio of a block: the mean over ID training images of ``FeatureNorm(x) / FeatureNorm(jigsaw(x))``; the block
+  with the largest ratio separates real images from scrambled ones best and is selected.
+
+Block outputs are read with forward hooks: no backbone code changes, and the penultimate features come from the same
+forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ood.errors import ConfigError
+
+
+def feature_norm(output: Tensor) -> Tensor:  # (N, C, H, W) or (N, T, D) -> (N,)
+    """Channel-average of the spatial L2 norms of ``ReLU(output)``."""
+    z = output.float().relu()
+    if z.ndim == 4:
+        return z.flatten(2).norm(dim=2).mean(dim=1)  # (N, C, H*W) -> (N, C) -> (N,)
+    if z.ndim == 3:
+        return z.norm(dim=1).mean(dim=1)  # tokens (N, T, D): norm over T per feature, mean over D
+    raise ValueError(f"FeatureNorm needs (N, C, H, W) or (N, T, D) block outputs, got shape {tuple(output.shape)}")
+
+
+def jigsaw(images: Tensor, generators: Iterable[torch.Generator], grid: int = 3) -> Tensor:
+    """Each image's ``grid x grid`` tiles, shuffled by its own generator; the uncovered border stays 0."""
+    n, _, h, w = images.shape
+    th, tw = h // grid, w // grid
+    out = torch.zeros_like(images)
+    for i, generator in zip(range(n), generators, strict=True):
+        tiles = [images[i, :, r * th : (r + 1) * th, c * tw : (c + 1) * tw] for r in range(grid) for c in range(grid)]
+        order = torch.randperm(grid * grid, generator=generator).tolist()
+        for position, source in enumerate(order):
+            r, c = divmod(position, grid)
+            out[i, :, r * th : (r + 1) * th, c * tw : (c + 1) * tw] = tiles[source]
+    return out
+
+
+@contextmanager
+def block_outputs(backbone: nn.Module, names: Iterable[str]):
+    """Capture the outputs of the named blocks (``backbone.blocks()``) during forward passes in the ``with`` body.
+
+    Yields a dict that maps each name to the output of its latest call.
+    """
+    names = list(dict.fromkeys(names))
+    if not names:  # nothing to capture: no hooks, no cost
+        yield {}
+        return
+    blocks = backbone.blocks()
+    unknown = [n for n in names if n not in blocks]
+    if unknown:
+        raise ConfigError(f"Unknown block(s) {unknown} of {type(backbone).__name__}. Blocks: {', '.join(blocks)}.")
+    captured: dict[str, Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        def store(module, inputs, output) -> None:
+            captured[name] = output[0] if isinstance(output, tuple) else output
+
+        return store
+
+    handles = [blocks[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class NormRatios:
+    """NormRatio per block (forward order) on ``images`` ID training images, and the selected block."""
+
+    ratios: dict[str, float]
+    images: int
+
+    @property
+    def selected(self) -> str:
+        return max(self.ratios, key=self.ratios.get)
+
+    def to_csv(self) -> str:
+        rows = [f"{name},{ratio:.6f},{int(name == self.selected)}" for name, ratio in self.ratios.items()]
+        return "block,norm_ratio,selected\n" + "\n".join(rows) + "\n"
+
+    def figure(self, title: str = "NormRatio per block (ID / jigsaw FeatureNorm)"):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(self.ratios)
+        figure, axis = plt.subplots(figsize=(max(5, 0.45 * len(names)), 3.2), dpi=100)
+        colours = ["tab:red" if n == self.selected else "tab:blue" for n in names]
+        axis.bar(range(len(names)), [self.ratios[n] for n in names], color=colours)
+        axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        axis.set_ylabel("NormRatio")
+        axis.set_title(f"{title}: {self.selected}", fontsize=9)
+        figure.tight_layout()
+        return figure
+
+
+@torch.inference_mode(False)
+@torch.no_grad()
+def norm_ratios(
+    backbone: nn.Module,
+    loader: Iterable,
+    blocks: Iterable[str] | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    sum_across: Callable[[Tensor], Tensor] | None = None,
+) -> NormRatios:
+    """NormRatio of every block (default: all of ``backbone.blocks()``) over ``loader``'s ``(image, label, index)``
+    batches. Each image's jigsaw is seeded by ``seed`` and its dataset index, so the result does not depend on
+    batching or on the number of DDP ranks (``sum_across`` adds the per-rank sums)."""
+    names = list(blocks) if blocks is not None else list(backbone.blocks())
+    was_training = backbone.training
+    backbone.eval()
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    with block_outputs(backbone, names) as captured:
+        for images, _, indices in loader:
+            images = images.to(device)
+            backbone.features(images)
+            real = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()  # (N, B)
+            generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+            backbone.features(jigsaw(images, generators))
+            scrambled = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()
+            totals += (real / scrambled.clamp_min(1e-12)).sum(0)
+            count += len(images)
+    backbone.train(was_training)
+    if sum_across is not None:
+        totals, count = sum_across(totals), sum_across(count)
+    ratios = (totals / count).tolist()
+    return NormRatios(dict(zip(names, ratios, strict=True)), int(count))

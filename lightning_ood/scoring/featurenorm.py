@@ -1,0 +1,30 @@
+"""FeatureNorm as a scorer: the norm of an intermediate block's output (Yu et al., CVPR 2023)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_ood.featurenorm import feature_norm
+from lightning_ood.scoring.base import Scorer
+
+
+class FeatureNorm(Scorer):
+    """Channel-average of the spatial L2 norms of ``ReLU(block output)``; higher = more in-distribution.
+
+    ``block`` names one of ``backbone.blocks()``; ``None`` lets the test pass choose it by NormRatio on jigsaw-shuffled
+    ID training images (``lightning-ood normratio`` does the same once and writes the choice as a config overlay).
+    The module reads the block's output with a forward hook during the same forward pass as the penultimate features.
+    """
+
+    def __init__(self, block: str | None = None) -> None:
+        self.block = block
+
+    @property
+    def needs_blocks(self) -> tuple[str, ...]:
+        return (self.block,) if self.block is not None else ()
+
+    def score_blocks(self, outputs: dict[str, Tensor]) -> Tensor:  # {block: (N, C, H, W)} -> (N,)
+        return feature_norm(outputs[self.block])
+
+    def score(self, features: Tensor, logits: Tensor) -> Tensor:
+        raise TypeError("FeatureNorm scores a block's output: call score_blocks({block: output}) instead of score")
