@@ -5,7 +5,7 @@ the first ``--warmup`` steps of each run are excluded. Runs alternate (plain, Li
 drift of the machine over both, and the ratio Lightning/plain of images per second is reported per repeat and as the
 median. Target: >= 0.95.
 
-    python benchmarks/bench_train.py --backbone resnet20 --steps 30 --repeats 5
+    python benchmarks/bench_train.py --backbone resnet20 --steps 50 --repeats 7
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet20")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=30, help="steps per run, warm-up included")
+    parser.add_argument("--steps", type=int, default=50, help="steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=".bench/train.json")
     args = parser.parse_args()
 
