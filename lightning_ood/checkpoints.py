@@ -14,18 +14,24 @@ from lightning_ood.io import atomic_write
 SPECIAL_PATHS = {"last", "best", "hpc", "registry"}  # resolved by Lightning itself
 
 
+def load_file(path: Path, what: str, kind: str, weights_only: bool) -> Any:
+    """``torch.load`` on the CPU; a missing or unreadable file becomes one :class:`CheckpointError` naming ``what``
+    (the file's role) and ``kind`` (what it should have been)."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # truncated zip, pickle errors, not a torch file at all
+        raise CheckpointError(
+            f"{what} {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); it is "
+            f"truncated, corrupt or not a PyTorch {kind}."
+        ) from err
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a Lightning checkpoint on the CPU, or raise a :class:`CheckpointError` saying what is wrong with it."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, pickle errors, not a torch file at all
-        raise CheckpointError(
-            f"Checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); it is "
-            f"truncated, corrupt or not a PyTorch checkpoint."
-        ) from err
+    checkpoint = load_file(path, "Checkpoint", "checkpoint", weights_only=False)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no 'state_dict').")
     return checkpoint

@@ -25,6 +25,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import get_model_weights
 
+from lightning_ood.checkpoints import load_file
 from lightning_ood.errors import CheckpointError, ConfigError
 from lightning_ood.models.base import Backbone
 
@@ -91,13 +92,7 @@ def read_state_dict(path: Path) -> StateDict:
             f"Weights file {path} does not exist. model.weights takes a torchvision weights name (DEFAULT, "
             f"IMAGENET1K_V1, ...) or the path of a local .pth/.pt state dict."
         )
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle errors, not a torch file at all
-        raise CheckpointError(
-            f"Weights file {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); it is "
-            f"truncated, corrupt or not a PyTorch state dict."
-        ) from err
+    loaded = load_file(path, "Weights file", "state dict", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]
