@@ -81,9 +81,9 @@ class OODTrainer(Trainer):
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def _features(self, cache: FeatureCache, model, name, dataset, device, weights) -> FeatureSet:
-        features, hit = cache.get(name, model.backbone, dataset, weights=weights, device=device,
-                                  batch_size=getattr(self, "_eval_batch_size", 256))  # fmt: skip
+    @staticmethod
+    def _features(cache: FeatureCache, model, name, dataset, device, weights, batch_size: int) -> FeatureSet:
+        features, hit = cache.get(name, model.backbone, dataset, weights=weights, device=device, batch_size=batch_size)
         rank_zero_info(f"{name}: {len(features)} images, features {'from the cache' if hit else 'extracted'}.")
         return features
 
@@ -122,12 +122,12 @@ class OODTrainer(Trainer):
         cache = FeatureCache(cache_dir)
         device = self._prepare(model, datamodule, ckpt_path, cache)
         weights = weights_fingerprint(model.backbone)
-        self._eval_batch_size = datamodule.eval_batch_size
+        batch = datamodule.eval_batch_size
         id_val = self._features(cache, model, f"{datamodule.id_name}_val", datamodule.validation_set(val_size, seed),
-                                device, weights)  # fmt: skip
+                                device, weights, batch)  # fmt: skip
         shape = (3, datamodule.image_size, datamodule.image_size)
         noise_set = NoiseImages(size=noise_size, shape=shape, seed=seed + 1)
-        noise = self._features(cache, model, "gaussian_noise_val", noise_set, device, weights)
+        noise = self._features(cache, model, "gaussian_noise_val", noise_set, device, weights, batch)
         start = time.perf_counter()
         head = copy.deepcopy(model.backbone.head).cpu()  # cached features live on the CPU
         best, grid = select_fmls(model.ood_statistics, head, id_val, noise, percentiles, clips, clip_percentiles)
@@ -202,8 +202,8 @@ class OODTrainer(Trainer):
             raise ConfigError("sweep needs OOD sets: set data.init_args.ood.")
         stats = model.ood_statistics
         weights = weights_fingerprint(model.backbone)
-        self._eval_batch_size = datamodule.eval_batch_size
-        sets = {name: self._features(cache, model, name, dataset, device, weights)
+        batch = datamodule.eval_batch_size
+        sets = {name: self._features(cache, model, name, dataset, device, weights, batch)
                 for name, dataset in datamodule.test_sets.items()}  # fmt: skip
         id_name = datamodule.id_name
         oods = {name: data for name, data in sets.items() if name != id_name}
