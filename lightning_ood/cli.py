@@ -32,7 +32,7 @@ class OODCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         ours = {"model", "datamodule"}
-        return {**LightningCLI.subcommands(), "tune": ours, "sweep": ours, "normratio": ours}
+        return {**LightningCLI.subcommands(), "tune": ours, "sweep": ours, "normratio": ours, "import": ours}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

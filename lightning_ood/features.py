@@ -35,9 +35,10 @@ class FeatureSet:
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
-def weights_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of every tensor (parameters and buffers) of ``module``, with their names."""
-    digest = hashlib.sha256()
+def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
+    """SHA-256 of every tensor (parameters and buffers) of ``module``, with their names (and ``extra``: what else the
+    result depends on, such as the input normalisation)."""
+    digest = hashlib.sha256(extra.encode())
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

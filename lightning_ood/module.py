@@ -26,12 +26,14 @@ from lightning_ood.errors import CheckpointError, ConfigError, DataError, Lightn
 from lightning_ood.featurenorm import block_outputs
 from lightning_ood.features import weights_fingerprint
 from lightning_ood.metrics import OODMetrics
-from lightning_ood.models import Backbone, build_backbone
+from lightning_ood.models import Backbone, pretrained_backbone
+from lightning_ood.normalization import Normalization
 from lightning_ood.report import OODReport
 from lightning_ood.scoring import DEFAULT_SCORERS, Scorer, build_scorer
 from lightning_ood.statistics import FeatureStatistics
 
 STATISTICS_KEY = "ood_statistics"
+NORMALIZATION_KEY = "input_normalization"
 ScorerSpec = list[str] | dict[str, dict[str, Any]]
 
 
@@ -70,8 +72,14 @@ class OODClassifier(LightningModule):
             ``label -> {scorer: <name>, <hyperparameter>: <value>, ...}``; ``None`` runs every method of the paper's
             tables with its defaults.
         tpr: the TPR of the FPR@TPR metric (0.95).
-        weights: pretrained weights of a torchvision backbone (ImageNet): a weights-enum name such as ``DEFAULT`` or
-            ``IMAGENET1K_V1`` (downloaded when online and not cached), or the path of a local ``.pth`` state dict.
+        weights: pretrained weights. CIFAR backbones: the path of a published checkpoint in any format of
+            :mod:`lightning_ood.models.formats` (the DICE / ODIN DenseNet3 files, OpenOOD v1.5's ResNet18_32x32,
+            this project's checkpoints and state dicts), converted exactly. torchvision ImageNet backbones: a weights
+            name such as ``IMAGENET1K_V1`` or a local ``.pth``; timm's ``vit_base_patch16_224``: a pretrained tag or a
+            local ``model.safetensors``. Evaluate them with no Lightning checkpoint, or fine-tune from them with fit.
+        weights_format: the format of ``weights`` when its keys fit several (CIFAR backbones); ``None`` recognises it.
+        normalization: ``{mean: [r, g, b], std: [r, g, b]}`` of the input pixels in [0, 1]; ``None`` takes the one
+            the weights were trained with (their format's, or the one stored in a checkpoint), else the dataset's.
         statistics_cache: folder where statistics computed on demand (a checkpoint without them, or pretrained
             torchvision weights with no checkpoint at all) are kept for the next test, keyed by the weights and the
             training images; ``None`` recomputes them every time.
@@ -90,6 +98,8 @@ class OODClassifier(LightningModule):
         scorers: ScorerSpec | None = None,
         tpr: float = 0.95,
         weights: str | None = None,
+        weights_format: str | None = None,
+        normalization: dict[str, Any] | None = None,
         statistics_cache: str | None = None,
     ) -> None:
         super().__init__()
@@ -98,13 +108,25 @@ class OODClassifier(LightningModule):
         if sorted(milestones) != list(milestones):
             raise ConfigError(f"milestones must be increasing, got {list(milestones)}")
         self.save_hyperparameters()
-        self.backbone: Backbone = build_backbone(backbone, num_classes, **({"weights": weights} if weights else {}))
+        pretrained = pretrained_backbone(backbone, num_classes, weights, weights_format)
+        self.backbone: Backbone = pretrained.backbone
+        # The normalisation the network expects; None until known (then the dataset's default is adopted).
+        self.configured_normalization = (
+            Normalization.from_dict(normalization, "model.normalization") if normalization else None
+        )
+        self.input_normalization: Normalization | None = self.configured_normalization or pretrained.normalization
         self.scorer_specs = scorer_specs(scorers)
         for name, params in self.scorer_specs.values():  # fail at construction, not after a long fit
             build_scorer(name, **params)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.ood_statistics: FeatureStatistics | None = None
+        loaded = pretrained.loaded
+        if loaded is not None:
+            rank_zero_info(f"Loaded {loaded.describe()} into {backbone}.")
+            if loaded.statistics is not None:  # this project's checkpoint: its statistics come along (checked later)
+                self.ood_statistics = FeatureStatistics.from_state_dict(loaded.statistics)
         self.scorers: dict[str, Scorer] = {}
         self.ood_metrics = nn.ModuleDict()
         self.score_collectors = nn.ModuleDict()
@@ -127,6 +149,12 @@ class OODClassifier(LightningModule):
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Accuracy on the held-out training images (``data.val_split``), logged per epoch as ``val/acc``."""
+        x, y = batch
+        self.val_acc(self.backbone(x), y)
+        self.log("val/acc", self.val_acc, prog_bar=True, on_step=False, on_epoch=True)
+
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.SGD(
@@ -145,9 +173,17 @@ class OODClassifier(LightningModule):
                 f"Use a checkpoint trained on this dataset, or let the CLI link model.num_classes to the data."
             )
 
+    def fingerprint(self) -> str:
+        """What the OOD statistics depend on: every backbone tensor and the input normalisation."""
+        normalization = self.input_normalization
+        extra = f"{normalization.mean}|{normalization.std}" if normalization is not None else ""
+        return weights_fingerprint(self.backbone, extra)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ood_statistics is not None:
             checkpoint[STATISTICS_KEY] = self.ood_statistics.state_dict()
+        if self.input_normalization is not None:
+            checkpoint[NORMALIZATION_KEY] = self.input_normalization.as_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with one clear message, a checkpoint whose architecture or class count differs from ours."""
@@ -162,6 +198,8 @@ class OODClassifier(LightningModule):
                 f"The checkpoint was trained for {saved['num_classes']} classes but the data has "
                 f"{self.hparams.num_classes} classes; evaluate it on the dataset it was trained on."
             )
+        if checkpoint.get(NORMALIZATION_KEY) and self.configured_normalization is None:
+            self.input_normalization = Normalization.from_dict(checkpoint[NORMALIZATION_KEY])
         self.ood_statistics = None
         if STATISTICS_KEY in checkpoint:
             stats = FeatureStatistics.from_state_dict(checkpoint[STATISTICS_KEY])
@@ -175,20 +213,14 @@ class OODClassifier(LightningModule):
 
     # ---------------------------------------------------------------- OOD test pass
     def on_test_start(self) -> None:
-        from lightning_ood.callbacks.statistics import broadcast_buffers, statistics_on_demand
+        from lightning_ood.callbacks.statistics import broadcast_buffers
 
         broadcast_buffers(self.backbone, self.trainer)  # every rank scores with the same network
         datamodule = self.trainer.datamodule
         self.test_set_names = list(datamodule.test_set_names)
         if len(self.test_set_names) < 2:
             rank_zero_info("No OOD sets configured (data.init_args.ood): testing ID accuracy only.")
-        fitted_on = self.ood_statistics.weights if self.ood_statistics is not None else ""
-        stale = fitted_on not in ("", weights_fingerprint(self.backbone))
-        if self.ood_statistics is None or stale:
-            reason = "were fitted on other weights" if stale else "are not in this checkpoint"
-            self.ood_statistics = statistics_on_demand(
-                self, datamodule, self.trainer, reason, self.hparams.statistics_cache
-            )
+        self.ensure_statistics(datamodule, self.trainer)
         specs = self.resolve_blocks(self.scorer_specs, datamodule)
         head = self.backbone.head
         with torch.inference_mode(False):  # fitted tensors must be usable by ODIN's autograd pass
@@ -206,6 +238,26 @@ class OODClassifier(LightningModule):
         ).to(self.device)
         self.nonfinite = nn.ModuleDict({d: SumMetric() for d in self.test_set_names}).to(self.device)
         self.test_acc.reset()
+
+    def ensure_statistics(self, datamodule, trainer=None, cache_dir: str | None = None) -> FeatureStatistics:
+        """The OOD statistics of these weights and inputs: the loaded ones when they match, else computed over the
+        training images (or taken from ``cache_dir``, default ``statistics_cache``), with one log line saying why."""
+        from lightning_ood.callbacks.statistics import statistics_on_demand
+
+        stats = self.ood_statistics
+        wanted_images = datamodule.describe_statistics_images()
+        other_weights = stats is not None and stats.weights not in ("", self.fingerprint())
+        other_images = stats is not None and stats.images not in ("", wanted_images)
+        if stats is None or other_weights or other_images:
+            reason = (
+                "were fitted on other weights or inputs" if other_weights
+                else f"were fitted on other images ({stats.images}; this run: {wanted_images})" if other_images
+                else "are not in this checkpoint"
+            )  # fmt: skip
+            self.ood_statistics = statistics_on_demand(
+                self, datamodule, trainer, reason, cache_dir or self.hparams.statistics_cache
+            )
+        return self.ood_statistics
 
     def resolve_blocks(self, specs: dict, datamodule) -> dict:
         """Scorer specs with every ``featurenorm`` block left open chosen by NormRatio on ID training images."""
@@ -236,7 +288,7 @@ class OODClassifier(LightningModule):
         scores = {}
         for label, scorer in self.scorers.items():
             if scorer.needs_inputs:
-                scores[label] = scorer.score_inputs(x, self.backbone.features, self.trainer.datamodule.std)
+                scores[label] = scorer.score_inputs(x, self.backbone.features, self.input_normalization.std)
             elif scorer.needs_blocks:
                 scores[label] = scorer.score_blocks(blocks)
             else:

@@ -67,8 +67,10 @@ class FeatureStatistics:
         std: (L,) per-unit standard deviation (population, divide by N).
         covariance: (L, L) shared within-class covariance (maximum likelihood, divide by N).
         activation_quantiles: (1001,) percentiles p = 0, 0.1, ..., 100 of all activations (all units, all images).
-        weights: fingerprint of the network the statistics were computed with ("" when unknown); a test on other
-            weights recomputes them.
+        weights: fingerprint of the network (and input normalisation) the statistics were computed with ("" when
+            unknown); a test on other weights recomputes them.
+        images: which training images they were fitted on ("" when unknown), e.g. "cifar10 training images, 2000
+            held out (seed 0)"; a run configured with other images recomputes them.
     """
 
     counts: Tensor
@@ -78,6 +80,7 @@ class FeatureStatistics:
     covariance: Tensor
     activation_quantiles: Tensor
     weights: str = ""
+    images: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -106,7 +109,7 @@ class FeatureStatistics:
     @classmethod
     def from_state_dict(cls, state: dict) -> FeatureStatistics:
         names = {f.name for f in fields(cls)}
-        missing = names - set(state) - {"weights"}
+        missing = names - set(state) - {"weights", "images"}
         if missing:
             raise KeyError(f"OOD statistics are missing {sorted(missing)}")
         return cls(**{k: v for k, v in state.items() if k in names})

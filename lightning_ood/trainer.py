@@ -1,4 +1,7 @@
-"""``OODTrainer``: Lightning's Trainer plus three OOD commands, exposed by the CLI as subcommands.
+"""``OODTrainer``: Lightning's Trainer plus the OOD commands, exposed by the CLI as subcommands.
+
+- ``import``: convert published weights (``model.weights``) into a Lightning checkpoint with the fitted OOD
+  statistics and the weights' normalisation, so later runs start in seconds;
 
 - ``tune``: choose the paper's p and lambda on Gaussian noise (Section V-F) and write them as a config overlay;
 - ``sweep``: FPR95/AUROC of ``fmls`` (and LINE / ReAct) over lambda and over p for every OOD set (Figures 6, 7);
@@ -11,9 +14,11 @@ tensors, so a second run, or a finer grid, costs seconds. The commands run in on
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
+import lightning
 import torch
 import yaml
 from lightning.pytorch import Trainer
@@ -22,13 +27,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
 from rich.table import Table
 
-from lightning_ood.callbacks.statistics import statistics_on_demand
 from lightning_ood.checkpoints import read_checkpoint
-from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.base import OODDataModule, attach_normalization
 from lightning_ood.data.sets import NoiseImages
 from lightning_ood.errors import ConfigError
 from lightning_ood.features import FeatureCache, FeatureSet, weights_fingerprint
-from lightning_ood.io import atomic_write_text
+from lightning_ood.io import atomic_write, atomic_write_text
 from lightning_ood.module import OODClassifier
 from lightning_ood.tuning import (
     DEFAULT_CLIP_PERCENTILES,
@@ -48,10 +52,22 @@ SWEEP_PERCENTILES = (0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
 def load_weights(model: OODClassifier, ckpt_path: str | None) -> None:
     """Load a checkpoint's weights and statistics into ``model`` (clear errors for a missing or foreign file)."""
     if ckpt_path is None:
-        raise ConfigError("This command evaluates a trained model: pass --ckpt_path <checkpoint>.")
+        raise ConfigError(
+            "This command evaluates a trained model: pass --ckpt_path <checkpoint> or --model.weights <published "
+            "weights>."
+        )
     checkpoint = read_checkpoint(ckpt_path)
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Raise a :class:`ConfigError` before any work when ``folder`` (or its first existing parent) is not writable."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"{what}: cannot write into {folder}: {existing} is not a writable folder.")
 
 
 class OODTrainer(Trainer):
@@ -61,19 +77,18 @@ class OODTrainer(Trainer):
         if self.world_size > 1:
             raise ConfigError("tune, sweep and normratio run in one process: use --trainer.devices 1.")
         device = self.strategy.root_device
-        if ckpt_path is not None or model.hparams.weights is None:  # torchvision weights need no checkpoint
+        if ckpt_path is not None or model.hparams.weights is None:  # published weights need no checkpoint
             load_weights(model, ckpt_path)
         model.to(device).eval()
         datamodule.trainer = None
+        attach_normalization(model, datamodule)
         datamodule.prepare_data()
         return device
 
     def _prepare(self, model: OODClassifier, datamodule: OODDataModule, ckpt_path: str | None, cache: FeatureCache):
         device = self._load(model, datamodule, ckpt_path)
         datamodule.setup("test")
-        if model.ood_statistics is None:  # a checkpoint without them: compute once, then keep them in the cache
-            model.ood_statistics = statistics_on_demand(model, datamodule, None, "are not in this checkpoint",
-                                                        str(cache.folder))  # fmt: skip
+        model.ensure_statistics(datamodule, None, str(cache.folder))  # computed once, then kept in the cache
         return device
 
     def _log_dir(self) -> Path:
@@ -110,9 +125,12 @@ class OODTrainer(Trainer):
             percentiles: masking percentiles p to try (the paper: 10, 20, ..., 90).
             clips: absolute lambdas to try; when unset, lambda runs over ``clip_percentiles``.
             clip_percentiles: lambdas as percentiles of the training activations.
-            val_size: ID validation images (a seeded random subset of the training images, test transform).
+            val_size: ID validation images when ``data.val_split`` is 0: that many training images (test transform,
+                a permutation seeded by ``seed``) are held out from the OOD statistics, which tune fits again on the
+                remaining images. With ``data.val_split`` set, its held-out images (excluded from training and
+                statistics alike) are the ID validation images.
             noise_size: Gaussian-noise images.
-            seed: seed of the validation subset and of the noise.
+            seed: seed of the validation subset (when ``data.val_split`` is 0) and of the noise.
             cache_dir: feature cache folder.
             output: also write the selected overlay here (it is always written to the run's log folder).
 
@@ -120,10 +138,18 @@ class OODTrainer(Trainer):
             ``{"percentile": p, "clip": lambda, "fpr95": ..., "auroc": ..., "overlay": path}``.
         """
         cache = FeatureCache(cache_dir)
+        if val_size < 1:
+            raise ConfigError(f"tune --val_size must be >= 1, got {val_size}.")
+        if not datamodule.val_split:  # hold the validation images out of the statistics (not of a published training)
+            datamodule.val_split, datamodule.val_seed = val_size, seed
         device = self._prepare(model, datamodule, ckpt_path, cache)
+        rank_zero_info(
+            f"ID validation: {datamodule.val_split} training images held out (seed {datamodule.val_seed}); OOD "
+            f"statistics on the rest: {datamodule.describe_statistics_images()}."
+        )
         weights = weights_fingerprint(model.backbone)
         batch = datamodule.eval_batch_size
-        id_val = self._features(cache, model, f"{datamodule.id_name}_val", datamodule.validation_set(val_size, seed),
+        id_val = self._features(cache, model, f"{datamodule.id_name}_val", datamodule.validation_set(),
                                 device, weights, batch)  # fmt: skip
         shape = (3, datamodule.image_size, datamodule.image_size)
         noise_set = NoiseImages(size=noise_size, shape=shape, seed=seed + 1)
@@ -292,3 +318,62 @@ class OODTrainer(Trainer):
             f"overlay {', '.join(map(str, paths))}."
         )
         return {"block": result.selected, "ratios": result.ratios, "overlay": str(paths[-1])}
+
+
+def import_weights(
+    self: OODTrainer,
+    model: OODClassifier,
+    datamodule: OODDataModule,
+    output: str,
+    ckpt_path: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write a Lightning checkpoint of ``model.weights`` (converted from its published format) with the OOD
+    statistics fitted on the training images and the input normalisation the weights expect.
+
+    ``lightning-ood test -c CONFIG --ckpt_path OUTPUT`` then evaluates it without converting or fitting again.
+
+    Args:
+        model: the model (from the config); ``model.weights`` names the published file.
+        datamodule: the data (from the config); its training images give the OOD statistics.
+        output: the checkpoint to write (``.ckpt``).
+        ckpt_path: a Lightning checkpoint to take the weights from instead of ``model.weights``.
+        overwrite: replace ``output`` when it exists.
+
+    Returns:
+        ``{"checkpoint": path, "seconds": time}``.
+    """
+    start = time.perf_counter()
+    if model.hparams.weights is None and ckpt_path is None:
+        raise ConfigError("import converts published weights: pass --model.weights <file>.")
+    target = Path(output).expanduser()
+    if target.is_dir() or str(output).endswith("/"):
+        raise ConfigError(
+            f"--output {output} is a folder; give the checkpoint file to write, e.g. {target / 'model.ckpt'}."
+        )
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{target} exists; pass --overwrite true to replace it.")
+    check_writable_folder(target.parent, "--output")
+    self._load(model, datamodule, ckpt_path)
+    model.ensure_statistics(datamodule, None)
+    checkpoint = {
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "imported_from": str(model.hparams.weights or ckpt_path),
+    }
+    model.on_save_checkpoint(checkpoint)
+    atomic_write(target, lambda f: torch.save(checkpoint, f))
+    elapsed = time.perf_counter() - start
+    rank_zero_info(
+        f"Wrote {target}: the weights of {checkpoint['imported_from']} with OOD statistics on "
+        f"{model.ood_statistics.num_samples} training images and the normalisation "
+        f"{model.input_normalization.describe()} ({elapsed:.1f}s). Evaluate it with: lightning-ood test -c <config> "
+        f"--ckpt_path {target}"
+    )
+    return {"checkpoint": str(target), "seconds": elapsed}
+
+
+setattr(OODTrainer, "import", import_weights)  # `import` is a Python keyword: the CLI subcommand is this method

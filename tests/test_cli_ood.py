@@ -4,6 +4,7 @@ import csv
 import logging
 
 import pytest
+import torch
 import yaml
 
 from tests.test_cli import cli_error, run_cli
@@ -57,7 +58,13 @@ def test_tune_writes_an_overlay_that_test_picks_up(trained, caplog):
     assert chosen["fmls"]["scorer"] == "fmls" and chosen["fmls"]["percentile"] in (30.0, 60.0)
     grid = list(csv.DictReader((tmp / "logs" / "lightning_ood" / "tune" / "tune_grid.csv").open()))
     assert len(grid) == 4
-    assert len(list((tmp / "cache").glob("*.pt"))) == 2  # ID validation + noise features
+    cached = sorted(p.name.split("-")[0] for p in (tmp / "cache").glob("*.pt"))
+    assert cached == ["gaussian_noise_val", "ood_statistics", "synthetic_val"]  # features, and statistics without them
+    statistics = torch.load(next((tmp / "cache").glob("ood_statistics-*.pt")), weights_only=True)
+    assert int(statistics["counts"].sum()) == 64 - 40  # fitted on the training images that are not held out
+    assert statistics["images"] == "synthetic training images, 40 held out (seed 0)"
+    validation = torch.load(next((tmp / "cache").glob("synthetic_val-*.pt")), weights_only=True)
+    assert len(validation["labels"]) == 40
     run_cli("test", *common, "-c", str(overlay), "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
             "--trainer.logger.init_args.version", "tuned")  # fmt: skip
     rows = list(csv.DictReader((tmp / "logs" / "lightning_ood" / "tuned" / "ood_results.csv").open()))

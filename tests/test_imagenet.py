@@ -19,7 +19,7 @@ from lightning_ood.models import build_backbone
 from lightning_ood.report import paper_figure
 from tests.test_cli import run_cli
 
-MEAN, STD = NORMALIZATION["imagenet"]
+MEAN, STD = NORMALIZATION["imagenet"].mean, NORMALIZATION["imagenet"].std
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 OOD = ["inaturalist", "sun", "places", "textures"]
 # name -> (feature dim, blocks, input side, the head inside torchvision's model)
@@ -240,12 +240,13 @@ def test_imagenet_datamodule(imagenet):
     assert repr(dm.ood_transform()) == repr(dm.test_sets["imagenet"].transform)
     assert "Resize(size=256" in repr(dm.ood_transform()) and "CenterCrop(size=(224, 224))" in repr(dm.ood_transform())
     dm.setup("statistics")
-    samples = dm.statistics_set.samples
+    images = dm.statistics_images  # the first train_per_class of each class, in sorted file order
+    samples = [images.dataset.samples[i] for i in images.indices]
     assert [Path(p).name for p, c in samples if c == 0] == [f"{WNIDS[0]}_{i:04d}.JPEG" for i in range(3)]
     assert [c for _, c in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     again = ImageNetDataModule(root=str(imagenet), num_workers=0, train_per_class=3)
     again.setup("statistics")
-    assert again.statistics_set.samples == samples  # deterministic
+    assert [again.statistics_set.samples[i] for i in again.statistics_images.indices] == samples  # deterministic
     everything = ImageNetDataModule(root=str(imagenet), num_workers=0)
     everything.setup("fit")
     assert len(everything.statistics_set) == len(everything.train_set) == 12
@@ -254,7 +255,7 @@ def test_imagenet_datamodule(imagenet):
 
 def test_base_ood_transform_is_unchanged():
     dm = CIFARDataModule(num_workers=0)
-    assert repr(dm.ood_transform()) == repr(eval_transform(dm.mean, dm.std, 32))
+    assert repr(dm.ood_transform()) == repr(eval_transform(dm.normalization.value, 32))
 
 
 def test_missing_root_and_class_mismatch_are_clear_errors(tmp_path):

@@ -11,8 +11,8 @@ from lightning_ood.data.transforms import NORMALIZATION, eval_transform
 from lightning_ood.errors import DataError
 from tests.conftest import make_cifar_folder
 
-MEAN, STD = NORMALIZATION["cifar10"]
-TRANSFORM = eval_transform(MEAN, STD, 32)
+MEAN, STD = NORMALIZATION["cifar10"].mean, NORMALIZATION["cifar10"].std
+TRANSFORM = eval_transform(NORMALIZATION["cifar10"], 32)
 SHAPE = (3, 32, 32)
 
 

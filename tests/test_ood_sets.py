@@ -13,8 +13,8 @@ from lightning_ood.data.transforms import NORMALIZATION, eval_transform
 from lightning_ood.errors import ConfigError, DataError
 from tests.conftest import shared_data
 
-MEAN, STD = NORMALIZATION["cifar10"]
-TRANSFORM = eval_transform(MEAN, STD, 32)
+MEAN, STD = NORMALIZATION["cifar10"].mean, NORMALIZATION["cifar10"].std
+TRANSFORM = eval_transform(NORMALIZATION["cifar10"], 32)
 SHAPE = (3, 32, 32)
 
 

@@ -163,7 +163,7 @@ def test_feature_cache_sees_file_and_transform_changes(tmp_path):
     from PIL import Image
 
     from lightning_ood.data.sets import ImageFiles
-    from lightning_ood.data.transforms import eval_transform
+    from lightning_ood.data.transforms import Normalization, eval_transform
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -172,10 +172,10 @@ def test_feature_cache_sees_file_and_transform_changes(tmp_path):
     paths = sorted(folder.glob("*.png"))
     backbone = build_backbone("resnet20", 4)
     cache = FeatureCache(tmp_path / "cache")
-    base = ImageFiles(paths, eval_transform((0.5,) * 3, (0.25,) * 3, 32))
+    base = ImageFiles(paths, eval_transform(Normalization((0.5,) * 3, (0.25,) * 3), 32))
     assert cache.get("imgs", backbone, base, progress=False)[1] is False
     assert cache.get("imgs", backbone, base, progress=False)[1] is True
-    other_transform = ImageFiles(paths, eval_transform((0.5,) * 3, (0.3,) * 3, 32))
+    other_transform = ImageFiles(paths, eval_transform(Normalization((0.5,) * 3, (0.3,) * 3), 32))
     assert cache.get("imgs", backbone, other_transform, progress=False)[1] is False
     Image.new("RGB", (40, 40), (9, 9, 9)).save(paths[0])  # the same file name, new content
     assert cache.get("imgs", backbone, base, progress=False)[1] is False

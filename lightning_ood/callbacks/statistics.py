@@ -62,8 +62,10 @@ def compute_feature_statistics(
     trainer: Trainer | None = None,
     max_activations: int = DEFAULT_MAX_ACTIVATIONS,
     progress: bool = True,
+    described_as: str = "",
 ) -> FeatureStatistics:
-    """One pass of ``module.backbone.features`` over ``loader`` (items ``(image, label, index)``)."""
+    """One pass of ``module.backbone.features`` over ``loader`` (items ``(image, label, index)``); ``described_as``
+    says which images they are (stored with the statistics)."""
     backbone = module.backbone
     broadcast_buffers(backbone, trainer)
     was_training = backbone.training
@@ -86,7 +88,8 @@ def compute_feature_statistics(
             acc.update(features, labels, indices)
             bar.advance(task)
     stats = acc.compute(*_reducers(trainer, module.device))
-    stats.weights = weights_fingerprint(backbone)
+    stats.weights = module.fingerprint() if hasattr(module, "fingerprint") else weights_fingerprint(backbone)
+    stats.images = described_as
     backbone.train(was_training)
     note = "" if stride == 1 else f", activation percentiles from 1 image in {stride}"
     rank_zero_info(
@@ -113,10 +116,12 @@ class FitOODStatistics(Callback):
         pl_module.ood_statistics = None  # the weights are about to change
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        loader = trainer.datamodule.statistics_dataloader()
+        datamodule = trainer.datamodule
+        loader = datamodule.statistics_dataloader()
         pl_module.ood_statistics = compute_feature_statistics(
-            pl_module, loader, trainer, self.max_activations, progress=trainer.progress_bar_callback is not None
-        )
+            pl_module, loader, trainer, self.max_activations, progress=trainer.progress_bar_callback is not None,
+            described_as=datamodule.describe_statistics_images(),
+        )  # fmt: skip
         if self.save_checkpoint and not trainer.fast_dev_run:
             checkpoint = trainer.checkpoint_callback
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
@@ -134,11 +139,11 @@ def normratio_selection(
 ):
     """NormRatio of every block of ``module.backbone`` on a seeded subset of the ID training images (test transform),
     identical on every DDP rank; logs the ratios and the chosen block."""
-    from lightning_ood.data.base import IndexedDataset
+    from lightning_ood.data.base import IndexedDataset, seeded_subset
     from lightning_ood.featurenorm import norm_ratios
 
     broadcast_buffers(module.backbone, trainer)
-    subset = datamodule.validation_set(images, seed)
+    subset = seeded_subset(datamodule.statistics_images, images, seed)
     loader = datamodule.eval_loader(IndexedDataset(subset))
     sum_across, _ = _reducers(trainer, module.device)
     result = norm_ratios(module.backbone, loader, seed=seed, device=module.device, sum_across=sum_across)
@@ -162,7 +167,7 @@ def statistics_on_demand(
             f"The OOD statistics {reason} and computing them needs the training images, which are not available: {err}"
         ) from err
     cache = FeatureCache(cache_dir) if cache_dir else None
-    key = cache.dataset_key(module.backbone, datamodule.statistics_set) if cache else ""
+    key = cache.dataset_key(module.backbone, datamodule.statistics_images) if cache else ""
     stored = cache.load("ood_statistics", key) if cache else None
     hit = stored is not None
     if trainer is not None and trainer.world_size > 1:
@@ -173,8 +178,9 @@ def statistics_on_demand(
         return FeatureStatistics.from_state_dict(stored)
     rank_zero_info(f"OOD statistics {reason}: computing them on the training set now.")
     stats = compute_feature_statistics(
-        module, loader, trainer, progress=trainer is None or trainer.progress_bar_callback is not None
-    )
+        module, loader, trainer, progress=trainer is None or trainer.progress_bar_callback is not None,
+        described_as=datamodule.describe_statistics_images(),
+    )  # fmt: skip
     if cache is not None and (trainer is None or trainer.is_global_zero):
         cache.store("ood_statistics", key, stats.state_dict())
     return stats

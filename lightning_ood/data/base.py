@@ -8,19 +8,19 @@ scored exactly once whatever the number of processes, so metrics equal the singl
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_ood.data.ood import build_ood_set, download_ood_set, ood_entry
 from lightning_ood.data.reproducible import EpochShuffle, SeededItems
-from lightning_ood.data.transforms import eval_transform
+from lightning_ood.data.transforms import InputNormalization, Normalization, eval_transform
 from lightning_ood.errors import ConfigError, DataError
 
 DATA_ROOT_ENV = "LIGHTNING_OOD_DATA"
@@ -50,6 +50,46 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """The label of every item, in order, without decoding images where the dataset lists them (``targets``)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return [int(t) for t in targets]
+    if isinstance(dataset, Subset):
+        inner = dataset_labels(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def seeded_subset(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
+    """``min(size, len(dataset))`` items drawn by a permutation seeded by ``seed``, in dataset order."""
+    permutation = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, sorted(permutation[:size].tolist()))
+
+
+def first_per_class(dataset: Dataset, per_class: int | None) -> Dataset:
+    """The first ``per_class`` items of each class in the dataset's order (sorted file names for image folders,
+    the distributed order for torchvision's files); the dataset itself when ``per_class`` is ``None``."""
+    if per_class is None:
+        return dataset
+    seen: dict[int, int] = {}
+    keep = []
+    for index, label in enumerate(dataset_labels(dataset)):
+        if seen.get(label, 0) < per_class:
+            seen[label] = seen.get(label, 0) + 1
+            keep.append(index)
+    return Subset(dataset, keep)
+
+
+def attach_normalization(module, datamodule: OODDataModule) -> Normalization:
+    """Make ``datamodule`` normalise with the model's normalisation; a model that has none yet (trained here, no
+    published weights) adopts the dataset's default, so it is stored with its checkpoints."""
+    value = datamodule.use_normalization(getattr(module, "input_normalization", None))
+    if module is not None and hasattr(module, "input_normalization") and module.input_normalization is None:
+        module.input_normalization = value
+    return value
+
+
 class OODDataModule(LightningDataModule):
     """Base class: subclasses build ``train_set``, the ID test set and ``statistics_set`` in ``setup``; the OOD test
     sets come from the registry (:mod:`lightning_ood.data.ood`) through :meth:`build_ood_sets`.
@@ -64,12 +104,21 @@ class OODDataModule(LightningDataModule):
         download: let ``prepare_data`` download missing data where torchvision can.
         skip_missing_ood: skip an OOD set whose data is missing, with a warning (the result table lists it),
             instead of failing.
+        train_per_class: fit the OOD statistics on the first N training images of each class only (sorted file
+            order for image folders, the distributed order for torchvision's files); ``None`` uses all of them, as
+            the paper.
+        val_split: hold out this many training images (a permutation seeded by ``val_seed``): they are used neither
+            for training nor for the OOD statistics, and they are the ID validation images of ``validate`` (accuracy
+            during ``fit`` too) and of ``tune``. 0 (the default, as the paper) trains on every image.
+        val_seed: seed of the held-out images.
+
+    Subclasses set ``default_normalization`` (the dataset's own statistics); the normalisation in force is the
+    model's when the model has one (published weights bring theirs), read again each time a loader is made.
     """
 
     num_classes: int
-    mean: Sequence[float]
-    std: Sequence[float]
     image_size: int
+    default_normalization: Normalization
 
     def __init__(
         self,
@@ -80,10 +129,22 @@ class OODDataModule(LightningDataModule):
         ood_root: str | None = None,
         download: bool = True,
         skip_missing_ood: bool = False,
+        train_per_class: int | None = None,
+        val_split: int = 0,
+        val_seed: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if train_per_class is not None and train_per_class < 1:
+            raise ConfigError(f"train_per_class must be >= 1 or null (all images), got {train_per_class}.")
+        if val_split < 0:
+            raise ConfigError(f"val_split must be >= 0, got {val_split}.")
+        self.train_per_class = train_per_class
+        self.val_split = val_split
+        self.val_seed = val_seed
+        self._normalization: InputNormalization | None = None
+        self._announced: Normalization | None = None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
@@ -110,10 +171,44 @@ class OODDataModule(LightningDataModule):
                     raise
                 rank_zero_warn(f"Skipping OOD set {label!r}: {err}")
 
+    # ---------------------------------------------------------------- normalisation
+    @property
+    def normalization(self) -> InputNormalization:
+        """The normalisation in force, shared by every transform this DataModule builds."""
+        if self._normalization is None:
+            self._normalization = InputNormalization(self.default_normalization)
+        return self._normalization
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.normalization.value.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.normalization.value.std
+
+    def use_normalization(self, normalization: Normalization | None) -> Normalization:
+        """Normalise every image with ``normalization`` from now on (``None``: the dataset's default); logs the
+        values once per change. Returns the normalisation in force."""
+        value = normalization or self.default_normalization
+        self.normalization.value = value
+        if value != self._announced:
+            rank_zero_info(f"Input normalisation: {value.describe()}.")
+            self._announced = value
+        return value
+
+    def sync_normalization(self) -> Normalization:
+        """Take the normalisation of the model attached to the trainer (called whenever a loader is made, so it
+        also holds after a checkpoint was loaded)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:  # used outside a Trainer run: keep what was set (use_normalization)
+            return self.use_normalization(self.normalization.value)
+        return attach_normalization(module, self)
+
     def ood_transform(self) -> Callable:
         """The transform of the OOD images: resized to the ID resolution and normalised like the ID test images
         (subclasses whose test transform crops, as ImageNet's, override it)."""
-        return eval_transform(self.mean, self.std, self.image_size)
+        return eval_transform(self.normalization, self.image_size)
 
     def build_ood_sets(self) -> dict[str, Dataset]:
         """The configured OOD sets by display name, transformed by :meth:`ood_transform`."""
@@ -142,14 +237,50 @@ class OODDataModule(LightningDataModule):
             raise DataError(f"None of the configured OOD sets could be loaded: {', '.join(self.skipped_ood)}.")
         return sets
 
-    def validation_set(self, size: int = 2000, seed: int = 0) -> Dataset:
-        """A seeded random subset of the training images with the test transform: the ID side of hyperparameter
-        selection (the test set stays untouched)."""
+    # ---------------------------------------------------------------- training / held-out split
+    def held_out(self, size: int | None = None, seed: int | None = None) -> list[int]:
+        """Indices (into the training images) of the held-out ID validation images: ``size`` of a permutation seeded
+        by ``seed`` (defaults: ``val_split``, ``val_seed``), sorted."""
         if self.statistics_set is None:
             self.setup("statistics")
         n = len(self.statistics_set)
-        indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(size, n)]
-        return Subset(self.statistics_set, indices.sort().values.tolist())
+        size = self.val_split if size is None else size
+        if size >= n:
+            raise ConfigError(f"Cannot hold out {size} of the {n} training images: choose fewer.")
+        seed = self.val_seed if seed is None else seed
+        permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return sorted(permutation[:size].tolist())
+
+    def kept_indices(self, held_out: list[int] | None = None) -> list[int]:
+        """Indices of the training images that are not held out."""
+        held = set(self.held_out() if held_out is None else held_out)
+        return [i for i in range(len(self.statistics_set)) if i not in held]
+
+    def validation_set(self, size: int | None = None, seed: int | None = None) -> Dataset:
+        """Held-out training images with the test transform (see :meth:`held_out`): the ID side of hyperparameter
+        selection and of ``validate`` (the test set stays untouched)."""
+        indices = self.held_out(size, seed)
+        return Subset(self.statistics_set, indices)
+
+    def training_images(self) -> Dataset:
+        """The training images (training transform) without the held-out ones."""
+        assert self.train_set is not None, "setup('fit') builds the training set"
+        return Subset(self.train_set, self.kept_indices()) if self.val_split else self.train_set
+
+    def statistics_images_without(self, held_out: list[int]) -> Dataset:
+        """The statistics images (see :attr:`statistics_images`) without ``held_out``."""
+        return first_per_class(Subset(self.statistics_set, self.kept_indices(held_out)), self.train_per_class)
+
+    def describe_statistics_images(self, held_out: int | None = None, seed: int | None = None) -> str:
+        """Which training images the OOD statistics are fitted on, for provenance and staleness checks."""
+        held_out = self.val_split if held_out is None else held_out
+        seed = self.val_seed if seed is None else seed
+        parts = [f"{self.id_name} training images"]
+        if held_out:
+            parts.append(f"{held_out} held out (seed {seed})")
+        if self.train_per_class:
+            parts.append(f"first {self.train_per_class} per class")
+        return ", ".join(parts)
 
     # ---------------------------------------------------------------- names
     @property
@@ -165,6 +296,7 @@ class OODDataModule(LightningDataModule):
     # ---------------------------------------------------------------- loaders
     def eval_loader(self, dataset: Dataset) -> DataLoader:
         """An ordered loader that, under DDP, gives each rank a disjoint share of the samples without padding."""
+        self.sync_normalization()
         trainer = self.trainer
         sampler = None
         if trainer is not None and trainer.world_size > 1:
@@ -175,11 +307,12 @@ class OODDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches whose order and augmentation depend only on (seed, epoch): resuming is exact."""
-        assert self.train_set is not None, "setup('fit') builds the training set"
+        self.sync_normalization()
+        images = self.training_images()
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything (the CLI's seed_everything)
-        sampler = EpochShuffle(len(self.train_set), seed, self._epoch_in_progress)
+        sampler = EpochShuffle(len(images), seed, self._epoch_in_progress)
         return DataLoader(
-            SeededItems(self.train_set, seed),
+            SeededItems(images, seed),
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -194,9 +327,23 @@ class OODDataModule(LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return [self.eval_loader(dataset) for dataset in self.test_sets.values()]
 
+    def val_dataloader(self) -> list[DataLoader]:
+        """The held-out training images (``val_split``), or no loader (Lightning then skips validation)."""
+        if not self.val_split:
+            return []
+        return [self.eval_loader(self.validation_set())]
+
     def statistics_dataloader(self) -> DataLoader:
         """Training images with the test transform, in order, as ``(image, label, index)``: the input of the
         statistics pass."""
+        return self.eval_loader(IndexedDataset(self.statistics_images))
+
+    @property
+    def statistics_images(self) -> Dataset:
+        """The training images (test transform) the OOD statistics are fitted on: all but the held-out ones
+        (``val_split``), or the first ``train_per_class`` of each class of those."""
         if self.statistics_set is None:
             self.setup("statistics")
-        return self.eval_loader(IndexedDataset(self.statistics_set))
+        if self.val_split:
+            return self.statistics_images_without(self.held_out())
+        return first_per_class(self.statistics_set, self.train_per_class)

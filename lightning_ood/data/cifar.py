@@ -75,47 +75,22 @@ class CIFARDataModule(OODDataModule):
         dataset: ``cifar10`` or ``cifar100``.
         root: folder holding torchvision's extracted files, or an image-folder copy ``<root>/{train,test}/<class>/``;
             defaults to ``$LIGHTNING_OOD_DATA`` or ``./data``.
-        download: let torchvision download the data in ``prepare_data`` when it is missing.
-        batch_size: training batch size (the paper: 128).
-        eval_batch_size: batch size for testing and statistics (defaults to ``batch_size``).
-        num_workers: loader worker processes; ``None`` picks one per core beyond the first (at most 8).
-        ood: OOD test sets after the ID test set: registered names or ``{name: ..., <options>}`` mappings
-            (see :mod:`lightning_ood.data.ood`).
-        ood_root: folder holding the OOD sets in their default sub-folders (defaults to ``$LIGHTNING_OOD_DATA`` or
-            ``./data``).
-        skip_missing_ood: skip missing OOD sets with a warning instead of failing.
+        **kwargs: the loader, OOD-set and statistics arguments of :class:`~lightning_ood.data.base.OODDataModule`
+            (``batch_size`` (the paper: 128), ``eval_batch_size``, ``num_workers``, ``ood``, ``ood_root``,
+            ``download``, ``skip_missing_ood``, ``train_per_class``).
     """
 
     image_size = 32
 
-    def __init__(
-        self,
-        dataset: str = "cifar10",
-        root: str | None = None,
-        download: bool = True,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int | None = None,
-        ood: list[str | dict[str, Any]] | None = None,
-        ood_root: str | None = None,
-        skip_missing_ood: bool = False,
-    ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            ood=ood,
-            ood_root=ood_root,
-            download=download,
-            skip_missing_ood=skip_missing_ood,
-        )
+    def __init__(self, dataset: str = "cifar10", root: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if dataset not in CIFAR:
             raise unknown_name("dataset", dataset, CIFAR)
         self.dataset = dataset
         self.spec = CIFAR[dataset]
         self.root = Path(root or default_data_root()).expanduser()
         self.num_classes = self.spec.num_classes
-        self.mean, self.std = NORMALIZATION[dataset]
+        self.default_normalization = NORMALIZATION[dataset]
 
     @property
     def id_name(self) -> str:
@@ -137,9 +112,9 @@ class CIFARDataModule(OODDataModule):
             ) from err
 
     def setup(self, stage: str | None = None) -> None:
-        test_tf = eval_transform(self.mean, self.std)
+        test_tf = eval_transform(self.normalization)
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = cifar_split(self.dataset, self.root, True, cifar_train_transform(self.mean, self.std))
+            self.train_set = cifar_split(self.dataset, self.root, True, cifar_train_transform(self.normalization))
         if stage in (None, "test", "validate", "predict") and not self.test_sets:
             id_test = cifar_split(self.dataset, self.root, False, test_tf, self.download)
             self.test_sets = {self.dataset: id_test, **self.build_ood_sets()}

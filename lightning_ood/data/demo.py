@@ -22,7 +22,7 @@ from torchvision import transforms as T
 
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.data.sets import ArrayImages
-from lightning_ood.data.transforms import to_rgb
+from lightning_ood.data.transforms import Normalization, Normalize, to_rgb
 from lightning_ood.errors import ConfigError, DataError, unknown_name
 
 DEMO_OOD = ("digits_6_9", "faces", "textures", "photos")
@@ -94,9 +94,9 @@ class DemoDataModule(OODDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size for testing and statistics.
         num_workers: loader workers (0: the data is in memory).
-        ood: further registered OOD sets, e.g. ``[{name: gaussian_noise, size: 500}]``.
-        ood_root: root of registered OOD sets that read files.
-        skip_missing_ood: skip missing registered OOD sets with a warning instead of failing.
+        **kwargs: the other arguments of :class:`~lightning_ood.data.base.OODDataModule` (``ood`` for further
+            registered sets, e.g. ``[{name: gaussian_noise, size: 500}]``, ``ood_root``, ``skip_missing_ood``,
+            ``train_per_class``).
     """
 
     image_size = 32
@@ -110,18 +110,9 @@ class DemoDataModule(OODDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = 256,
         num_workers: int | None = 0,
-        ood: list[str | dict[str, Any]] | None = None,
-        ood_root: str | None = None,
-        skip_missing_ood: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            ood=ood,
-            ood_root=ood_root,
-            skip_missing_ood=skip_missing_ood,
-        )
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, **kwargs)
         if not 2 <= id_classes <= 9:
             raise ConfigError(f"id_classes must be in [2, 9], got {id_classes}.")
         if not 0.0 < test_fraction < 1.0:
@@ -142,7 +133,7 @@ class DemoDataModule(OODDataModule):
         )
         mean = float(upsampled.mean() / 255.0)
         std = float(upsampled.std() / 255.0)
-        self.mean, self.std = (mean,) * 3, (std,) * 3
+        self.default_normalization = Normalization((mean,) * 3, (std,) * 3, "statistics of the demo's training digits")
 
     @property
     def id_name(self) -> str:
@@ -162,7 +153,7 @@ class DemoDataModule(OODDataModule):
         steps = [T.Lambda(to_rgb), T.Resize((32, 32), antialias=True)]
         if train:
             steps.append(T.RandomCrop(32, padding=2))  # no flips: digits are not mirror-symmetric
-        return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
+        return T.Compose([*steps, T.ToTensor(), Normalize(self.normalization)])
 
     def _labelled(self, images: np.ndarray, labels: np.ndarray, train: bool) -> Dataset:
         return LabelledArrays(images, labels, self._transform(train))

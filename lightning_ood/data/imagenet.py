@@ -2,7 +2,7 @@
 
 - ID test: the 50,000 validation images, ``<root>/val/<wnid>/*.JPEG``.
 - OOD statistics (class prototypes, ReAct percentiles, ...): the training images, ``<root>/train/<wnid>/*.JPEG``, with
-  the test transform; all of them as in the paper, or the first ``train_per_class`` of each class.
+  the test transform; all of them as in the paper, or the first ``train_per_class`` of each class (sorted names).
 - Either split may instead be torchvision's archives in the root (``ILSVRC2012_devkit_t12.tar.gz`` +
   ``ILSVRC2012_img_{val,train}.tar``): torchvision's ``ImageNet`` extracts them once into the folders above.
 
@@ -23,7 +23,7 @@ from torchvision.datasets import ImageFolder
 from lightning_ood.data.base import DATA_ROOT_ENV, OODDataModule, default_data_root
 from lightning_ood.data.folders import class_folders
 from lightning_ood.data.sets import decode_image
-from lightning_ood.data.transforms import NORMALIZATION, to_rgb
+from lightning_ood.data.transforms import NORMALIZATION, Normalize, to_rgb
 from lightning_ood.errors import ConfigError, DataError
 
 TITLE = "ImageNet-1k"
@@ -38,7 +38,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 def imagenet_eval_transform(
-    mean, std, image_size: int = 224, resize_size: int = 256, interpolation: str = "bilinear"
+    normalization, image_size: int = 224, resize_size: int = 256, interpolation: str = "bilinear"
 ) -> T.Compose:
     """RGB, shorter side resized to ``resize_size``, centre crop ``image_size``, tensor, normalisation."""
     return T.Compose(
@@ -47,12 +47,12 @@ def imagenet_eval_transform(
             T.Resize(resize_size, interpolation=T.InterpolationMode(interpolation), antialias=True),
             T.CenterCrop(image_size),
             T.ToTensor(),
-            T.Normalize(mean, std),
+            Normalize(normalization),
         ]
     )
 
 
-def imagenet_train_transform(mean, std, image_size: int = 224, interpolation: str = "bilinear") -> T.Compose:
+def imagenet_train_transform(normalization, image_size: int = 224, interpolation: str = "bilinear") -> T.Compose:
     """torchvision's ImageNet training augmentation: random resized crop and horizontal flip."""
     return T.Compose(
         [
@@ -60,28 +60,17 @@ def imagenet_train_transform(mean, std, image_size: int = 224, interpolation: st
             T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode(interpolation), antialias=True),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
-            T.Normalize(mean, std),
+            Normalize(normalization),
         ]
     )
 
 
 class ImageNetFolder(ImageFolder):
-    """``<split_dir>/<wnid>/<image>`` (class index = sorted wnid position, as torchvision's pretrained models use),
-    optionally only the first ``per_class`` files of each class in sorted order; undecodable images stop the run with
-    a message naming the file."""
+    """``<split_dir>/<wnid>/<image>`` (class index = sorted wnid position, as torchvision's pretrained models use;
+    images in sorted order within a class); undecodable images stop the run with a message naming the file."""
 
-    def __init__(self, split_dir: Path, transform: Callable | None = None, per_class: int | None = None) -> None:
-        self.per_class = per_class
+    def __init__(self, split_dir: Path, transform: Callable | None = None) -> None:
         super().__init__(str(split_dir), transform=transform, loader=decode_image)
-
-    def make_dataset(self, directory, class_to_idx, *args, **kwargs) -> list[tuple[str, int]]:
-        samples = super().make_dataset(directory, class_to_idx, *args, **kwargs)
-        if self.per_class is None:
-            return samples
-        by_class: dict[int, list[str]] = {}
-        for path, target in samples:
-            by_class.setdefault(target, []).append(path)
-        return [(path, c) for c in sorted(by_class) for path in sorted(by_class[c])[: self.per_class]]
 
 
 class ImageNetDataModule(OODDataModule):
@@ -90,59 +79,36 @@ class ImageNetDataModule(OODDataModule):
     Args:
         root: folder holding ``train/`` and ``val/`` image folders (``<wnid>/*.JPEG``) or torchvision's archives;
             defaults to ``$LIGHTNING_OOD_DATA`` or ``./data``.
-        train_per_class: use only the first N training images of each class (sorted file names) for the OOD
-            statistics and training; ``None`` uses all of them, as the paper.
         image_size: side of the centre crop fed to the network (224; 384 for ViT-B/16 ``IMAGENET1K_SWAG_E2E_V1``).
         resize_size: the shorter side is resized to this before cropping (256; 384 for the SWAG weights).
         interpolation: resize interpolation, ``bilinear`` (torchvision's CNNs) or ``bicubic`` (the SWAG weights).
-        download: let ``prepare_data`` download missing OOD sets where torchvision can (Textures); ImageNet itself
-            and the MOS sets are never downloaded.
         batch_size: training batch size.
-        eval_batch_size: batch size for testing and statistics (defaults to ``batch_size``).
-        num_workers: loader worker processes; ``None`` picks one per core beyond the first (at most 8).
-        ood: OOD test sets after the ID test set, e.g. ``[inaturalist, sun, places, textures]`` (see
-            :mod:`lightning_ood.data.ood`).
-        ood_root: folder holding the OOD sets in their default sub-folders (defaults to ``$LIGHTNING_OOD_DATA`` or
-            ``./data``).
-        skip_missing_ood: skip missing OOD sets with a warning instead of failing.
+        **kwargs: the other arguments of :class:`~lightning_ood.data.base.OODDataModule` (``eval_batch_size``,
+            ``num_workers``, ``ood`` (e.g. ``[inaturalist, sun, places, textures]``), ``ood_root``, ``download``
+            (missing OOD sets torchvision can fetch, Textures; ImageNet itself and the MOS sets are never
+            downloaded), ``skip_missing_ood``, ``train_per_class`` (the first N training images of each class, in
+            sorted file order, for the OOD statistics; ``None``: all, as the paper), ``val_split``).
     """
 
     def __init__(
         self,
         root: str | None = None,
-        train_per_class: int | None = None,
         image_size: int = 224,
         resize_size: int = 256,
         interpolation: str = "bilinear",
-        download: bool = True,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int | None = None,
-        ood: list[str | dict[str, Any]] | None = None,
-        ood_root: str | None = None,
-        skip_missing_ood: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            ood=ood,
-            ood_root=ood_root,
-            download=download,
-            skip_missing_ood=skip_missing_ood,
-        )
-        if train_per_class is not None and train_per_class < 1:
-            raise ConfigError(f"train_per_class must be >= 1 or null (all images), got {train_per_class}.")
+        super().__init__(batch_size=batch_size, **kwargs)
         if interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}.")
         if not 0 < image_size <= resize_size:
             raise ConfigError(f"Need 0 < image_size <= resize_size, got {image_size} and {resize_size}.")
         self.root = Path(root or default_data_root()).expanduser()
-        self.train_per_class = train_per_class
         self.image_size = image_size
         self.resize_size = resize_size
         self.interpolation = interpolation
-        self.mean, self.std = NORMALIZATION["imagenet"]
+        self.default_normalization = NORMALIZATION["imagenet"]
         self._classes: list[str] | None = None
 
     @property
@@ -183,7 +149,7 @@ class ImageNetDataModule(OODDataModule):
 
     # ---------------------------------------------------------------- data
     def ood_transform(self) -> T.Compose:
-        return imagenet_eval_transform(self.mean, self.std, self.image_size, self.resize_size, self.interpolation)
+        return imagenet_eval_transform(self.normalization, self.image_size, self.resize_size, self.interpolation)
 
     def extract(self, split: str) -> None:
         """Let torchvision's ``ImageNet`` unpack the archives of ``split`` into ``<root>/<split>/`` (once)."""
@@ -197,14 +163,14 @@ class ImageNetDataModule(OODDataModule):
         except RuntimeError as err:  # torchvision: "The archive ... is not present ... or is corrupted"
             raise DataError(f"{TITLE}: cannot extract the {split} archives under {self.root} ({err}).") from err
 
-    def split(self, split: str, transform: Callable, per_class: int | None = None) -> ImageNetFolder:
+    def split(self, split: str, transform: Callable) -> ImageNetFolder:
         """One split as an image folder, extracted from torchvision's archives first when needed."""
         self.extract(split)
         if not self.split_classes(split):
             found = "missing" if not (self.root / split).is_dir() else "has no class folders with images"
             raise self.missing_error(f"{self.root / split} is {found}")
         try:
-            dataset = ImageNetFolder(self.root / split, transform, per_class)
+            dataset = ImageNetFolder(self.root / split, transform)
         except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
             raise DataError(f"{TITLE}: {self.root / split}: {err}. Expected layout: {LAYOUT}.") from err
         if dataset.classes != self.classes:
@@ -226,9 +192,9 @@ class ImageNetDataModule(OODDataModule):
     def setup(self, stage: str | None = None) -> None:
         test_tf = self.ood_transform()
         if stage in (None, "fit") and self.train_set is None:
-            train_tf = imagenet_train_transform(self.mean, self.std, self.image_size, self.interpolation)
-            self.train_set = self.split("train", train_tf, self.train_per_class)
+            train_tf = imagenet_train_transform(self.normalization, self.image_size, self.interpolation)
+            self.train_set = self.split("train", train_tf)
         if stage in (None, "test", "validate", "predict") and not self.test_sets:
             self.test_sets = {self.id_name: self.split("val", test_tf), **self.build_ood_sets()}
         if stage in (None, "fit", "statistics") and self.statistics_set is None:
-            self.statistics_set = self.split("train", test_tf, self.train_per_class)
+            self.statistics_set = self.split("train", test_tf)  # train_per_class: OODDataModule.statistics_images

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.transforms import Normalization
 from lightning_ood.errors import ConfigError
 
 
@@ -35,11 +36,10 @@ class SyntheticDataModule(OODDataModule):
         image_size: side of the square images.
         seed: seed of everything generated.
         batch_size: training batch size.
-        eval_batch_size: evaluation batch size.
         num_workers: loader workers (0: the data is in memory).
-        ood: further registered OOD sets (e.g. ``gaussian_noise``).
-        ood_root: root of registered OOD sets that read files.
-        skip_missing_ood: skip missing registered OOD sets with a warning instead of failing.
+        **kwargs: the other arguments of :class:`~lightning_ood.data.base.OODDataModule` (``eval_batch_size``,
+            ``ood`` for further registered sets such as ``gaussian_noise``, ``ood_root``, ``skip_missing_ood``,
+            ``train_per_class``).
     """
 
     def __init__(
@@ -51,26 +51,16 @@ class SyntheticDataModule(OODDataModule):
         image_size: int = 32,
         seed: int = 0,
         batch_size: int = 32,
-        eval_batch_size: int | None = None,
         num_workers: int | None = 0,
-        ood: list[str | dict[str, Any]] | None = None,
-        ood_root: str | None = None,
-        skip_missing_ood: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            ood=ood,
-            ood_root=ood_root,
-            skip_missing_ood=skip_missing_ood,
-        )
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
         if train_size < num_classes:
             raise ConfigError(f"train_size ({train_size}) must be at least num_classes ({num_classes}).")
         self.num_classes = num_classes
         self.train_size, self.test_size, self.image_size, self.seed = train_size, test_size, image_size, seed
         self.ood_sizes = dict({"shifted": 100, "noise": 100} if ood_sizes is None else ood_sizes)
-        self.mean, self.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        self.default_normalization = Normalization((0.0,) * 3, (1.0,) * 3, "generated data, already in input space")
 
     @property
     def id_name(self) -> str:
