@@ -20,9 +20,15 @@ MODEL ?= resnet18
 ARGS ?=
 # Real image data for the quick run and the benchmarks (read-only).
 SHARED_DATA ?= ../shared/data
+# Published weights: the DICE DenseNets (deeplearning-wisc/dice, checkpoints/CIFAR-*/densenet/checkpoint_100.pth.tar)
+# saved as checkpoints/published/dice-densenet100-<dataset>.pth.tar, or ../shared/checkpoints where it exists.
+PUBLISHED ?= $(firstword $(wildcard ../shared/checkpoints) checkpoints/published)
+WEIGHTS ?= $(PUBLISHED)/dice-densenet100-$(DATASET).pth.tar
+DATA ?= data
+OOD_ROOT ?= $(DATA)
 
 .PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared tune-shared sweep-shared normratio-shared \
-	bench-train bench-eval clean
+	reproduce reproduce-shared import-published bench-train bench-eval clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,7 +37,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PINS)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,timm]'
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv with the package, its dependencies and the dev tools
@@ -84,6 +90,19 @@ sweep-shared: $(STAMP) ## Sensitivity to lambda and p (paper, Figs. 6-7) of the 
 normratio-shared: $(STAMP) ## FeatureNorm block by NormRatio for the train-quick model, then its OOD table with FeatureNorm
 	$(BIN)/lightning-ood normratio $(SHARED) --output checkpoints/quick_cpu/featurenorm.yaml $(ARGS)
 	$(BIN)/lightning-ood test $(SHARED) -c checkpoints/quick_cpu/featurenorm.yaml
+
+reproduce: $(STAMP) ## The paper's DenseNet rows (Tables I, III, IV) with the DICE checkpoints: DATASET= WEIGHTS= DATA= OOD_ROOT=
+	$(BIN)/lightning-ood test -c configs/paper/$(DATASET)_densenet.yaml --model.weights $(WEIGHTS) \
+		--data.init_args.root $(DATA) --data.init_args.ood_root $(OOD_ROOT) $(ARGS)
+
+PAPER_SHARED := -c configs/paper/cifar10_densenet.yaml -c configs/ood/shared_data.yaml \
+	--model.weights $(PUBLISHED)/dice-densenet100-cifar10.pth.tar
+reproduce-shared: $(STAMP) ## The DICE CIFAR-10 DenseNet on ../shared/data (TIN, MNIST, F-MNIST, noise): every paper scorer
+	$(BIN)/lightning-ood test $(PAPER_SHARED) $(ARGS)
+
+import-published: $(STAMP) ## Convert a published checkpoint + fit its statistics into a .ckpt: WEIGHTS= DATASET= DATA= OUT=
+	$(BIN)/lightning-ood import -c configs/paper/$(DATASET)_densenet.yaml --model.weights $(WEIGHTS) \
+		--data.init_args.root $(DATA) --output $(or $(OUT),checkpoints/published/$(DATASET)_densenet.ckpt) $(ARGS)
 
 bench-train: $(STAMP) ## Training-step throughput: Lightning vs a plain PyTorch loop (ratio, several repeats)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)

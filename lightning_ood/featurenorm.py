@@ -4,8 +4,11 @@ Out-of-Distribution Detection", CVPR 2023).
 - FeatureNorm of a block output ``z`` (N, C, H, W): ``mean_c || ReLU(z)[n, c] ||_2`` (the spatial L2 norm of each
   channel, averaged over channels); higher = more in-distribution. Token outputs (N, T, D) of a transformer block use
   the tokens as the spatial axis.
-- Jigsaw pseudo-OOD: an image cut into a 3x3 grid of ``floor(H/3) x floor(W/3)`` tiles, shuffled; the strip the grid
-  does not cover stays 0 in the network's input space (the dataset's mean colour), as the authors leave it empty.
+- Jigsaw pseudo-OOD, as the authors make it (gist-ailab/block-selection-for-OOD-detection, ``utils/dataset.py``):
+  the image's pixels in [0, 1] (before normalisation) cut into a 3x3 grid of ``floor(H/3) x floor(W/3)`` tiles,
+  shuffled; the strip the grid does not cover stays 0, black; then normalised like every input. (The authors draw
+  the permutation unseeded per image; here it is seeded by the image's index, so the ratio is reproducible and the
+  same under DDP. They use all training images; ``lightning-ood normratio --images N`` a seeded subset.)
 - NormRatio of a block: the mean over ID training images of ``FeatureNorm(x) / FeatureNorm(jigsaw(x))``; the block
   with the largest ratio separates real images from scrambled ones best and is selected.
 
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
+from lightning_ood.normalization import Normalization
 
 
 def feature_norm(output: Tensor) -> Tensor:  # (N, C, H, W) or (N, T, D) -> (N,)
@@ -51,27 +55,44 @@ def jigsaw(images: Tensor, generators: Iterable[torch.Generator], grid: int = 3)
 
 @contextmanager
 def block_outputs(backbone: nn.Module, names: Iterable[str]):
-    """Capture the outputs of the named blocks (``backbone.blocks()``) during forward passes in the ``with`` body.
+    """Capture, during forward passes in the ``with`` body, the outputs of the named blocks (``backbone.blocks()``)
+    or submodules (``backbone.named_modules()``; ``"<module>:input"`` captures a module's input instead).
 
-    Yields a dict that maps each name to the output of its latest call.
+    Yields a dict that maps each name to the tensor of its latest call. Submodule outputs and inputs are copied,
+    since the network may change them in place afterwards (torchvision's ``out += identity``).
     """
     names = list(dict.fromkeys(names))
     if not names:  # nothing to capture: no hooks, no cost
         yield {}
         return
     blocks = backbone.blocks()
-    unknown = [n for n in names if n not in blocks]
+    modules = dict(backbone.named_modules())
+    unknown = [n for n in names if n not in blocks and n.removesuffix(":input") not in modules]
     if unknown:
         raise ConfigError(f"Unknown block(s) {unknown} of {type(backbone).__name__}. Blocks: {', '.join(blocks)}.")
     captured: dict[str, Tensor] = {}
 
-    def hook(name: str) -> Callable:
-        def store(module, inputs, output) -> None:
-            captured[name] = output[0] if isinstance(output, tuple) else output
+    def store_output(name: str, copy: bool) -> Callable:
+        def hook(module, inputs, output) -> None:
+            output = output[0] if isinstance(output, tuple) else output
+            captured[name] = output.clone() if copy else output
 
-        return store
+        return hook
 
-    handles = [blocks[name].register_forward_hook(hook(name)) for name in names]
+    def store_input(name: str) -> Callable:
+        def hook(module, inputs) -> None:
+            captured[name] = inputs[0].clone()
+
+        return hook
+
+    handles = []
+    for name in names:
+        if name in blocks:
+            handles.append(blocks[name].register_forward_hook(store_output(name, copy=False)))
+        elif name.endswith(":input"):
+            handles.append(modules[name.removesuffix(":input")].register_forward_pre_hook(store_input(name)))
+        else:
+            handles.append(modules[name].register_forward_hook(store_output(name, copy=True)))
     try:
         yield captured
     finally:
@@ -121,10 +142,13 @@ def norm_ratios(
     seed: int = 0,
     device: torch.device | str = "cpu",
     sum_across: Callable[[Tensor], Tensor] | None = None,
+    normalization: Normalization | None = None,
 ) -> NormRatios:
     """NormRatio of every block (default: all of ``backbone.blocks()``) over ``loader``'s ``(image, label, index)``
-    batches. Each image's jigsaw is seeded by ``seed`` and its dataset index, so the result does not depend on
-    batching or on the number of DDP ranks (``sum_across`` adds the per-rank sums)."""
+    batches of normalised images. Each image's jigsaw is seeded by ``seed`` and its dataset index, so the result
+    does not depend on batching or on the number of DDP ranks (``sum_across`` adds the per-rank sums). With the
+    images' ``normalization`` the jigsaw is made in pixel space with a black strip (the authors' way); without, in
+    the network's input space with a 0 strip."""
     names = list(blocks) if blocks is not None else list(backbone.blocks())
     was_training = backbone.training
     backbone.eval()
@@ -136,7 +160,11 @@ def norm_ratios(
             backbone.features(images)
             real = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()  # (N, B)
             generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
-            backbone.features(jigsaw(images, generators))
+            if normalization is None:
+                scrambled_images = jigsaw(images, generators)
+            else:
+                scrambled_images = normalization.normalize(jigsaw(normalization.unnormalize(images), generators))
+            backbone.features(scrambled_images)
             scrambled = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()
             totals += (real / scrambled.clamp_min(1e-12)).sum(0)
             count += len(images)

@@ -34,6 +34,7 @@ from lightning_ood.statistics import FeatureStatistics
 
 STATISTICS_KEY = "ood_statistics"
 NORMALIZATION_KEY = "input_normalization"
+REFERENCE_IMAGES = 2000  # ID test images of the ReAct authors' threshold (reference: id_test)
 ScorerSpec = list[str] | dict[str, dict[str, Any]]
 
 
@@ -224,9 +225,13 @@ class OODClassifier(LightningModule):
         specs = self.resolve_blocks(self.scorer_specs, datamodule)
         head = self.backbone.head
         with torch.inference_mode(False):  # fitted tensors must be usable by ODIN's autograd pass
+            scorers = {
+                label: build_scorer(name, **params).bind(self.backbone) for label, (name, params) in specs.items()
+            }
+            for reference in sorted(set().union(*(s.references for s in scorers.values()))):
+                self.ood_statistics.reference_quantiles[reference] = self.reference_quantiles(reference, datamodule)
             self.scorers = {
-                label: build_scorer(name, **params).fit_statistics(self.ood_statistics, head).to(self.device)
-                for label, (name, params) in specs.items()
+                label: s.fit_statistics(self.ood_statistics, head).to(self.device) for label, s in scorers.items()
             }
         self.hooked_blocks = sorted({b for scorer in self.scorers.values() for b in scorer.needs_blocks})
         oods = self.test_set_names[1:]
@@ -259,6 +264,22 @@ class OODClassifier(LightningModule):
             )
         return self.ood_statistics
 
+    def reference_quantiles(self, reference: str, datamodule) -> Tensor:
+        """Activation percentiles of another image set than the training images, for thresholds taken there:
+        ``id_test`` = a seeded subset of ``REFERENCE_IMAGES`` ID test images (the ReAct authors' convention)."""
+        from lightning_ood.callbacks.statistics import compute_feature_statistics
+        from lightning_ood.data.base import IndexedDataset, seeded_subset
+
+        subset = seeded_subset(datamodule.test_sets[datamodule.id_name], REFERENCE_IMAGES)
+        stats = compute_feature_statistics(
+            self, datamodule.eval_loader(IndexedDataset(subset)), self.trainer, progress=False, log=False
+        )
+        rank_zero_info(
+            f"Activation percentiles of {stats.num_samples} ID test images (thresholds with reference {reference!r}): "
+            f"90th = {float(stats.activation_quantiles[900]):.4f}."
+        )
+        return stats.activation_quantiles
+
     def resolve_blocks(self, specs: dict, datamodule) -> dict:
         """Scorer specs with every ``featurenorm`` block left open chosen by NormRatio on ID training images."""
         open_blocks = [
@@ -272,6 +293,20 @@ class OODClassifier(LightningModule):
         self.norm_ratios = ratios
         return {label: (name, {**params, "block": ratios.selected}) if label in open_blocks else (name, params)
                 for label, (name, params) in specs.items()}  # fmt: skip
+
+    def provenance(self) -> dict[str, object]:
+        """What produced this run's numbers, for the result files."""
+        ckpt_path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        normalization = self.input_normalization
+        return {
+            "weights": self.hparams.weights or "",
+            "checkpoint": str(ckpt_path) if ckpt_path else "",
+            "fingerprint": self.fingerprint()[:16],
+            "input_normalization": normalization.describe() if normalization else "",
+            "statistics_images": self.ood_statistics.images if self.ood_statistics else "",
+            "statistics_count": self.ood_statistics.num_samples if self.ood_statistics else 0,
+            "scorers": {label: {"scorer": name, **params} for label, (name, params) in self.scorer_specs.items()},
+        }
 
     @staticmethod
     def _key(scorer: str, dataset: str) -> str:
@@ -343,6 +378,7 @@ class OODClassifier(LightningModule):
             num_images=counts,
             skipped=dict(getattr(self.trainer.datamodule, "skipped_ood", {})),
             skipped_images=dict(getattr(self.trainer.datamodule, "skipped_images", {})),
+            provenance=self.provenance(),
         )
         if oods:
             for scorer in self.scorers:

@@ -30,6 +30,7 @@ BACKBONE_TITLES = {
     "resnet50": "ResNet-50",
     "mobilenet_v2": "MobileNet",
     "vit_b_16": "ViT-B/16",
+    "vit_base_patch16_224": "ViT-B/16",
 }
 OOD_TITLES = {
     "svhn": "SVHN",
@@ -55,13 +56,24 @@ def paper_results() -> dict[tuple[str, str, str, str], tuple[float, float]]:
     return table
 
 
-def paper_figure(id_name: str, backbone: str, scorer: str, ood: str) -> tuple[float, float] | None:
-    """The paper's (FPR95, AUROC) for this setting, or ``None`` when the paper has no such number."""
+@cache
+def paper_ood_sets(dataset: str, model: str) -> frozenset[str]:
+    """The OOD sets (paper titles) the paper's tables average over for this dataset and model."""
+    return frozenset(k[3] for k in paper_results() if k[:2] == (dataset, model) and k[3] != "Average")
+
+
+def paper_figure(
+    id_name: str, backbone: str, scorer: str, ood: str, oods: tuple[str, ...] | None = None
+) -> tuple[float, float] | None:
+    """The paper's (FPR95, AUROC) for this setting, or ``None`` when the paper has no such number. The paper's
+    ``Average`` only compares with ours when ``oods`` (our OOD sets) are the paper's sets."""
     method = paper_name(scorer)
     dataset, model = DATASET_TITLES.get(id_name), BACKBONE_TITLES.get(backbone)
     ood_title = "Average" if ood == "Average" else OOD_TITLES.get(ood)
     if None in (method, dataset, model, ood_title):
         return None
+    if ood == "Average" and oods is not None and {OOD_TITLES.get(o) for o in oods} != paper_ood_sets(dataset, model):
+        return None  # an average over other sets than the paper's
     return paper_results().get((dataset, model, method.replace(" ", ""), ood_title))
 
 
@@ -77,6 +89,8 @@ class OODReport:
         num_images: images per test set (ID first).
         skipped: OOD sets that were configured but not evaluated, with the reason.
         skipped_images: undecodable images left out, per OOD set (``bad_images: skip``).
+        provenance: what produced the numbers (weights, input normalisation, statistics images, scorer
+            hyperparameters, ...), written with every result file.
     """
 
     id_name: str
@@ -86,6 +100,7 @@ class OODReport:
     num_images: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     skipped_images: dict[str, int] = field(default_factory=dict)
+    provenance: dict[str, object] = field(default_factory=dict)
 
     @property
     def scorers(self) -> list[str]:
@@ -101,7 +116,7 @@ class OODReport:
         return {m: sum(v[m] for v in per_set) / len(per_set) for m in METRICS}
 
     def paper(self, scorer: str, ood: str) -> tuple[float, float] | None:
-        return paper_figure(self.id_name, self.backbone, scorer, ood)
+        return paper_figure(self.id_name, self.backbone, scorer, ood, tuple(self.ood_names))
 
     # ------------------------------------------------------------------------------------------------ renderers
     def rows(self) -> list[dict[str, object]]:
@@ -121,6 +136,8 @@ class OODReport:
                         **{m: round(100 * values[m], 2) for m in METRICS},
                         "paper_fpr95": paper[0] if paper else "",
                         "paper_auroc": paper[1] if paper else "",
+                        "diff_fpr95": round(100 * values["fpr95"] - paper[0], 2) if paper else "",
+                        "diff_auroc": round(100 * values["auroc"] - paper[1], 2) if paper else "",
                     }
                 )
         return out
@@ -134,9 +151,13 @@ class OODReport:
         return buffer.getvalue()
 
     def _cell(self, scorer: str, ood: str, metric: str, values: dict[str, float]) -> str:
-        text = f"{100 * values[metric]:.2f}"
+        """Ours, and where the paper reports the cell: (paper, ours - paper)."""
+        ours = 100 * values[metric]
         paper = self.paper(scorer, ood) if metric in ("fpr95", "auroc") else None
-        return f"{text} ({paper[0 if metric == 'fpr95' else 1]:.2f})" if paper else text
+        if not paper:
+            return f"{ours:.2f}"
+        theirs = paper[0 if metric == "fpr95" else 1]
+        return f"{ours:.2f} ({theirs:.2f}, {ours - theirs:+.2f})"
 
     def to_markdown(self) -> str:
         """A table shaped like the paper's Table I: FPR95 and AUROC per OOD set, then the average."""
@@ -144,8 +165,8 @@ class OODReport:
         head = ["Method", *(f"{c} {METRIC_TITLES[m]}" for c in columns for m in ("fpr95", "auroc"))]
         lines = [
             f"ID: {self.id_name} ({self.num_images.get(self.id_name, '?')} images), backbone: {self.backbone}, "
-            f"accuracy: {100 * self.accuracy:.2f}%. Values in %; the paper's figure in parentheses where it reports "
-            f"this setting.",
+            f"accuracy: {100 * self.accuracy:.2f}%. Values in %; where the paper reports the cell: (the paper's "
+            f"figure, ours minus the paper's).",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "---|" * len(head),
@@ -161,6 +182,8 @@ class OODReport:
         if self.skipped_images:
             left_out = ", ".join(f"{k}: {v}" for k, v in self.skipped_images.items())
             lines += ["", f"Undecodable images left out: {left_out}"]
+        if self.provenance:
+            lines += ["", "Provenance:", *(f"- {k}: {v}" for k, v in self.provenance.items())]
         return "\n".join(lines) + "\n"
 
     def rich_table(self) -> Table:
@@ -198,8 +221,9 @@ class OODReport:
             "skipped_images": self.skipped_images,
             "metrics": self.metrics,
             "average": {scorer: self.average(scorer) for scorer in self.scorers} if self.ood_names else {},
+            "provenance": self.provenance,
         }
-        return json.dumps(payload, indent=1)
+        return json.dumps(payload, indent=1, default=str)
 
     def write(self, folder: str | Path) -> tuple[Path, Path, Path]:
         """Write ``ood_results.md``, ``ood_results.csv`` and ``ood_results.json`` into ``folder`` (atomically)."""

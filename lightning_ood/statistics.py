@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -81,6 +81,8 @@ class FeatureStatistics:
     activation_quantiles: Tensor
     weights: str = ""
     images: str = ""
+    # Percentile grids of activations of other image sets (not stored: they depend on the run), e.g. "id_test".
+    reference_quantiles: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -94,22 +96,27 @@ class FeatureStatistics:
     def num_samples(self) -> int:
         return int(self.counts.sum())
 
-    def activation_percentile(self, p: float) -> float:
-        """The p-th percentile of all training activations (exact for p on the 0.1 grid)."""
+    def activation_percentile(self, p: float, reference: str = "train") -> float:
+        """The p-th percentile of all training activations (exact for p on the 0.1 grid); with ``reference`` another
+        image set's activations (``reference_quantiles``)."""
         if not 0.0 <= p <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {p}")
         index = p / QUANTILE_STEP
         if abs(index - round(index)) > 1e-6:
             raise ValueError(f"activation percentiles are stored on a {QUANTILE_STEP} grid; got {p}")
-        return float(self.activation_quantiles[round(index)])
+        if reference == "train":
+            return float(self.activation_quantiles[round(index)])
+        if reference not in self.reference_quantiles:
+            raise ValueError(f"no {reference!r} activations were measured for these statistics")
+        return float(self.reference_quantiles[reference][round(index)])
 
     def state_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "reference_quantiles"}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> FeatureStatistics:
         names = {f.name for f in fields(cls)}
-        missing = names - set(state) - {"weights", "images"}
+        missing = names - set(state) - {"weights", "images", "reference_quantiles"}
         if missing:
             raise KeyError(f"OOD statistics are missing {sorted(missing)}")
         return cls(**{k: v for k, v in state.items() if k in names})

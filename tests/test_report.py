@@ -48,19 +48,32 @@ def test_rows_and_csv_carry_paper_figures():
     rows = {(r["scorer"], r["ood"]): r for r in report.rows()}
     assert rows[("fmls", "svhn")]["fpr95"] == 20.0 and rows[("fmls", "svhn")]["paper_fpr95"] == 22.30
     assert rows[("fmls", "Average")]["fpr95"] == 30.0
-    assert rows[("fmls", "Average")]["paper_fpr95"] == 30.92  # the paper's six-set average, shown for reference
+    assert rows[("fmls", "Average")]["paper_fpr95"] == ""  # the paper averages six sets: not comparable with two
+    assert rows[("fmls", "svhn")]["diff_fpr95"] == -2.3 and rows[("fmls", "svhn")]["diff_auroc"] == -0.26
     assert rows[("maxlogit", "svhn")]["paper_fpr95"] == ""
     lines = report.to_csv().splitlines()
     assert lines[0] == ("id_dataset,backbone,scorer,paper_method,ood,fpr95,auroc,aupr_in,aupr_out,paper_fpr95,"
-                        "paper_auroc")  # fmt: skip
-    assert "cifar10,resnet18,fmls,Ours,svhn,20.0,96.0,90.0,80.0,22.3,96.26" in lines
+                        "paper_auroc,diff_fpr95,diff_auroc")  # fmt: skip
+    assert "cifar10,resnet18,fmls,Ours,svhn,20.0,96.0,90.0,80.0,22.3,96.26,-2.3,-0.26" in lines
+
+
+def test_the_paper_average_is_shown_only_over_the_papers_sets():
+    sets = ["svhn", "lsun_crop", "lsun_resize", "isun", "textures", "places365"]
+    values = {"fpr95": 0.3, "auroc": 0.9, "aupr_in": 0.9, "aupr_out": 0.9}
+    report = make_report(metrics={"fmls": {s: values for s in sets}})
+    average = next(r for r in report.rows() if r["ood"] == "Average")
+    assert (average["paper_fpr95"], average["paper_auroc"]) == (30.92, 94.32)
+    assert (average["diff_fpr95"], average["diff_auroc"]) == (-0.92, -4.32)
 
 
 def test_markdown_table(tmp_path):
     report = make_report(skipped={"places365": "not found"})
     md = report.to_markdown()
     assert "| Method | svhn FPR95↓ | svhn AUROC↑ | textures FPR95↓ | textures AUROC↑ | Average FPR95↓ |" in md
-    assert "| fmls | 20.00 (22.30) | 96.00 (96.26) | 40.00 (39.04) | 90.00 (92.79) | 30.00 (30.92) |" in md
+    assert (
+        "| fmls | 20.00 (22.30, -2.30) | 96.00 (96.26, -0.26) | 40.00 (39.04, +0.96) | 90.00 (92.79, -2.79) | 30.00 |"
+        in md
+    )
     assert "| maxlogit | 50.00 | 91.00 | 60.00 | 89.00 | 55.00 | 90.00 |" in md
     assert "accuracy: 95.00%" in md and "Skipped OOD sets: places365 (not found)" in md
     written_md, written_csv, written_json = report.write(tmp_path)
@@ -75,4 +88,4 @@ def test_rich_table_marks_the_best_fpr():
     console = Console(record=True, width=200)
     console.print(make_report().rich_table())
     text = console.export_text()
-    assert "20.00 (22.30) / 96.00 (96.26)" in text and "maxlogit" in text
+    assert "20.00 (22.30, -2.30) / 96.00 (96.26, -0.26)" in text and "maxlogit" in text

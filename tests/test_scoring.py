@@ -404,7 +404,7 @@ def test_bats_truncates_to_training_mean_plus_minus_lam_std(prob, lam):
         assert (prob.test64 < lo).any()  # the lower bound is active too
     assert (prob.test64 > hi).any()
     expected = ref_logsumexp(np.stack([prob.W @ x + prob.b for x in truncated]))
-    actual = score_with("bats", prob, lam=lam)
+    actual = score_with("bats", prob, lam=lam, statistics="empirical")
     assert_scores(actual, expected)
     assert differs(actual, ref_logsumexp(prob.logits.double().numpy()))  # the truncation is active
 
@@ -413,7 +413,7 @@ def test_bats_with_ddof1_std_would_differ(prob):
     lam = 1.0
     mu, sd1 = prob.train64.mean(0), prob.train64.std(0, ddof=1)
     wrong = ref_logsumexp(np.stack([prob.W @ np.clip(x, mu - lam * sd1, mu + lam * sd1) + prob.b for x in prob.test64]))
-    assert differs(score_with("bats", prob, lam=lam), wrong, 1e-4)
+    assert differs(score_with("bats", prob, lam=lam, statistics="empirical"), wrong, 1e-4)
 
 
 # ============================================================================================ DICE
@@ -737,7 +737,9 @@ def test_build_scorer_rejects_bad_hyperparameters(name, kwargs, match):
 
 @pytest.mark.parametrize("name", list(SCORERS))
 def test_every_registered_scorer_builds_fits_and_scores(name, prob, odin_setup):
-    scorer = build_scorer(name, block="block") if name == "featurenorm" else build_scorer(name)
+    # FeatureNorm reads a block; BATS on the BatchNorm output needs a network (tests/test_published.py checks it)
+    kwargs = {"block": "block"} if name == "featurenorm" else {"statistics": "empirical"} if name == "bats" else {}
+    scorer = build_scorer(name, **kwargs)
     if scorer.needs_blocks:  # reads a block's output (tests/test_featurenorm.py checks the value)
         scorer.fit(prob.train, prob.labels, prob.head)
         scores = scorer.score_blocks({"block": torch.rand(len(prob.test), 4, 3, 3)})
@@ -751,7 +753,7 @@ def test_every_registered_scorer_builds_fits_and_scores(name, prob, odin_setup):
         scorer.fit(prob.train, prob.labels, prob.head)
         scores = scorer.score(prob.test, prob.logits)
         assert scores.shape == (len(prob.test),)
-        again = build_scorer(name).fit_statistics(
+        again = build_scorer(name, **kwargs).fit_statistics(
             FeatureStatistics.from_features(prob.train, prob.labels, prob.num_classes), prob.head
         )
         assert torch.equal(again.score(prob.test, prob.logits), scores)  # fit == fit_statistics(from_features)

@@ -63,6 +63,7 @@ def compute_feature_statistics(
     max_activations: int = DEFAULT_MAX_ACTIVATIONS,
     progress: bool = True,
     described_as: str = "",
+    log: bool = True,
 ) -> FeatureStatistics:
     """One pass of ``module.backbone.features`` over ``loader`` (items ``(image, label, index)``); ``described_as``
     says which images they are (stored with the statistics)."""
@@ -92,6 +93,8 @@ def compute_feature_statistics(
     stats.images = described_as
     backbone.train(was_training)
     note = "" if stride == 1 else f", activation percentiles from 1 image in {stride}"
+    if not log:
+        return stats
     rank_zero_info(
         f"Fitted OOD statistics on {stats.num_samples} training images in {time.perf_counter() - start:.1f}s "
         f"({stats.num_classes} classes, {stats.feature_dim}-d features{note})."
@@ -146,7 +149,8 @@ def normratio_selection(
     subset = seeded_subset(datamodule.statistics_images, images, seed)
     loader = datamodule.eval_loader(IndexedDataset(subset))
     sum_across, _ = _reducers(trainer, module.device)
-    result = norm_ratios(module.backbone, loader, seed=seed, device=module.device, sum_across=sum_across)
+    result = norm_ratios(module.backbone, loader, seed=seed, device=module.device, sum_across=sum_across,
+                         normalization=module.input_normalization)  # fmt: skip
     table = ", ".join(f"{name} {ratio:.3f}" for name, ratio in result.ratios.items())
     rank_zero_info(f"NormRatio on {result.images} ID training images: {table}. FeatureNorm block: {result.selected}.")
     return result

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class BatchNormTail:
+    """The last BatchNorm before the pooled features, and how the features follow from its output.
+
+    Lets a method change that BatchNorm's output (BATS truncates it to its typical set) and re-run only the rest of
+    the network: ``tail(bn_output, captured) -> (N, L)`` pooled features, with ``captured`` holding the outputs of
+    the modules named in ``context`` (``"<module>:input"`` for a module's input) from the same forward pass.
+    """
+
+    name: str
+    bn: nn.BatchNorm2d
+    context: tuple[str, ...]
+    tail: Callable[[Tensor, dict[str, Tensor]], Tensor]
 
 
 class Backbone(nn.Module):
@@ -29,3 +47,7 @@ class Backbone(nn.Module):
     def blocks(self) -> dict[str, nn.Module]:
         """Candidate intermediate blocks by name, in forward order (used by FeatureNorm block selection)."""
         raise NotImplementedError(f"{type(self).__name__} does not list its blocks")
+
+    def last_batchnorm(self) -> BatchNormTail | None:
+        """The last BatchNorm before the features (``None`` for networks without one, such as ViT)."""
+        return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ood.models.base import Backbone
+from lightning_ood.models.base import Backbone, BatchNormTail
 
 
 class BasicBlock(nn.Module):
@@ -64,6 +64,17 @@ class CifarResNet(Backbone):
 
     def blocks(self) -> dict[str, nn.Module]:
         return {f"layer{i + 1}.{j}": block for i, stage in enumerate(self.layers) for j, block in enumerate(stage)}
+
+    def last_batchnorm(self) -> BatchNormTail:
+        """``bn2`` of the last block, followed by the residual addition, ReLU and global average pooling."""
+        last = f"layers.{len(self.layers) - 1}.{len(self.layers[-1]) - 1}"
+        block = self.layers[-1][-1]
+        shortcut = f"{last}.shortcut"
+
+        def tail(z: Tensor, captured: dict[str, Tensor]) -> Tensor:
+            return F.adaptive_avg_pool2d(F.relu(z + captured[shortcut]), 1).flatten(1)
+
+        return BatchNormTail(f"{last}.bn2", block.bn2, (shortcut,), tail)
 
 
 def resnet18(num_classes: int = 10) -> CifarResNet:

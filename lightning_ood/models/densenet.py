@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ood.models.base import Backbone
+from lightning_ood.models.base import Backbone, BatchNormTail
 
 
 class Bottleneck(nn.Module):
@@ -84,6 +84,10 @@ class DenseNetBC(Backbone):
 
     def blocks(self) -> dict[str, nn.Module]:
         return {f"dense{i + 1}": block for i, block in enumerate(self.dense)}
+
+    def last_batchnorm(self) -> BatchNormTail:
+        """``bn``, followed by ReLU and global average pooling."""
+        return BatchNormTail("bn", self.bn, (), lambda z, _: F.adaptive_avg_pool2d(F.relu(z), 1).flatten(1))
 
 
 def densenet100(num_classes: int = 10) -> DenseNetBC:

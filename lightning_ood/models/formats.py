@@ -238,6 +238,11 @@ def load_weights(
         if not found:
             raise unrecognised(path, state, expected)
         fmt = found[0]
+    if fmt.backbone is not None and fmt.backbone != backbone_name and weights_format is not None:
+        raise ConfigError(
+            f"model.weights_format {fmt.name} ({fmt.title}) converts into the {fmt.backbone!r} backbone but "
+            f"model.backbone is {backbone_name!r}: name the format of {path}, or leave model.weights_format unset."
+        )
     if fmt.backbone is not None and fmt.backbone != backbone_name:
         raise CheckpointError(
             f"Weights file {path} is {fmt.title}, which converts into the {fmt.backbone!r} backbone, but "

@@ -27,7 +27,7 @@ from torchvision.models import get_model_weights
 
 from lightning_ood.checkpoints import load_file
 from lightning_ood.errors import CheckpointError, ConfigError
-from lightning_ood.models.base import Backbone
+from lightning_ood.models.base import Backbone, BatchNormTail
 
 StateDict = dict[str, Tensor]
 
@@ -189,6 +189,17 @@ class ResNet50(TorchvisionBackbone):
         stages = (f"layer{i}" for i in range(1, 5))
         return {f"{s}.{j}": block for s in stages for j, block in enumerate(self.net.get_submodule(s))}
 
+    def last_batchnorm(self) -> BatchNormTail:
+        """``bn3`` of the last bottleneck, then the residual addition (identity or ``downsample``), ReLU, pooling."""
+        name = f"net.layer4.{len(self.net.layer4) - 1}"
+        block = self.net.get_submodule(name.removeprefix("net."))
+        identity = f"{name}.downsample" if block.downsample is not None else f"{name}:input"
+
+        def tail(z: Tensor, captured: dict[str, Tensor]) -> Tensor:
+            return torch.flatten(self.net.avgpool(torch.relu(z + captured[identity])), 1)
+
+        return BatchNormTail(f"{name}.bn3", block.bn3, (identity,), tail)
+
 
 class MobileNetV2(TorchvisionBackbone):
     """torchvision's MobileNetV2 (Sandler et al., 2018): 1280-d features after the final ReLU6 and pooling.
@@ -209,6 +220,16 @@ class MobileNetV2(TorchvisionBackbone):
     def blocks(self) -> dict[str, nn.Module]:
         layers = self.net.features  # [0] is the stem convolution, [18] the final 1x1 convolution
         return {f"features.{i}": layers[i] for i in range(1, len(layers) - 1)}
+
+    def last_batchnorm(self) -> BatchNormTail:
+        """The BatchNorm of the final 1x1 convolution, then ReLU6 and global average pooling."""
+        last = len(self.net.features) - 1
+        bn = self.net.features[last][1]
+
+        def tail(z: Tensor, captured: dict[str, Tensor]) -> Tensor:
+            return torch.flatten(nn.functional.adaptive_avg_pool2d(nn.functional.relu6(z), 1), 1)
+
+        return BatchNormTail(f"net.features.{last}.1", bn, (), tail)
 
 
 class ViTB16(TorchvisionBackbone):

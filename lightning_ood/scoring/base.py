@@ -34,6 +34,17 @@ class Scorer:
     needs_inputs: ClassVar[bool] = False
     needs_blocks: tuple[str, ...] = ()
 
+    @property
+    def references(self) -> set[str]:
+        """Image sets other than the training set whose activation percentiles the scorer needs (``id_test``)."""
+        reference = getattr(self, "reference", "train")
+        return set() if reference == "train" else {reference}
+
+    def bind(self, backbone: nn.Module) -> Self:
+        """Give the scorer the network, for methods that read more than the features and the head (BATS reads its
+        last BatchNorm); called before fitting. Most scorers need nothing."""
+        return self
+
     def fit(self, features: Tensor, labels: Tensor, head: nn.Linear) -> Self:
         """Fit on training features ``(N, L)``, their ground-truth labels ``(N,)`` and the classifier head."""
         return self.fit_statistics(FeatureStatistics.from_features(features, labels, head.out_features), head)
@@ -60,7 +71,7 @@ class Scorer:
         return features @ self.weight.T + self.bias
 
     def __repr__(self) -> str:
-        params = {k: v for k, v in vars(self).items() if not isinstance(v, Tensor | Scorer)}
+        params = {k: v for k, v in vars(self).items() if isinstance(v, str | int | float | bool | tuple | type(None))}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
 
 
@@ -87,6 +98,15 @@ def check_output(output: str) -> str:
 def check_percentile(name: str, value: float | None) -> None:
     if value is not None and not 0.0 <= value <= 100.0:
         raise ConfigError(f"{name} must be a percentile in [0, 100], got {value}.")
+
+
+REFERENCES = ("train", "id_test")
+
+
+def check_reference(reference: str) -> str:
+    if reference not in REFERENCES:
+        raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}.")
+    return reference
 
 
 def check_nonnegative(name: str, value: float | None) -> None:

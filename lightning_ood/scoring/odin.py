@@ -51,6 +51,15 @@ class ODIN(Scorer):
         self.scale_by_std = scale_by_std
         self.base = base
 
+    @property
+    def references(self) -> set[str]:
+        return self.base.references if self.base is not None else set()
+
+    def bind(self, backbone: nn.Module) -> ODIN:
+        if self.base is not None:
+            self.base.bind(backbone)
+        return self
+
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> ODIN:
         super().fit_statistics(stats, head)
         if self.base is not None:

@@ -4,27 +4,40 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import LogitScorer, check_nonnegative, check_percentile
+from lightning_ood.errors import ConfigError
+from lightning_ood.models.base import Backbone, BatchNormTail
+from lightning_ood.scoring.base import OUTPUTS, LogitScorer, check_nonnegative, check_percentile, check_reference
 from lightning_ood.statistics import FeatureStatistics
 
 
 class ReAct(LogitScorer):
     """Rectified activations (Sun et al., NeurIPS 2021): ``h <- min(h, c)``, then energy (or MSP).
 
-    ``c`` is the ``percentile``-th percentile of all training activations (all units, all images; the authors take it
-    on ID validation images, which gives nearly the same value), or the absolute ``clip`` when given.
+    ``c`` is the absolute ``clip`` when given, else the ``percentile``-th percentile of all activations (all units)
+    of the ``reference`` images:
+
+    - ``train`` (default): every training image the statistics are fitted on;
+    - ``id_test``: 2,000 ID test images (a seeded subset), the ReAct authors' convention (deeplearning-wisc/react
+      ``compute_threshold.py`` reads the first 2,000 images of the shuffled ID validation loader, which on CIFAR is
+      the test set); the DICE / LINE / HIMPLoS code passes an absolute ``--threshold`` instead.
     """
 
-    def __init__(self, percentile: float = 90.0, clip: float | None = None, output: str = "energy") -> None:
+    def __init__(
+        self, percentile: float = 90.0, clip: float | None = None, reference: str = "train", output: str = "energy"
+    ) -> None:
         super().__init__(output)
         check_percentile("percentile", percentile)
         check_nonnegative("clip", clip)
         self.percentile = percentile
         self.clip = clip
+        check_reference(reference)
+        self.reference = reference if clip is None else "train"  # an absolute clip needs no reference images
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> ReAct:
         super().fit_statistics(stats, head)
-        self.threshold = self.clip if self.clip is not None else stats.activation_percentile(self.percentile)
+        self.threshold = (
+            self.clip if self.clip is not None else stats.activation_percentile(self.percentile, self.reference)
+        )
         return self
 
     def logits(self, features: Tensor, logits: Tensor) -> Tensor:
@@ -32,22 +45,69 @@ class ReAct(LogitScorer):
 
 
 class BATS(LogitScorer):
-    """Boundary-aware typical-feature shaping (Zhu et al., NeurIPS 2022), on the pooled penultimate features as in the
-    authors' CIFAR example: each unit is truncated to ``[mu - lam * sigma, mu + lam * sigma]`` with the training mean
-    and standard deviation of that unit, then energy. ``lam = 3.25`` is the authors' CIFAR-10 ResNet-18 value.
+    """Boundary-aware typical-feature shaping (Zhu et al., NeurIPS 2022): truncate features to their typical set
+    ``[mu - lam * sigma, mu + lam * sigma]``, then energy.
+
+    ``statistics`` chooses the typical set and where it is applied:
+
+    - ``bn`` (default, the paper's definition): the output of the network's last BatchNorm follows N(beta, gamma^2)
+      per channel, so it is truncated to ``beta -+ lam * |gamma|`` of that layer, before the ReLU, pooling (and, in
+      ResNets, the residual addition) that follow; only that tail of the network is run again (the BatchNorm output
+      is captured in the one forward pass).
+    - ``bn_pooled``: the same BatchNorm bounds applied to the pooled features, as the authors' released CIFAR code
+      does (alibaba/easyrobust, ``examples/ood_detection/BATS``: its mean/std files hold the last BatchNorm's bias and
+      weight, and the clamp is on ``forward_features``' pooled output).
+    - ``empirical``: the per-unit mean and standard deviation of the pooled training features (the authors' ViT
+      code, which measures them; this project's earlier behaviour), for networks without a BatchNorm.
+
+    ``lam = 3.25`` is the authors' CIFAR-10 ResNet-18 value; 1.05 on ImageNet.
     """
 
-    def __init__(self, lam: float = 3.25, output: str = "energy") -> None:
+    STATISTICS = ("bn", "bn_pooled", "empirical")
+
+    def __init__(self, lam: float = 3.25, statistics: str = "bn", output: str = "energy") -> None:
         super().__init__(output)
         check_nonnegative("lam", lam)
+        if statistics not in self.STATISTICS:
+            raise ConfigError(f"BATS statistics must be one of {', '.join(self.STATISTICS)}, got {statistics!r}.")
         self.lam = lam
+        self.statistics = statistics
+        self.point: BatchNormTail | None = None
+
+    def bind(self, backbone: Backbone) -> BATS:
+        if self.statistics != "empirical":
+            self.point = backbone.last_batchnorm()
+            if self.point is None:
+                raise ConfigError(
+                    f"BATS with statistics {self.statistics!r} reads the last BatchNorm before the features, and "
+                    f"{type(backbone).__name__} has none: use {{scorer: bats, statistics: empirical}}."
+                )
+        return self
+
+    @property
+    def needs_blocks(self) -> tuple[str, ...]:
+        if self.statistics != "bn" or self.point is None:
+            return ()
+        return (self.point.name, *self.point.context)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> BATS:
         super().fit_statistics(stats, head)
-        mean, std = stats.mean.float(), stats.std.float()
-        self.lower = mean - self.lam * std  # (L,)
-        self.upper = mean + self.lam * std  # (L,)
+        if self.statistics == "empirical":
+            centre, spread = stats.mean.float(), stats.std.float()
+        else:
+            if self.point is None:
+                raise ConfigError(f"BATS with statistics {self.statistics!r} needs the network: call bind(backbone).")
+            centre, spread = self.point.bn.bias.detach().float(), self.point.bn.weight.detach().float().abs()
+        self.lower = centre - self.lam * spread  # (L,) or (channels,)
+        self.upper = centre + self.lam * spread
         return self
 
     def logits(self, features: Tensor, logits: Tensor) -> Tensor:
+        if self.statistics == "bn":
+            raise TypeError("BATS on the BatchNorm output reads the block outputs: call score_blocks(outputs)")
         return self.head_logits(features.clamp(min=self.lower, max=self.upper))
+
+    def score_blocks(self, outputs: dict[str, Tensor]) -> Tensor:  # {BN output (N, C, H, W), context} -> (N,)
+        z = outputs[self.point.name].float()
+        z = z.clamp(min=self.lower.view(1, -1, 1, 1), max=self.upper.view(1, -1, 1, 1))
+        return OUTPUTS[self.output](self.head_logits(self.point.tail(z, outputs).float()))
