@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import ClassVar
 
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
@@ -11,8 +14,10 @@ from rich.console import Console
 from lightning_ood.callbacks import FitOODStatistics, OODResultsTable, ScoreHistograms
 from lightning_ood.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, read_checkpoint
 from lightning_ood.data.base import OODDataModule
-from lightning_ood.errors import LightningOODError
+from lightning_ood.errors import ConfigError, LightningOODError, OutputError
+from lightning_ood.io import describe_write_failure, is_write_failure
 from lightning_ood.module import OODClassifier
+from lightning_ood.run_folder import RunFolder
 from lightning_ood.trainer import OODTrainer
 
 TRAINER_DEFAULTS = {
@@ -26,13 +31,18 @@ TRAINER_DEFAULTS = {
 
 
 class OODCLI(LightningCLI):
-    """Adds an always-on ``checkpoint`` (ModelCheckpoint) group, links the data's class count to the model, and the
-    ``tune`` / ``sweep`` / ``normratio`` subcommands of :class:`OODTrainer`."""
+    """Adds an always-on ``checkpoint`` (ModelCheckpoint) group, links the data's class count to the model, the
+    ``tune`` / ``sweep`` / ``normratio`` / ``import`` subcommands of :class:`OODTrainer`, and checks before any work:
+    the checkpoint to load, the weights to evaluate, and the folders the run writes (:mod:`lightning_ood.run_folder`).
+    ``predict`` is not offered: scoring images is what ``test`` does."""
+
+    runs: ClassVar[list[RunFolder]] = []  # the run folders claimed in this process, released or abandoned by main()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         ours = {"model", "datamodule"}
-        return {**LightningCLI.subcommands(), "tune": ours, "sweep": ours, "normratio": ours, "import": ours}
+        lightning = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+        return {**lightning, "tune": ours, "sweep": ours, "normratio": ours, "import": ours}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -45,6 +55,10 @@ class OODCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
             }
         )
+        parser.add_argument(
+            "--overwrite_results", type=bool, default=False,
+            help="Write into a log folder that already holds results of an earlier run (off: refuse).",
+        )  # fmt: skip
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
@@ -61,31 +75,103 @@ class OODCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         # Always on: statistics after fit, the result table and TensorBoard histograms after test; a rich progress
-        # bar unless the user turned progress bars off.
+        # bar unless the user turned progress bars off; atomic checkpoint writes unless the user brings a CheckpointIO.
         callbacks = [FitOODStatistics(), OODResultsTable(), ScoreHistograms()]
         if self._get(self.config_init, "trainer.enable_progress_bar") is not False:
             callbacks.insert(0, RichProgressBar())
         self.trainer_defaults["callbacks"] = callbacks
-        self.trainer_defaults.setdefault("plugins", [AtomicCheckpointIO()])
-        return super().instantiate_trainer(**kwargs)
+        plugins = self._get(self.config_init, "trainer.plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
+
+    # ---------------------------------------------------------------- checks before the work
+    def _ckpt_path(self) -> str | None:
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        return str(ckpt_path) if ckpt_path else None
 
     def _check_ckpt_path(self) -> None:
-        """Read a given checkpoint once up front, so a missing or corrupt file is one clear error."""
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path and str(ckpt_path) not in SPECIAL_PATHS:
+        """Read a given checkpoint once up front, so a missing or corrupt file is one clear error; ``last`` is the
+        checkpoint folder's ``last.ckpt`` (when there is none, Lightning starts from scratch and says so)."""
+        ckpt_path = self._ckpt_path()
+        if ckpt_path == "last":
+            checkpoint = self.trainer.checkpoint_callback
+            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
+                last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+                if last.exists():
+                    read_checkpoint(last)
+        elif ckpt_path and ckpt_path not in SPECIAL_PATHS:
             read_checkpoint(ckpt_path)
 
-    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
+    def _claim_run_folder(self, checkpoints: bool = False) -> None:
+        """Check the folders this run writes and lock its log folder (see :mod:`lightning_ood.run_folder`)."""
+        if not self.trainer.is_global_zero:
+            return
+        logger = self.trainer.logger
+        folder = Path(logger.log_dir) if logger is not None and logger.log_dir else Path(self.trainer.default_root_dir)
+        writable = []
+        checkpoint = self.trainer.checkpoint_callback
+        if checkpoints and isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
+            writable.append((Path(checkpoint.dirpath), "checkpoint.dirpath"))
+        overwrite = bool(self.config_init[self.subcommand].get("overwrite_results"))
+        self.runs.append(RunFolder.claim(folder, overwrite, tuple(writable)))
+
+    def _check_weights(self) -> None:
+        """A test of random weights is refused unless asked for (``--model.weights random``)."""
+        if self._ckpt_path() is None and self.model.hparams.weights is None:
+            raise ConfigError(
+                f"{self.subcommand} evaluates a trained network: pass --ckpt_path <checkpoint> or --model.weights "
+                f"<published weights>; --model.weights random evaluates an untrained one on purpose."
+            )
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+        self._claim_run_folder(checkpoints=True)
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+        self._check_weights()
+        self._claim_run_folder()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+        if not getattr(self.datamodule, "val_split", 0):
+            raise ConfigError(
+                "validate measures the accuracy on held-out training images: set --data.init_args.val_split N (those "
+                "images are then left out of training and of the OOD statistics too)."
+            )
+        self._check_weights()
+        self._claim_run_folder()
+
+    def before_tune(self) -> None:
+        self._check_ckpt_path()
+        self._claim_run_folder()
+
+    before_sweep = before_normratio = before_import = before_tune
+
+    def _release(self) -> None:
+        while self.runs:
+            self.runs.pop().release()
+
+    after_fit = after_test = after_validate = after_tune = after_sweep = after_normratio = after_import = _release
 
 
 def user_error(exc: BaseException | None) -> LightningOODError | None:
-    """The :class:`LightningOODError` behind ``exc``, if any (jsonargparse and Lightning may wrap it)."""
+    """The :class:`LightningOODError` behind ``exc``, if any (jsonargparse and Lightning may wrap it); a failed write
+    anywhere (TensorBoard's event files, Lightning's own files) becomes an :class:`OutputError` naming the file."""
     seen = set()
+    chain = []
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, LightningOODError):
             return exc
+        chain.append(exc)
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
+    for err in chain:
+        if is_write_failure(err):
+            target = getattr(err, "filename", None) or "an output file"
+            return OutputError(describe_write_failure(Path(str(target)), err))
     return None
 
 
@@ -111,8 +197,10 @@ def main(args=None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except Exception as exc:
-        err = user_error(exc)
+    except BaseException as exc:
+        while OODCLI.runs:  # a failed run leaves no empty or half-written log folder behind
+            OODCLI.runs.pop().abandon()
+        err = user_error(exc) if isinstance(exc, Exception) else None
         if err is None:
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {clean_message(str(err))}", highlight=False, soft_wrap=True)

@@ -20,3 +20,7 @@ class CheckpointError(LightningOODError):
 def unknown_name(kind: str, name: str, choices) -> ConfigError:
     """Build the error for a name that is not registered, listing the valid ones."""
     return ConfigError(f"Unknown {kind} {name!r}. Choose one of: {', '.join(sorted(choices))}.")
+
+
+class OutputError(LightningOODError):
+    """A result, checkpoint, log or cache file that cannot be written (full disk, read-only folder, quota)."""

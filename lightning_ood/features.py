@@ -3,13 +3,16 @@
 A cache entry holds the penultimate features, logits and labels of one dataset under one set of weights and one
 transform. Its key is a hash of the three (weights: every backbone tensor; dataset: its files with sizes and
 modification times, or its in-memory content; transform: its ``repr``), so changing any of them selects another entry
-and a stale one is never read.
+and a stale one is never read. The JSON beside each entry holds the SHA-256 of its bytes: an entry that was changed or
+damaged on disk is recomputed, with a warning, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from lightning_ood.errors import DataError
 from lightning_ood.io import atomic_write
 
 
@@ -114,6 +118,12 @@ def extract_features(
         for batch in loader:
             x, y = batch[0], batch[1]
             h = backbone.features(x.to(device)).float()
+            if not torch.isfinite(h).all():
+                broken = int((~torch.isfinite(h).all(dim=1)).sum())
+                raise DataError(
+                    f"{description}: NaN or infinite penultimate features for {broken} of {len(h)} images of a batch: "
+                    f"the weights or the inputs are broken, and every score would be meaningless."
+                )
             features.append(h.cpu())
             logits.append(backbone.head(h).cpu())
             labels.append(torch.as_tensor(y))
@@ -160,22 +170,42 @@ class FeatureCache:
         return self.key(weights, dataset_fingerprint(dataset), transform_fingerprint(dataset))
 
     def load(self, name: str, key: str) -> dict | None:
-        """The stored tensors of ``(name, key)``, or ``None`` (an unreadable entry is removed)."""
+        """The stored tensors of ``(name, key)``, or ``None``: an entry that is unreadable, has no checksum or does
+        not match it is removed (and recomputed by the caller), with a warning."""
         path = self.path(name, key)
         if not path.is_file():
             return None
+        meta_path = path.with_suffix(".json")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # truncated or foreign: recompute and replace
-            path.unlink(missing_ok=True)
+            data = path.read_bytes()
+            expected = json.loads(meta_path.read_text()).get("sha256")
+        except (OSError, ValueError):
+            expected = None
+        if expected is None or hashlib.sha256(data).hexdigest() != expected:
+            warnings.warn(f"Cache entry {path} does not match its checksum: recomputing it.", stacklevel=2)
+            self.remove(path)
+            return None
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception:  # a foreign file with a matching checksum: recompute and replace
+            self.remove(path)
             return None
 
+    @staticmethod
+    def remove(path: Path) -> None:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+
     def store(self, name: str, key: str, payload: dict) -> Path:
-        """Write ``payload`` (a dict of tensors and plain values) atomically, with a readable JSON summary beside it."""
+        """Write ``payload`` (a dict of tensors and plain values) atomically, with a JSON summary and the SHA-256 of
+        the entry's bytes beside it."""
         path = self.path(name, key)
-        atomic_write(path, lambda f: torch.save(payload, f))
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        data = buffer.getvalue()
+        atomic_write(path, lambda f: f.write(data))
         shapes = {k: list(v.shape) for k, v in payload.items() if hasattr(v, "shape")}
-        meta = {"name": name, "key": key, "tensors": shapes}
+        meta = {"name": name, "key": key, "tensors": shapes, "sha256": hashlib.sha256(data).hexdigest()}
         atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
         return path
 

@@ -1,16 +1,27 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename over the target.
 
 A crash (or a kill) mid-write leaves the previous file or nothing, never a truncated file that a later run trips over.
+The temporary file carries the writer's process id (``.<name>.<pid>.<random>.tmp``): the next write into the folder
+removes those of processes that no longer run, so a ``kill -9`` leaves nothing behind for long. A write that fails
+(full disk, read-only folder, quota) becomes one :class:`OutputError` naming the file and the cause.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import IO
+
+from lightning_ood.errors import OutputError
+
+TEMPORARY = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 @cache
@@ -21,21 +32,74 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files of atomic writes in ``folder`` whose process has ended (killed mid-write)."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMPORARY.match(entry.name)
+        if match and int(match[1]) != os.getpid() and not process_alive(int(match[1])):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def describe_write_failure(path: Path, err: BaseException) -> str:
+    """Why writing ``path`` failed, with the free space when the disk is the likely cause."""
+    cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+        space = f"; {free:,} bytes free there"
+    except OSError:
+        space = ""
+    return f"Cannot write {path}: {cause}{space}. Free some space, choose another folder, or fix its permissions."
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """An OS-level write failure (full disk, quota, read-only, permissions), also when torch.save wraps it."""
+    if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("file write failed" in text or "unexpected pos" in text)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary binary file next to ``path`` and move it into place atomically; the file gets
-    the usual permissions of a new file."""
+    the usual permissions of a new file.
+
+    Raises:
+        OutputError: the folder cannot be written or the disk is full (nothing is left behind).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if is_write_failure(err):
+            raise OutputError(describe_write_failure(path, err)) from err
         raise
     return path
 
@@ -43,3 +107,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+    """Raise an :class:`OutputError` before any work when ``folder`` (or its first existing parent) is not writable."""
+    folder = Path(folder).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{what}: cannot write into {folder}: {existing} is not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what}: cannot write into {folder}: {existing} is not writable.")

@@ -27,6 +27,7 @@ from lightning_ood.featurenorm import block_outputs
 from lightning_ood.features import weights_fingerprint
 from lightning_ood.metrics import OODMetrics
 from lightning_ood.models import Backbone, pretrained_backbone
+from lightning_ood.models.formats import mismatches
 from lightning_ood.normalization import Normalization
 from lightning_ood.report import OODReport
 from lightning_ood.scoring import DEFAULT_SCORERS, Scorer, build_scorer
@@ -108,6 +109,8 @@ class OODClassifier(LightningModule):
             raise ConfigError(f"lr must be positive, got {lr}")
         if sorted(milestones) != list(milestones):
             raise ConfigError(f"milestones must be increasing, got {list(milestones)}")
+        if isinstance(tpr, bool) or not isinstance(tpr, int | float) or not 0.0 < tpr <= 1.0:
+            raise ConfigError(f"tpr (of the FPR@TPR metric) must be in (0, 1], got {tpr!r}; the paper uses 0.95.")
         self.save_hyperparameters()
         pretrained = pretrained_backbone(backbone, num_classes, weights, weights_format)
         self.backbone: Backbone = pretrained.backbone
@@ -123,6 +126,7 @@ class OODClassifier(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.ood_statistics: FeatureStatistics | None = None
+        self.checkpoint_loaded = False
         loaded = pretrained.loaded
         if loaded is not None:
             rank_zero_info(f"Loaded {loaded.describe()} into {backbone}.")
@@ -199,6 +203,17 @@ class OODClassifier(LightningModule):
                 f"The checkpoint was trained for {saved['num_classes']} classes but the data has "
                 f"{self.hparams.num_classes} classes; evaluate it on the dataset it was trained on."
             )
+        state = checkpoint.get("state_dict", {})
+        ours = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
+        theirs = {k: v for k, v in state.items() if k.startswith("backbone.")}
+        problems = mismatches(theirs, [], ours)
+        if problems:
+            raise CheckpointError(
+                f"The checkpoint's weights do not fit the configured {self.hparams.backbone!r} backbone with "
+                f"{self.hparams.num_classes} classes: {'; '.join(problems)}. Set model.backbone to the checkpoint's "
+                f"architecture, or load published weights with --model.weights."
+            )
+        self.checkpoint_loaded = True
         if checkpoint.get(NORMALIZATION_KEY) and self.configured_normalization is None:
             self.input_normalization = Normalization.from_dict(checkpoint[NORMALIZATION_KEY])
         self.ood_statistics = None
@@ -257,7 +272,8 @@ class OODClassifier(LightningModule):
             reason = (
                 "were fitted on other weights or inputs" if other_weights
                 else f"were fitted on other images ({stats.images}; this run: {wanted_images})" if other_images
-                else "are not in this checkpoint"
+                else "are not in this checkpoint" if self.checkpoint_loaded
+                else "are not stored with these weights"
             )  # fmt: skip
             self.ood_statistics = statistics_on_demand(
                 self, datamodule, trainer, reason, cache_dir or self.hparams.statistics_cache
@@ -379,11 +395,12 @@ class OODClassifier(LightningModule):
             skipped=dict(getattr(self.trainer.datamodule, "skipped_ood", {})),
             skipped_images=dict(getattr(self.trainer.datamodule, "skipped_images", {})),
             provenance=self.provenance(),
+            tpr=self.hparams.tpr,
         )
         if oods:
             for scorer in self.scorers:
                 average = self.ood_report.average(scorer)
-                self.log(f"ood/{scorer}/fpr95", average["fpr95"], rank_zero_only=True)
+                self.log(f"ood/{scorer}/{self.ood_report.fpr_label.lower()}", average["fpr95"], rank_zero_only=True)
                 self.log(f"ood/{scorer}/auroc", average["auroc"], rank_zero_only=True)
 
     def gathered_scores(self) -> dict[str, dict[str, Tensor]]:

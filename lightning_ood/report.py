@@ -91,6 +91,8 @@ class OODReport:
         skipped_images: undecodable images left out, per OOD set (``bad_images: skip``).
         provenance: what produced the numbers (weights, input normalisation, statistics images, scorer
             hyperparameters, ...), written with every result file.
+        tpr: the TPR of the FPR metric (``metrics[...]["fpr95"]`` holds the FPR at this TPR); outputs label it
+            ``FPR95`` at the paper's 0.95 and ``FPR<100 tpr>`` otherwise, with no paper figure beside it then.
     """
 
     id_name: str
@@ -101,6 +103,18 @@ class OODReport:
     skipped: dict[str, str] = field(default_factory=dict)
     skipped_images: dict[str, int] = field(default_factory=dict)
     provenance: dict[str, object] = field(default_factory=dict)
+    tpr: float = 0.95
+
+    @property
+    def fpr_label(self) -> str:
+        """``FPR95`` at the paper's TPR, else ``FPR<TPR in %>`` (``FPR90``, ``FPR100``)."""
+        return f"FPR{100 * self.tpr:.4g}"
+
+    def output_key(self, metric: str) -> str:
+        return self.fpr_label.lower() if metric == "fpr95" else metric
+
+    def title(self, metric: str) -> str:
+        return f"{self.fpr_label}↓" if metric == "fpr95" else METRIC_TITLES[metric]
 
     @property
     def scorers(self) -> list[str]:
@@ -116,7 +130,11 @@ class OODReport:
         return {m: sum(v[m] for v in per_set) / len(per_set) for m in METRICS}
 
     def paper(self, scorer: str, ood: str) -> tuple[float, float] | None:
-        return paper_figure(self.id_name, self.backbone, scorer, ood, tuple(self.ood_names))
+        """The paper's (FPR95, AUROC) of this cell; the FPR only compares at the paper's TPR (NaN otherwise)."""
+        figure = paper_figure(self.id_name, self.backbone, scorer, ood, tuple(self.ood_names))
+        if figure is not None and self.tpr != 0.95:
+            return (float("nan"), figure[1])
+        return figure
 
     # ------------------------------------------------------------------------------------------------ renderers
     def rows(self) -> list[dict[str, object]]:
@@ -126,6 +144,7 @@ class OODReport:
             entries = [*self.metrics[scorer].items(), ("Average", self.average(scorer))]
             for ood, values in entries:
                 paper = self.paper(scorer, ood)
+                paper_fpr = paper[0] if paper and paper[0] == paper[0] else None  # NaN: another TPR than the paper's
                 out.append(
                     {
                         "id_dataset": self.id_name,
@@ -133,10 +152,10 @@ class OODReport:
                         "scorer": scorer,
                         "paper_method": paper_name(scorer) or "",
                         "ood": ood,
-                        **{m: round(100 * values[m], 2) for m in METRICS},
-                        "paper_fpr95": paper[0] if paper else "",
+                        **{self.output_key(m): round(100 * values[m], 2) for m in METRICS},
+                        "paper_fpr95": paper_fpr if paper_fpr is not None else "",
                         "paper_auroc": paper[1] if paper else "",
-                        "diff_fpr95": round(100 * values["fpr95"] - paper[0], 2) if paper else "",
+                        "diff_fpr95": round(100 * values["fpr95"] - paper_fpr, 2) if paper_fpr is not None else "",
                         "diff_auroc": round(100 * values["auroc"] - paper[1], 2) if paper else "",
                     }
                 )
@@ -154,15 +173,15 @@ class OODReport:
         """Ours, and where the paper reports the cell: (paper, ours - paper)."""
         ours = 100 * values[metric]
         paper = self.paper(scorer, ood) if metric in ("fpr95", "auroc") else None
-        if not paper:
+        theirs = paper[0 if metric == "fpr95" else 1] if paper else float("nan")
+        if theirs != theirs:  # not reported, or another metric than the paper's
             return f"{ours:.2f}"
-        theirs = paper[0 if metric == "fpr95" else 1]
         return f"{ours:.2f} ({theirs:.2f}, {ours - theirs:+.2f})"
 
     def to_markdown(self) -> str:
         """A table shaped like the paper's Table I: FPR95 and AUROC per OOD set, then the average."""
         columns = [*self.ood_names, "Average"]
-        head = ["Method", *(f"{c} {METRIC_TITLES[m]}" for c in columns for m in ("fpr95", "auroc"))]
+        head = ["Method", *(f"{c} {self.title(m)}" for c in columns for m in ("fpr95", "auroc"))]
         lines = [
             f"ID: {self.id_name} ({self.num_images.get(self.id_name, '?')} images), backbone: {self.backbone}, "
             f"accuracy: {100 * self.accuracy:.2f}%. Values in %; where the paper reports the cell: (the paper's "
@@ -192,11 +211,13 @@ class OODReport:
         notes += [f"undecodable images left out: {self.skipped_images}"] if self.skipped_images else []
         table = Table(
             title=f"OOD detection: {self.id_name} / {self.backbone} (accuracy {100 * self.accuracy:.2f}%)",
-            caption="; ".join(["FPR95↓ / AUROC↑ in %; (paper) where the paper reports this setting", *notes]),
+            caption="; ".join(
+                [f"{self.title('fpr95')} / AUROC↑ in %; (paper, difference) where the paper reports the cell", *notes]
+            ),
         )
         table.add_column("Method", style="bold")
         for column in columns:
-            table.add_column(f"{column}\nFPR95 / AUROC", justify="right")
+            table.add_column(f"{column}\n{self.fpr_label} / AUROC", justify="right")
         best = {c: min(self.scorers, key=lambda s, c=c: self._values(s, c)["fpr95"]) for c in columns}
         for scorer in self.scorers:
             cells = []
@@ -219,11 +240,15 @@ class OODReport:
             "num_images": self.num_images,
             "skipped": self.skipped,
             "skipped_images": self.skipped_images,
-            "metrics": self.metrics,
-            "average": {scorer: self.average(scorer) for scorer in self.scorers} if self.ood_names else {},
+            "tpr": self.tpr,
+            "metrics": {s: {o: self._renamed(v) for o, v in per.items()} for s, per in self.metrics.items()},
+            "average": {s: self._renamed(self.average(s)) for s in self.scorers} if self.ood_names else {},
             "provenance": self.provenance,
         }
         return json.dumps(payload, indent=1, default=str)
+
+    def _renamed(self, values: dict[str, float]) -> dict[str, float]:
+        return {self.output_key(k): v for k, v in values.items()}
 
     def write(self, folder: str | Path) -> tuple[Path, Path, Path]:
         """Write ``ood_results.md``, ``ood_results.csv`` and ``ood_results.json`` into ``folder`` (atomically)."""

@@ -14,7 +14,6 @@ tensors, so a second run, or a finer grid, costs seconds. The commands run in on
 from __future__ import annotations
 
 import copy
-import os
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from lightning_ood.data.base import OODDataModule, attach_normalization
 from lightning_ood.data.sets import NoiseImages
 from lightning_ood.errors import ConfigError
 from lightning_ood.features import FeatureCache, FeatureSet, weights_fingerprint
-from lightning_ood.io import atomic_write, atomic_write_text
+from lightning_ood.io import atomic_write, atomic_write_text, check_writable_folder
 from lightning_ood.module import OODClassifier
 from lightning_ood.tuning import (
     DEFAULT_CLIP_PERCENTILES,
@@ -61,13 +60,28 @@ def load_weights(model: OODClassifier, ckpt_path: str | None) -> None:
     model.load_state_dict(checkpoint["state_dict"])
 
 
-def check_writable_folder(folder: Path, what: str) -> None:
-    """Raise a :class:`ConfigError` before any work when ``folder`` (or its first existing parent) is not writable."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"{what}: cannot write into {folder}: {existing} is not a writable folder.")
+def check_grid(name: str, values: list[float] | None, low: float = 0.0, high: float | None = 100.0) -> None:
+    """A hyperparameter grid of a command: ``None`` (unset) or a non-empty list of numbers in ``[low, high]``."""
+    if values is None:
+        return
+    if not values:
+        raise ConfigError(f"--{name} is empty: give at least one value.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise ConfigError(f"--{name}: {value!r} is not a number.")
+        if value < low or (high is not None and value > high):
+            bounds = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+            raise ConfigError(f"--{name}: {value:g} is outside {bounds}.")
+
+
+def check_output_file(output: str | None) -> None:
+    """An ``--output`` file: not a folder, in a writable folder (checked before any work)."""
+    if output is None:
+        return
+    target = Path(output).expanduser()
+    if target.is_dir() or str(output).endswith(("/", "\\")):
+        raise ConfigError(f"--output {output} is a folder; give the file to write (for example {target / 'x.yaml'}).")
+    check_writable_folder(target.parent, "--output")
 
 
 class OODTrainer(Trainer):
@@ -137,9 +151,14 @@ class OODTrainer(Trainer):
         Returns:
             ``{"percentile": p, "clip": lambda, "fpr95": ..., "auroc": ..., "overlay": path}``.
         """
+        check_grid("percentiles", percentiles)
+        check_grid("clips", clips, high=None)
+        check_grid("clip_percentiles", clip_percentiles)
+        check_output_file(output)
+        for name, value in (("val_size", val_size), ("noise_size", noise_size)):
+            if value < 1:
+                raise ConfigError(f"tune --{name} must be >= 1, got {value}.")
         cache = FeatureCache(cache_dir)
-        if val_size < 1:
-            raise ConfigError(f"tune --val_size must be >= 1, got {val_size}.")
         if not datamodule.val_split:  # hold the validation images out of the statistics (not of a published training)
             datamodule.val_split, datamodule.val_seed = val_size, seed
         device = self._prepare(model, datamodule, ckpt_path, cache)
@@ -169,10 +188,10 @@ class OODTrainer(Trainer):
             + f"; validation FPR95 {100 * best.fpr95:.2f}%, AUROC {100 * best.auroc:.2f}%.\n"
             + yaml.safe_dump(overlay, sort_keys=False)
         )
+        atomic_write_text(folder / "tune_grid.csv", to_csv(grid))  # the grid first: an overlay never stands alone
         paths = [atomic_write_text(folder / "selected.yaml", text)]
         if output:
             paths.append(atomic_write_text(output, text))
-        atomic_write_text(folder / "tune_grid.csv", to_csv(grid))
         rank_zero_info(
             f"Selected p = {best.percentile:g}, lambda = {best.clip:.4g} (grid of {len(grid)} in {elapsed:.2f}s). "
             f"Overlay: {', '.join(map(str, paths))}; grid: {folder / 'tune_grid.csv'}. "
@@ -222,6 +241,9 @@ class OODTrainer(Trainer):
         Returns:
             ``{"csv": path, "figures": [paths], "seconds": time of the sweep on cached features}``.
         """
+        check_grid("lambdas", lambdas, high=None)
+        check_grid("lambda_percentiles", lambda_percentiles)
+        check_grid("percentiles", percentiles)
         cache = FeatureCache(cache_dir)
         device = self._prepare(model, datamodule, ckpt_path, cache)
         if len(datamodule.test_sets) < 2:
@@ -286,6 +308,9 @@ class OODTrainer(Trainer):
         """
         from lightning_ood.callbacks.statistics import normratio_selection
 
+        check_output_file(output)
+        if images < 1:
+            raise ConfigError(f"normratio --images must be >= 1, got {images}.")
         self._load(model, datamodule, ckpt_path)
         result = normratio_selection(model, datamodule, None, images, seed)
         table = Table(title=f"NormRatio on {result.images} ID training images (ID / jigsaw FeatureNorm)")

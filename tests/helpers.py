@@ -15,3 +15,45 @@ class KillAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillDuringCheckpointWrite(Callback):
+    """In epoch ``epoch``, the write of ``last.ckpt`` sends half of its bytes to the file, then the process is
+    SIGKILLed: a crash in the middle of writing ``last.ckpt``, at the IO layer the CLI's Trainer uses."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        import io
+
+        import torch
+
+        real_save = torch.save
+
+        def dying_save(obj, f, *args, **kwargs):
+            target = os.readlink(f"/proc/self/fd/{f.fileno()}") if hasattr(f, "fileno") else ""
+            if "/.last.ckpt." not in target:  # only the write of last.ckpt dies
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = dying_save
+
+
+class RecordCheckpointIO(Callback):
+    """Write the class of the Trainer's checkpoint IO plugin to ``path`` when fit starts."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        io = trainer.strategy.checkpoint_io
+        with open(self.path, "w") as f:
+            f.write(f"{type(io).__module__}.{type(io).__qualname__}")

@@ -19,7 +19,7 @@ from lightning_ood.normalization import Normalization
 from lightning_ood.scoring import build_scorer
 from lightning_ood.statistics import FeatureStatistics
 from tests.test_cli import run_cli
-from tests.test_published import bn, densenet3_state, openood_resnet18_state
+from tests.test_published import bn, densenet3_forward, densenet3_state, openood_resnet18_state
 
 X = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2
 
@@ -48,28 +48,14 @@ def densenet(tmp_path_factory):
     return pretrained_backbone("densenet100", 10, str(path)).backbone.eval(), state
 
 
-def densenet3_with_last_bn(s, x, change):
-    """DenseNet3's forward (tests/test_published.py) with ``change`` applied to the final BatchNorm's output."""
-    out = F.conv2d(x, s["conv1.weight"], padding=1)
-    for b in (1, 2, 3):
-        for j in range(16):
-            p = f"block{b}.layer.{j}"
-            y = F.conv2d(F.relu(bn(out, s, f"{p}.bn1")), s[f"{p}.conv1.weight"])
-            out = torch.cat([out, F.conv2d(F.relu(bn(y, s, f"{p}.bn2")), s[f"{p}.conv2.weight"], padding=1)], 1)
-        if b < 3:
-            out = F.avg_pool2d(F.conv2d(F.relu(bn(out, s, f"trans{b}.bn1")), s[f"trans{b}.conv1.weight"]), 2)
-    h = F.avg_pool2d(F.relu(change(bn(out, s, "bn1"))), 8).flatten(1)
-    return F.linear(h, s["fc.weight"], s["fc.bias"]), h
-
-
 @pytest.mark.parametrize("lam", [0.2, 1.0])
 def test_bats_on_densenet_truncates_the_final_batchnorm_output(densenet, lam):
     net, s = densenet
     beta, gamma = s["bn1.bias"], s["bn1.weight"]
     lower, upper = (beta - lam * gamma)[None, :, None, None], (beta + lam * gamma)[None, :, None, None]
     with torch.no_grad():
-        logits, _ = densenet3_with_last_bn(s, X, lambda z: torch.maximum(torch.minimum(z, upper), lower))
-        plain, h = densenet3_with_last_bn(s, X, lambda z: z)
+        _, logits = densenet3_forward(s, X, lambda z: torch.maximum(torch.minimum(z, upper), lower))
+        h, plain = densenet3_forward(s, X)
     np.testing.assert_allclose(bats_scores(net, X, lam=lam), energy(logits), rtol=1e-4, atol=1e-4)
     assert np.abs(energy(logits) - energy(plain)).max() > 1e-3  # the truncation is active
     # bn_pooled: the same bounds on the pooled features (the authors' released code)

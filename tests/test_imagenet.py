@@ -139,7 +139,7 @@ def test_missing_and_corrupt_weights_files(tmp_path):
         build_backbone("mobilenet_v2", 1000, weights=str(corrupt))
     foreign = tmp_path / "foreign.pt"
     torch.save({"conv.weight": torch.zeros(1)}, foreign)
-    with pytest.raises(CheckpointError, match=f"{foreign} does not fit torchvision's mobilenet_v2: .* missing keys"):
+    with pytest.raises(CheckpointError, match=f"{foreign} does not fit torchvision's mobilenet_v2 .* missing keys"):
         build_backbone("mobilenet_v2", 1000, weights=str(foreign))
     other_classes = tmp_path / "ten.pth"
     torch.save(torchvision.models.mobilenet_v2(num_classes=10).state_dict(), other_classes)
@@ -303,7 +303,8 @@ def test_cli_test_without_checkpoint(imagenet, tmp_path, caplog):
     run_cli(
         "test", "--data", "ImageNetDataModule", "--data.root", str(imagenet), "--data.ood_root", str(imagenet),
         "--data.ood", f"[{', '.join(OOD)}]", "--data.num_workers", "0", "--data.train_per_class", "2",
-        "--model.backbone", "mobilenet_v2", "--model.scorers", "[msp, energy, fmls, react]",
+        "--model.backbone", "mobilenet_v2", "--model.weights", "random",  # untrained on purpose
+        "--model.scorers", "[msp, energy, fmls, react]",
         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
         "--checkpoint.dirpath", str(tmp_path / "ckpt"),
     )  # fmt: skip

@@ -66,9 +66,10 @@ def bn(x: Tensor, s: dict[str, Tensor], p: str) -> Tensor:
     return F.batch_norm(x, s[f"{p}.running_mean"], s[f"{p}.running_var"], s[f"{p}.weight"], s[f"{p}.bias"], False)
 
 
-def densenet3_forward(s: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+def densenet3_forward(s: dict[str, Tensor], x: Tensor, change=lambda z: z) -> tuple[Tensor, Tensor]:
     """DenseNet3.forward written from the original's definition: conv1, three dense blocks of BN-ReLU-1x1-BN-ReLU-3x3
-    bottlenecks concatenated, BN-ReLU-1x1 + avg_pool(2) transitions, BN-ReLU, avg_pool(8), fc. Returns (h, logits)."""
+    bottlenecks concatenated, BN-ReLU-1x1 + avg_pool(2) transitions, BN-ReLU, avg_pool(8), fc. Returns (h, logits);
+    ``change`` is applied to the final BatchNorm's output (BATS)."""
     out = F.conv2d(x, s["conv1.weight"], padding=1)
     for b in (1, 2, 3):
         j = 0
@@ -80,7 +81,7 @@ def densenet3_forward(s: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
             j += 1
         if b < 3:
             out = F.avg_pool2d(F.conv2d(F.relu(bn(out, s, f"trans{b}.bn1")), s[f"trans{b}.conv1.weight"]), 2)
-    out = F.relu(bn(out, s, "bn1"))
+    out = F.relu(change(bn(out, s, "bn1")))
     h = F.avg_pool2d(out, 8).view(len(x), -1)
     return h, F.linear(h, s["fc.weight"], s["fc.bias"])
 

@@ -96,7 +96,7 @@ class ScoreHistograms(Callback):
         metrics = {"hparam/accuracy": report.accuracy}
         for scorer in report.scorers:
             average = report.average(scorer)
-            metrics[f"hparam/{scorer}/fpr95"] = average["fpr95"]
+            metrics[f"hparam/{scorer}/{report.fpr_label.lower()}"] = average["fpr95"]
             metrics[f"hparam/{scorer}/auroc"] = average["auroc"]
         params = {k: str(v) if isinstance(v, list | tuple | dict) else v for k, v in pl_module.hparams.items()}
         tensorboard.log_hyperparams({**params, "id_dataset": report.id_name, "ood_sets": ",".join(report.ood_names)},

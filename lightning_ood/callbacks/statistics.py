@@ -83,7 +83,7 @@ def compute_feature_statistics(
             features = backbone.features(images.to(module.device))
             if not torch.isfinite(features).all():
                 raise DataError(
-                    f"Non-finite (NaN/inf) penultimate features on training images {indices[:5].tolist()}...: "
+                    f"NaN or infinite penultimate features on training images {indices[:5].tolist()}...: "
                     "the weights or the inputs are broken; statistics cannot be fitted."
                 )
             acc.update(features, labels, indices)

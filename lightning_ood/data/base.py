@@ -18,6 +18,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_ood.data.images import check_bad_images
 from lightning_ood.data.ood import build_ood_set, download_ood_set, ood_entry
 from lightning_ood.data.reproducible import EpochShuffle, SeededItems
 from lightning_ood.data.transforms import InputNormalization, Normalization, eval_transform
@@ -111,6 +112,9 @@ class OODDataModule(LightningDataModule):
             for training nor for the OOD statistics, and they are the ID validation images of ``validate`` (accuracy
             during ``fit`` too) and of ``tune``. 0 (the default, as the paper) trains on every image.
         val_seed: seed of the held-out images.
+        bad_images: what an undecodable ID image (training or test) does: ``error`` stops the run naming the file;
+            ``skip`` decodes every file once up front and leaves out those that fail, with a warning and a count
+            under the result table (OOD sets take their own ``bad_images`` option).
 
     Subclasses set ``default_normalization`` (the dataset's own statistics); the normalisation in force is the
     model's when the model has one (published weights bring theirs), read again each time a loader is made.
@@ -132,8 +136,10 @@ class OODDataModule(LightningDataModule):
         train_per_class: int | None = None,
         val_split: int = 0,
         val_seed: int = 0,
+        bad_images: str = "error",
     ):
         super().__init__()
+        check_bad_images(bad_images, "data")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if train_per_class is not None and train_per_class < 1:
@@ -143,6 +149,9 @@ class OODDataModule(LightningDataModule):
         self.train_per_class = train_per_class
         self.val_split = val_split
         self.val_seed = val_seed
+        if val_split:
+            self.val_dataloader = self.validation_dataloader
+        self.bad_images = bad_images
         self._normalization: InputNormalization | None = None
         self._announced: Normalization | None = None
         self.batch_size = batch_size
@@ -210,12 +219,18 @@ class OODDataModule(LightningDataModule):
         (subclasses whose test transform crops, as ImageNet's, override it)."""
         return eval_transform(self.normalization, self.image_size)
 
+    def count_skipped(self, label: str, dataset: Dataset) -> Dataset:
+        """Record the undecodable images a dataset left out (``bad_images: skip``) under ``label``."""
+        if getattr(dataset, "skipped", None):
+            self.skipped_images[label] = len(dataset.skipped)
+        return dataset
+
     def build_ood_sets(self) -> dict[str, Dataset]:
         """The configured OOD sets by display name, transformed by :meth:`ood_transform`."""
         transform = self.ood_transform()
         shape = (3, self.image_size, self.image_size)
         sets: dict[str, Dataset] = {}
-        self.skipped_ood, self.skipped_images = {}, {}
+        self.skipped_ood = {}
         for entry in self.ood:
             label, name, options = ood_entry(entry)
             if label in sets or label == self.id_name:
@@ -230,9 +245,7 @@ class OODDataModule(LightningDataModule):
                 rank_zero_warn(f"Skipping OOD set {label!r}: {err}")
                 self.skipped_ood[label] = str(err).split(". ")[0]
                 continue
-            sets[label] = dataset
-            if getattr(dataset, "skipped", None):
-                self.skipped_images[label] = len(dataset.skipped)
+            sets[label] = self.count_skipped(label, dataset)
         if self.ood and not sets:
             raise DataError(f"None of the configured OOD sets could be loaded: {', '.join(self.skipped_ood)}.")
         return sets
@@ -327,11 +340,10 @@ class OODDataModule(LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return [self.eval_loader(dataset) for dataset in self.test_sets.values()]
 
-    def val_dataloader(self) -> list[DataLoader]:
-        """The held-out training images (``val_split``), or no loader (Lightning then skips validation)."""
-        if not self.val_split:
-            return []
-        return [self.eval_loader(self.validation_set())]
+    def validation_dataloader(self) -> DataLoader:
+        """The held-out training images (``val_split``): Lightning's ``val_dataloader`` when ``val_split`` is set
+        (without it the DataModule has no validation loader, and Lightning runs no validation)."""
+        return self.eval_loader(self.validation_set())
 
     def statistics_dataloader(self) -> DataLoader:
         """Training images with the test transform, in order, as ``(image, label, index)``: the input of the

@@ -49,11 +49,14 @@ def check_writable(root: Path, what: str) -> None:
         )
 
 
-def cifar_split(name: str, root: Path, train: bool, transform, download: bool = False) -> VisionDataset:
+def cifar_split(
+    name: str, root: Path, train: bool, transform, download: bool = False, bad_images: str = "error"
+) -> VisionDataset:
     """One split of CIFAR-10/100 from an image-folder copy or torchvision's files under ``root``."""
     spec = CIFAR[name]
     if has_split_folders(root):
-        return labelled_image_folder(root, "train" if train else "test", transform, spec.num_classes, spec.title)
+        split = "train" if train else "test"
+        return labelled_image_folder(root, split, transform, spec.num_classes, spec.title, bad_images)
     if not (root / spec.folder).is_dir():
         what = "found nothing" if not root.exists() else f"found neither '{spec.folder}/' nor 'train/' + 'test/'"
         hint = "the download failed or was disabled" if download else "download is disabled (--data.download false)"
@@ -113,10 +116,13 @@ class CIFARDataModule(OODDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         test_tf = eval_transform(self.normalization)
+        bad = self.bad_images
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = cifar_split(self.dataset, self.root, True, cifar_train_transform(self.normalization))
+            train_tf = cifar_train_transform(self.normalization)
+            self.train_set = cifar_split(self.dataset, self.root, True, train_tf, False, bad)
         if stage in (None, "test", "validate", "predict") and not self.test_sets:
-            id_test = cifar_split(self.dataset, self.root, False, test_tf, self.download)
-            self.test_sets = {self.dataset: id_test, **self.build_ood_sets()}
+            id_test = cifar_split(self.dataset, self.root, False, test_tf, self.download, bad)
+            self.test_sets = {self.dataset: self.count_skipped(self.dataset, id_test), **self.build_ood_sets()}
         if stage in (None, "fit", "statistics") and self.statistics_set is None:
-            self.statistics_set = cifar_split(self.dataset, self.root, True, test_tf, self.download)
+            statistics = cifar_split(self.dataset, self.root, True, test_tf, self.download, bad)
+            self.statistics_set = self.count_skipped(f"{self.dataset} (training)", statistics)

@@ -8,6 +8,7 @@ from pathlib import Path
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from lightning_ood.data.images import check_bad_images, decodable, decode_image
 from lightning_ood.errors import DataError
 
 
@@ -25,14 +26,30 @@ def has_split_folders(root: Path, splits: tuple[str, ...] = ("train", "test")) -
     return any((root / split).is_dir() for split in splits)
 
 
+class CheckedImageFolder(ImageFolder):
+    """An :class:`ImageFolder` whose images are read by :func:`~lightning_ood.data.images.decode_image` (high bit
+    depths converted, failures naming the file); with ``bad_images: skip`` the files that do not decode are left out
+    up front (``skipped`` lists them)."""
+
+    def __init__(self, root: str, transform: Callable | None = None, bad_images: str = "error", what: str = "") -> None:
+        super().__init__(root, transform=transform, loader=decode_image)
+        self.skipped: list[Path] = []
+        if check_bad_images(bad_images, what or root) == "skip":
+            kept, self.skipped = decodable([Path(p) for p, _ in self.samples], what or root)
+            self.samples = [self.samples[i] for i in kept]
+            self.imgs = self.samples
+            self.targets = [t for _, t in self.samples]
+
+
 def labelled_image_folder(
     root: Path,
     split: str,
     transform: Callable | None,
     expected_classes: int | None = None,
     dataset_name: str = "dataset",
-) -> ImageFolder:
-    """``root/<split>/<class>/<image>`` as an :class:`ImageFolder`; the class index is the sorted folder position.
+    bad_images: str = "error",
+) -> CheckedImageFolder:
+    """``root/<split>/<class>/<image>`` as an image folder; the class index is the sorted folder position.
 
     Raises:
         DataError: the split folder is missing, holds no class folders with images, or holds a number of classes
@@ -53,4 +70,4 @@ def labelled_image_folder(
             f"{dataset_name}: {split_dir} has {len(classes)} class folders but {dataset_name} has {expected_classes} "
             f"classes. Point the data root at a complete copy laid out {layout}."
         )
-    return ImageFolder(str(split_dir), transform=transform)
+    return CheckedImageFolder(str(split_dir), transform, bad_images, f"{dataset_name} {split}")

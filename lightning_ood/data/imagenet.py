@@ -18,11 +18,9 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision import transforms as T
-from torchvision.datasets import ImageFolder
 
 from lightning_ood.data.base import DATA_ROOT_ENV, OODDataModule, default_data_root
-from lightning_ood.data.folders import class_folders
-from lightning_ood.data.sets import decode_image
+from lightning_ood.data.folders import CheckedImageFolder, class_folders
 from lightning_ood.data.transforms import NORMALIZATION, Normalize, to_rgb
 from lightning_ood.errors import ConfigError, DataError
 
@@ -63,14 +61,6 @@ def imagenet_train_transform(normalization, image_size: int = 224, interpolation
             Normalize(normalization),
         ]
     )
-
-
-class ImageNetFolder(ImageFolder):
-    """``<split_dir>/<wnid>/<image>`` (class index = sorted wnid position, as torchvision's pretrained models use;
-    images in sorted order within a class); undecodable images stop the run with a message naming the file."""
-
-    def __init__(self, split_dir: Path, transform: Callable | None = None) -> None:
-        super().__init__(str(split_dir), transform=transform, loader=decode_image)
 
 
 class ImageNetDataModule(OODDataModule):
@@ -163,14 +153,14 @@ class ImageNetDataModule(OODDataModule):
         except RuntimeError as err:  # torchvision: "The archive ... is not present ... or is corrupted"
             raise DataError(f"{TITLE}: cannot extract the {split} archives under {self.root} ({err}).") from err
 
-    def split(self, split: str, transform: Callable) -> ImageNetFolder:
+    def split(self, split: str, transform: Callable) -> CheckedImageFolder:
         """One split as an image folder, extracted from torchvision's archives first when needed."""
         self.extract(split)
         if not self.split_classes(split):
             found = "missing" if not (self.root / split).is_dir() else "has no class folders with images"
             raise self.missing_error(f"{self.root / split} is {found}")
         try:
-            dataset = ImageNetFolder(self.root / split, transform)
+            dataset = CheckedImageFolder(str(self.root / split), transform, self.bad_images, f"{TITLE} {split}")
         except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
             raise DataError(f"{TITLE}: {self.root / split}: {err}. Expected layout: {LAYOUT}.") from err
         if dataset.classes != self.classes:
@@ -195,6 +185,8 @@ class ImageNetDataModule(OODDataModule):
             train_tf = imagenet_train_transform(self.normalization, self.image_size, self.interpolation)
             self.train_set = self.split("train", train_tf)
         if stage in (None, "test", "validate", "predict") and not self.test_sets:
-            self.test_sets = {self.id_name: self.split("val", test_tf), **self.build_ood_sets()}
+            id_test = self.count_skipped(self.id_name, self.split("val", test_tf))
+            self.test_sets = {self.id_name: id_test, **self.build_ood_sets()}
         if stage in (None, "fit", "statistics") and self.statistics_set is None:
-            self.statistics_set = self.split("train", test_tf)  # train_per_class: OODDataModule.statistics_images
+            statistics = self.split("train", test_tf)  # train_per_class: OODDataModule.statistics_images
+            self.statistics_set = self.count_skipped(f"{self.id_name} (training)", statistics)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from lightning_ood.data.images import check_bad_images, decodable, decode_image
 from lightning_ood.errors import DataError
 
 OOD_LABEL = -1
@@ -22,20 +22,6 @@ OOD_LABEL = -1
 def find_images(root: Path) -> list[Path]:
     """All image files under ``root`` (recursively), sorted for a deterministic order."""
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-
-
-BAD_IMAGE_POLICIES = ("error", "skip")
-
-
-def decode_image(path: Path):
-    """Open an image as RGB, turning a decoding failure into a :class:`DataError` naming the file."""
-    try:
-        return default_loader(str(path))
-    except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data, bad headers
-        raise DataError(
-            f"Cannot decode image {path} ({type(err).__name__}: {err}). Remove or replace the file, or skip "
-            f"undecodable images of this set with bad_images: skip."
-        ) from err
 
 
 class ImageFiles(Dataset):
@@ -52,27 +38,14 @@ class ImageFiles(Dataset):
     def __init__(
         self, paths: Sequence[Path], transform: Callable | None = None, name: str = "images", bad_images: str = "error"
     ) -> None:
-        if bad_images not in BAD_IMAGE_POLICIES:
-            raise DataError(f"{name}: bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}.")
+        check_bad_images(bad_images, name)
         if not paths:
             raise DataError(f"OOD set '{name}' is empty: no images found.")
         self.paths = list(paths)
         self.skipped: list[Path] = []
         if bad_images == "skip":
-            readable = []
-            for path in self.paths:
-                try:
-                    decode_image(path).load()
-                    readable.append(path)
-                except DataError:
-                    self.skipped.append(path)
-            self.paths = readable
-            if self.skipped:
-                warnings.warn(
-                    f"OOD set '{name}': skipped {len(self.skipped)} undecodable image(s) of {len(paths)} "
-                    f"(first: {self.skipped[0]}).",
-                    stacklevel=2,
-                )
+            kept, self.skipped = decodable(self.paths, f"OOD set '{name}'")
+            self.paths = [self.paths[i] for i in kept]
             if not self.paths:
                 raise DataError(f"OOD set '{name}' is empty: none of its {len(paths)} images could be decoded.")
         self.transform = transform

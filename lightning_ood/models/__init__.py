@@ -66,9 +66,12 @@ def pretrained_backbone(
 ) -> Pretrained:
     """Build backbone ``name`` and load ``weights``: for torchvision and timm backbones a weights name or a local
     file (their own handling); for the CIFAR backbones a file in any format of :mod:`lightning_ood.models.formats`.
-    ``weights_format`` names the format when a file is ambiguous (CIFAR backbones only)."""
+    ``weights_format`` names the format when a file is ambiguous (CIFAR backbones only); ``"random"`` asks for an
+    untrained network on purpose (``test`` refuses one otherwise)."""
     key = canonical_name(name)
     build = BACKBONES[key]
+    if weights == "random":  # asked for explicitly: an untrained network
+        weights = None
     if "weights" in inspect.signature(build).parameters:
         if weights_format is not None:
             raise ConfigError(

@@ -210,6 +210,23 @@ def mismatches(converted: StateDict, unknown: list[str], expected: StateDict) ->
     ]
 
 
+def load_checked(net: nn.Module, state: StateDict, head_key: str, source: str, fits: str) -> None:
+    """``net.load_state_dict(state)`` with one readable message instead of PyTorch's list of every mismatch: the head's
+    class count first, then the missing and unexpected keys and shape mismatches (``fits``: what ``state`` should be).
+    """
+    expected = net.state_dict()
+    classes = expected[head_key].shape[0]
+    if head_key in state and state[head_key].shape[0] != classes:
+        raise CheckpointError(
+            f"{source} has a head for {state[head_key].shape[0]} classes but the model is built for {classes} "
+            f"(model.num_classes, linked from the data). Use weights trained on this dataset."
+        )
+    problems = mismatches(state, [], expected)
+    if problems:
+        raise CheckpointError(f"{source} does not fit {fits}: {'; '.join(problems)}.")
+    net.load_state_dict(state)
+
+
 def load_weights(
     path: str | Path, backbone: nn.Module, backbone_name: str, weights_format: str | None = None
 ) -> LoadedWeights:

@@ -28,6 +28,7 @@ from torchvision.models import get_model_weights
 from lightning_ood.checkpoints import load_file
 from lightning_ood.errors import CheckpointError, ConfigError
 from lightning_ood.models.base import Backbone, BatchNormTail
+from lightning_ood.models.formats import load_checked
 
 StateDict = dict[str, Tensor]
 
@@ -133,7 +134,8 @@ class TorchvisionBackbone(Backbone):
                 state, source = self.torchvision_keys(read_state_dict(path)), f"Weights file {path}"
         net = self.build(num_classes, state)
         if state is not None:
-            self.load_checked(net, state, source, num_classes)
+            fits = f"torchvision's {self.arch} (torchvision's keys or this backbone's own: net.*, head.*)"
+            load_checked(net, state, f"{self.head_path}.weight", source, fits)
         self.head: nn.Linear = net.get_submodule(self.head_path)
         setattr(net, self.head_owner, nn.Identity())
         self.net = net
@@ -151,30 +153,6 @@ class TorchvisionBackbone(Backbone):
             k.removeprefix("net.") if k.startswith("net.") else f"{self.head_path}.{k.removeprefix('head.')}": v
             for k, v in state.items()
         }
-
-    def load_checked(self, net: nn.Module, state: StateDict, source: str, num_classes: int) -> None:
-        """``net.load_state_dict(state)`` with one readable message instead of PyTorch's list of every mismatch."""
-        expected = net.state_dict()
-        head_key = f"{self.head_path}.weight"
-        if head_key in state and state[head_key].shape[0] != num_classes:
-            raise CheckpointError(
-                f"{source} has a head for {state[head_key].shape[0]} classes but the model is built for "
-                f"{num_classes} (model.num_classes, linked from the data). Use weights trained on this dataset."
-            )
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        wrong = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            problems = [
-                f"{len(keys)} {what} (first: {keys[0]})"
-                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes", wrong))
-                if keys
-            ]
-            raise CheckpointError(
-                f"{source} does not fit torchvision's {self.arch}: {', '.join(problems)}. It must hold a {self.arch} "
-                f"state dict with torchvision's keys or this backbone's own (net.*, head.*)."
-            )
-        net.load_state_dict(state)
 
     def features(self, x: Tensor) -> Tensor:  # (N, 3, H, W) -> (N, L)
         return self.net(x)  # the head is an Identity inside net

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lightning_ood.checkpoints import load_file
 from lightning_ood.errors import CheckpointError, ConfigError
 from lightning_ood.models.base import Backbone
+from lightning_ood.models.formats import load_checked
 from lightning_ood.normalization import Normalization
 
 ARCH = "vit_base_patch16_224"
@@ -111,34 +112,15 @@ class TimmViTB16(Backbone):
                 path, source = cached_weights(tag), f"{ARCH}.{tag}"
             else:
                 source = f"Weights file {path}"
-            self.load_checked(net, read_weights_file(path), source, num_classes)
+            state = read_weights_file(path)
+            if state and all(k.startswith(("net.", "head.")) for k in state):  # this backbone's own keys
+                state = {k.removeprefix("net."): v for k, v in state.items()}
+            load_checked(net, state, "head.weight", source, f"timm's {ARCH}")
             self.weights_normalization = TIMM_NORMALIZATION
         self.head: nn.Linear = net.head
         net.reset_classifier(0)  # net(x) now returns the pre-logits class token
         self.net = net
         self.feature_dim = self.head.in_features
-
-    @staticmethod
-    def load_checked(net: nn.Module, state: dict[str, Tensor], source: str, num_classes: int) -> None:
-        if state and all(k.startswith(("net.", "head.")) for k in state):  # this backbone's own keys
-            state = {k.removeprefix("net."): v for k, v in state.items()}
-        expected = net.state_dict()
-        if "head.weight" in state and state["head.weight"].shape[0] != num_classes:
-            raise CheckpointError(
-                f"{source} has a head for {state['head.weight'].shape[0]} classes but the model is built for "
-                f"{num_classes} (model.num_classes, linked from the data)."
-            )
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        shapes = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
-        if missing or unexpected or shapes:
-            problems = [
-                f"{len(keys)} {what} (first: {keys[0]})"
-                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes", shapes))
-                if keys
-            ]
-            raise CheckpointError(f"{source} does not fit timm's {ARCH}: {', '.join(problems)}.")
-        net.load_state_dict(state)
 
     def features(self, x: Tensor) -> Tensor:  # (N, 3, 224, 224) -> (N, 768)
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):

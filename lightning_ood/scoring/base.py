@@ -95,9 +95,21 @@ def check_output(output: str) -> str:
     return output
 
 
+def check_number(name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value != value):
+        raise ConfigError(f"{name} must be a number, got {value!r}.")
+
+
 def check_percentile(name: str, value: float | None) -> None:
+    check_number(name, value)
     if value is not None and not 0.0 <= value <= 100.0:
         raise ConfigError(f"{name} must be a percentile in [0, 100], got {value}.")
+
+
+def check_positive(name: str, value: float) -> None:
+    check_number(name, value)
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}.")
 
 
 REFERENCES = ("train", "id_test")
@@ -110,6 +122,7 @@ def check_reference(reference: str) -> str:
 
 
 def check_nonnegative(name: str, value: float | None) -> None:
+    check_number(name, value)
     if value is not None and value < 0:
         raise ConfigError(f"{name} must be >= 0, got {value}.")
 

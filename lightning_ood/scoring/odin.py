@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ood.errors import ConfigError
-from lightning_ood.scoring.base import LogitScorer, Scorer, check_nonnegative, max_softmax
+from lightning_ood.scoring.base import LogitScorer, Scorer, check_nonnegative, check_positive, max_softmax
 from lightning_ood.statistics import FeatureStatistics
 
 
@@ -43,8 +42,7 @@ class ODIN(Scorer):
         scale_by_std: bool = True,
         base: LogitScorer | None = None,
     ) -> None:
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}.")
+        check_positive("temperature", temperature)
         check_nonnegative("epsilon", epsilon)
         self.temperature = temperature
         self.epsilon = epsilon

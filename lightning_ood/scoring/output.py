@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_ood.scoring.base import LogitScorer, Scorer, energy, max_softmax
+from lightning_ood.scoring.base import LogitScorer, Scorer, check_positive, energy, max_softmax
 
 
 class MSP(LogitScorer):
@@ -18,6 +18,7 @@ class Energy(Scorer):
     """Energy score ``T * logsumexp(f / T)`` (Liu et al., NeurIPS 2020); the paper uses T = 1."""
 
     def __init__(self, temperature: float = 1.0) -> None:
+        check_positive("temperature", temperature)
         self.temperature = temperature
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:

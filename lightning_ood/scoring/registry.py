@@ -92,7 +92,10 @@ def construct(build: Callable[..., Scorer], kwargs: dict[str, Any], name: str | 
             f"Scorer {label!r} has no hyperparameter {', '.join(sorted(map(repr, unknown)))}. "
             f"Valid: {', '.join(sorted(accepted)) or 'none'}."
         )
-    return build(**kwargs)
+    try:
+        return build(**kwargs)
+    except TypeError as err:  # a value of the wrong kind that no check caught
+        raise ConfigError(f"Scorer {name or getattr(build, '__name__', 'scorer')!r}: {err}.") from err
 
 
 def build_scorer(name: str, **kwargs: Any) -> Scorer:

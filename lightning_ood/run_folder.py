@@ -1,0 +1,97 @@
+"""The run's output folder (``logs/<name>/version_N``): checked before any work, held by one run at a time, and removed
+again when a failed run created it and left nothing of use in it.
+
+- Writability of the logs and checkpoint folders is checked up front, not after the first epoch or the whole test.
+- A folder that already holds results (``ood_results.*``, ``selected.yaml``, ...) is not written into unless the user
+  asks (``--overwrite_results true``): two runs with the same explicit version would silently overwrite each other.
+- A lock file ``.lightning-ood.lock`` holding the writer's process id keeps a concurrent run out; a lock left by a
+  process that no longer runs is taken over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning_ood.errors import OutputError
+from lightning_ood.io import check_writable_folder, process_alive
+
+RESULT_FILES = ("ood_results.*", "selected.yaml", "tune_grid.csv", "sensitivity.csv", "normratio.csv",
+                "featurenorm.yaml")  # fmt: skip
+LOCK = ".lightning-ood.lock"
+
+
+def holds_results(folder: Path) -> list[Path]:
+    return sorted(p for pattern in RESULT_FILES for p in folder.glob(pattern))
+
+
+@dataclass
+class RunFolder:
+    """One run's log folder and what the run did to it."""
+
+    path: Path
+    created: bool = False
+    locked: bool = False
+    extra: list[Path] = field(default_factory=list)  # other folders this run created (checkpoints)
+
+    @classmethod
+    def claim(cls, path: Path, overwrite: bool, also_writable: tuple[tuple[Path, str], ...] = ()) -> RunFolder:
+        """Check, lock and remember ``path`` before the run starts.
+
+        Raises:
+            OutputError: a folder cannot be written, ``path`` holds results and ``overwrite`` is false, or another
+                running process holds it.
+        """
+        check_writable_folder(path, "logs")
+        for folder, what in also_writable:
+            check_writable_folder(folder, what)
+        existing = holds_results(path) if path.is_dir() else []
+        if existing and not overwrite:
+            raise OutputError(
+                f"{path} already holds the results of an earlier run ({', '.join(p.name for p in existing)}); choose "
+                f"another --trainer.logger.init_args.version, or pass --overwrite_results true to replace them."
+            )
+        run = cls(path, created=not path.exists())
+        run.extra = [folder for folder, _ in also_writable if not folder.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        run.lock()
+        return run
+
+    def lock(self) -> None:
+        lock = self.path / LOCK
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and owner != os.getpid() and process_alive(owner):
+                    raise OutputError(
+                        f"Another run (process {owner}) is writing into {self.path}; wait for it, or choose another "
+                        f"--trainer.logger.init_args.version."
+                    ) from None
+                lock.unlink(missing_ok=True)  # left by a run that was killed
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.locked = True
+            return
+
+    def release(self) -> None:
+        if self.locked:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self.locked = False
+
+    def abandon(self) -> None:
+        """After a failure: release the lock and remove what this run created and filled with nothing of use."""
+        self.release()
+        useful = holds_results(self.path) if self.path.is_dir() else []
+        if self.created and not useful and self.path.is_dir():
+            shutil.rmtree(self.path, ignore_errors=True)
+        for folder in self.extra:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
