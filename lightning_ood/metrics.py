@@ -54,7 +54,9 @@ def fpr_at_tpr(scores: Tensor, is_id: Tensor, tpr: float = 0.95) -> Tensor:
 
 
 class FPRAtTPR(Metric):
-    """FPR at a fixed TPR (default 95%) with ID as the positive class; see :func:`fpr_at_tpr`."""
+    """FPR at a fixed TPR (default 95%) with ID as the positive class (see :func:`fpr_at_tpr`), or, with
+    ``positive="ood"``, OpenOOD v1.5's definition: the share of ID images flagged as OOD at the threshold that catches
+    ``tpr`` of the OOD images (lower scores = OOD). A different number; labelled as such in every report."""
 
     is_differentiable = False
     higher_is_better = False
@@ -62,11 +64,14 @@ class FPRAtTPR(Metric):
     scores: list[Tensor]
     is_id: list[Tensor]
 
-    def __init__(self, tpr: float = 0.95, **kwargs: Any) -> None:
+    def __init__(self, tpr: float = 0.95, positive: str = "id", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0.0 < tpr <= 1.0:
             raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+        if positive not in ("id", "ood"):
+            raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}")
         self.tpr = tpr
+        self.positive = positive
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("is_id", default=[], dist_reduce_fx="cat")
 
@@ -75,7 +80,10 @@ class FPRAtTPR(Metric):
         self.is_id.append(is_id.detach().flatten().bool())
 
     def compute(self) -> Tensor:
-        return fpr_at_tpr(dim_zero_cat(self.scores), dim_zero_cat(self.is_id), self.tpr)
+        scores, is_id = dim_zero_cat(self.scores), dim_zero_cat(self.is_id)
+        if self.positive == "ood":
+            return fpr_at_tpr(-scores, ~is_id, self.tpr)
+        return fpr_at_tpr(scores, is_id, self.tpr)
 
 
 class AUPROut(BinaryAveragePrecision):
@@ -91,10 +99,10 @@ class OODMetrics(MetricCollection):
     Scores are kept in float64 so that the results match sklearn on the same scores to ~1e-12.
     """
 
-    def __init__(self, tpr: float = 0.95) -> None:
+    def __init__(self, tpr: float = 0.95, positive: str = "id") -> None:
         super().__init__(
             {
-                "fpr95": FPRAtTPR(tpr),
+                "fpr95": FPRAtTPR(tpr, positive),
                 # inputs are formatted by ``update`` below: skip torchmetrics' per-batch validation
                 "auroc": BinaryAUROC(normalization=None, validate_args=False),
                 "aupr_in": BinaryAveragePrecision(normalization=None, validate_args=False),
@@ -107,9 +115,9 @@ class OODMetrics(MetricCollection):
         super().update(scores.detach().double(), is_id.long())
 
 
-def ood_metrics(id_scores: Tensor, ood_scores: Tensor, tpr: float = 0.95) -> dict[str, float]:
+def ood_metrics(id_scores: Tensor, ood_scores: Tensor, tpr: float = 0.95, positive: str = "id") -> dict[str, float]:
     """FPR95, AUROC, AUPR-In and AUPR-Out of one ID/OOD score pair, as floats (the functional :class:`OODMetrics`)."""
-    metrics = OODMetrics(tpr)
+    metrics = OODMetrics(tpr, positive)
     scores = torch.cat([id_scores.flatten(), ood_scores.flatten()])
     is_id = torch.cat([torch.ones(id_scores.numel()), torch.zeros(ood_scores.numel())])
     metrics.update(scores, is_id)

@@ -30,13 +30,13 @@ from lightning_ood.models import Backbone, pretrained_backbone
 from lightning_ood.models.formats import mismatches
 from lightning_ood.normalization import Normalization
 from lightning_ood.report import OODReport
-from lightning_ood.scoring import DEFAULT_SCORERS, Scorer, build_scorer
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.scoring import DEFAULT_SCORERS, GROUPS, Scorer, build_scorer
+from lightning_ood.statistics import FeatureStatistics, ReferenceSet, percentile
 
 STATISTICS_KEY = "ood_statistics"
 NORMALIZATION_KEY = "input_normalization"
 REFERENCE_IMAGES = 2000  # ID test images of the ReAct authors' threshold (reference: id_test)
-ScorerSpec = list[str] | dict[str, dict[str, Any]]
+ScorerSpec = str | list[str] | dict[str, dict[str, Any]]
 
 
 def scorer_specs(scorers: ScorerSpec | None) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -44,13 +44,18 @@ def scorer_specs(scorers: ScorerSpec | None) -> dict[str, tuple[str, dict[str, A
 
     A list names registered scorers with their defaults; a mapping gives each label its hyperparameters, with the
     registered name under ``scorer`` (defaulting to the label): ``{"ours_p30": {"scorer": "fmls", "percentile": 30}}``.
+    A group name (``paper``, ``openood``, ``all``), alone or in a list, stands for its scorers.
     """
     if scorers is None:
         scorers = list(DEFAULT_SCORERS)
+    if isinstance(scorers, str):
+        scorers = [scorers]
     if isinstance(scorers, list | tuple):
-        if len(set(scorers)) != len(scorers):
-            raise ConfigError(f"A scorer is listed twice in {list(scorers)}.")
-        return {name: (name, {}) for name in scorers}
+        names = [member for name in scorers for member in GROUPS.get(name, [name])]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"Scorers listed twice in {list(scorers)}: {', '.join(twice)}.")
+        return {name: (name, {}) for name in names}
     specs = {}
     for label, params in scorers.items():
         params = dict(params or {})
@@ -74,12 +79,16 @@ class OODClassifier(LightningModule):
             ``label -> {scorer: <name>, <hyperparameter>: <value>, ...}``; ``None`` runs every method of the paper's
             tables with its defaults.
         tpr: the TPR of the FPR@TPR metric (0.95).
+        fpr_positive: ``id`` (the paper's FPR95: ID positive, the share of OOD images kept at 95% of ID kept) or
+            ``ood`` (OpenOOD v1.5's: the share of ID images rejected at 95% of OOD rejected), labelled as such.
         weights: pretrained weights. CIFAR backbones: the path of a published checkpoint in any format of
             :mod:`lightning_ood.models.formats` (the DICE / ODIN DenseNet3 files, OpenOOD v1.5's ResNet18_32x32,
             this project's checkpoints and state dicts), converted exactly. torchvision ImageNet backbones: a weights
             name such as ``IMAGENET1K_V1`` or a local ``.pth``; timm's ``vit_base_patch16_224``: a pretrained tag or a
             local ``model.safetensors``. Evaluate them with no Lightning checkpoint, or fine-tune from them with fit.
         weights_format: the format of ``weights`` when its keys fit several (CIFAR backbones); ``None`` recognises it.
+        bank_images: training images whose features are kept for the scorers that search them (KNN, ViM, NNGuide,
+            Relation, OpenMax): all up to this many, else an even stride (ImageNet configs: 12811, 1% as KNN).
         normalization: ``{mean: [r, g, b], std: [r, g, b]}`` of the input pixels in [0, 1]; ``None`` takes the one
             the weights were trained with (their format's, or the one stored in a checkpoint), else the dataset's.
         statistics_cache: folder where statistics computed on demand (a checkpoint without them, or pretrained
@@ -99,9 +108,11 @@ class OODClassifier(LightningModule):
         nesterov: bool = False,
         scorers: ScorerSpec | None = None,
         tpr: float = 0.95,
+        fpr_positive: str = "id",
         weights: str | None = None,
         weights_format: str | None = None,
         normalization: dict[str, Any] | None = None,
+        bank_images: int = 50_000,
         statistics_cache: str | None = None,
     ) -> None:
         super().__init__()
@@ -111,6 +122,8 @@ class OODClassifier(LightningModule):
             raise ConfigError(f"milestones must be increasing, got {list(milestones)}")
         if isinstance(tpr, bool) or not isinstance(tpr, int | float) or not 0.0 < tpr <= 1.0:
             raise ConfigError(f"tpr (of the FPR@TPR metric) must be in (0, 1], got {tpr!r}; the paper uses 0.95.")
+        if fpr_positive not in ("id", "ood"):
+            raise ConfigError(f"fpr_positive must be 'id' (the paper) or 'ood' (OpenOOD v1.5), got {fpr_positive!r}.")
         self.save_hyperparameters()
         pretrained = pretrained_backbone(backbone, num_classes, weights, weights_format)
         self.backbone: Backbone = pretrained.backbone
@@ -120,8 +133,10 @@ class OODClassifier(LightningModule):
         )
         self.input_normalization: Normalization | None = self.configured_normalization or pretrained.normalization
         self.scorer_specs = scorer_specs(scorers)
-        for name, params in self.scorer_specs.values():  # fail at construction, not after a long fit
-            build_scorer(name, **params)
+        # built once at construction, so a bad name or value fails now, not after a long fit
+        self.scorer_prototypes = {
+            label: build_scorer(name, **params) for label, (name, params) in self.scorer_specs.items()
+        }
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -244,20 +259,25 @@ class OODClassifier(LightningModule):
                 label: build_scorer(name, **params).bind(self.backbone) for label, (name, params) in specs.items()
             }
             for reference in sorted(set().union(*(s.references for s in scorers.values()))):
-                self.ood_statistics.reference_quantiles[reference] = self.reference_quantiles(reference, datamodule)
+                self.ood_statistics.reference[reference] = self.reference_set(reference, datamodule)
             self.scorers = {
                 label: s.fit_statistics(self.ood_statistics, head).to(self.device) for label, s in scorers.items()
             }
         self.hooked_blocks = sorted({b for scorer in self.scorers.values() for b in scorer.needs_blocks})
         oods = self.test_set_names[1:]
+        hp = self.hparams
         self.ood_metrics = nn.ModuleDict(
-            {self._key(s, o): OODMetrics(self.hparams.tpr) for s in self.scorers for o in oods}
+            {self._key(s, o): OODMetrics(hp.tpr, hp.fpr_positive) for s in self.scorers for o in oods}
         ).to(self.device)
         self.score_collectors = nn.ModuleDict(
             {self._key(s, d): CatMetric(nan_strategy="disable") for s in self.scorers for d in self.test_set_names}
         ).to(self.device)
         self.nonfinite = nn.ModuleDict({d: SumMetric() for d in self.test_set_names}).to(self.device)
         self.test_acc.reset()
+
+    def statistics_needs(self) -> frozenset[str]:
+        """The statistics beyond the core ones that the configured scorers need (``needs_statistics``)."""
+        return frozenset().union(*(type(s).needs_statistics for s in self.scorer_prototypes.values()))
 
     def ensure_statistics(self, datamodule, trainer=None, cache_dir: str | None = None) -> FeatureStatistics:
         """The OOD statistics of these weights and inputs: the loaded ones when they match, else computed over the
@@ -268,10 +288,12 @@ class OODClassifier(LightningModule):
         wanted_images = datamodule.describe_statistics_images()
         other_weights = stats is not None and stats.weights not in ("", self.fingerprint())
         other_images = stats is not None and stats.images not in ("", wanted_images)
-        if stats is None or other_weights or other_images:
+        lacking = stats.provides(set(self.statistics_needs())) if stats is not None else set()
+        if stats is None or other_weights or other_images or lacking:
             reason = (
                 "were fitted on other weights or inputs" if other_weights
                 else f"were fitted on other images ({stats.images}; this run: {wanted_images})" if other_images
+                else f"do not include what the configured scorers need ({', '.join(sorted(lacking))})" if lacking
                 else "are not in this checkpoint" if self.checkpoint_loaded
                 else "are not stored with these weights"
             )  # fmt: skip
@@ -280,21 +302,28 @@ class OODClassifier(LightningModule):
             )
         return self.ood_statistics
 
-    def reference_quantiles(self, reference: str, datamodule) -> Tensor:
-        """Activation percentiles of another image set than the training images, for thresholds taken there:
-        ``id_test`` = a seeded subset of ``REFERENCE_IMAGES`` ID test images (the ReAct authors' convention)."""
-        from lightning_ood.callbacks.statistics import compute_feature_statistics
+    def reference_set(self, reference: str, datamodule) -> ReferenceSet:
+        """Features, logits and labels of an ID image set other than the training images, measured now:
+        ``id_test`` = a seeded subset of ``REFERENCE_IMAGES`` ID test images (the ReAct authors' convention),
+        ``val`` = the held-out training images of ``data.val_split``."""
+        from lightning_ood.callbacks.statistics import reference_features
         from lightning_ood.data.base import IndexedDataset, seeded_subset
 
-        subset = seeded_subset(datamodule.test_sets[datamodule.id_name], REFERENCE_IMAGES)
-        stats = compute_feature_statistics(
-            self, datamodule.eval_loader(IndexedDataset(subset)), self.trainer, progress=False, log=False
-        )
+        if reference == "val":
+            if not datamodule.val_split:
+                raise ConfigError(
+                    "A scorer fits on held-out ID validation images (reference: val): set --data.init_args.val_split "
+                    "N, or use reference: id_test."
+                )
+            images = datamodule.validation_set()
+        else:
+            images = seeded_subset(datamodule.test_sets[datamodule.id_name], REFERENCE_IMAGES)
+        found = reference_features(self, IndexedDataset(images), datamodule.eval_loader, self.trainer)
         rank_zero_info(
-            f"Activation percentiles of {stats.num_samples} ID test images (thresholds with reference {reference!r}): "
-            f"90th = {float(stats.activation_quantiles[900]):.4f}."
+            f"Reference {reference!r}: {len(found.labels)} ID images measured (90th activation percentile "
+            f"{float(percentile(found.features.double(), 90.0)):.4f})."
         )
-        return stats.activation_quantiles
+        return found
 
     def resolve_blocks(self, specs: dict, datamodule) -> dict:
         """Scorer specs with every ``featurenorm`` block left open chosen by NormRatio on ID training images."""
@@ -341,7 +370,8 @@ class OODClassifier(LightningModule):
             if scorer.needs_inputs:
                 scores[label] = scorer.score_inputs(x, self.backbone.features, self.input_normalization.std)
             elif scorer.needs_blocks:
-                scores[label] = scorer.score_blocks(blocks)
+                with torch.no_grad():
+                    scores[label] = scorer.score_blocks(blocks, features, logits)
             else:
                 with torch.no_grad():
                     scores[label] = scorer.score(features, logits)
@@ -396,6 +426,8 @@ class OODClassifier(LightningModule):
             skipped_images=dict(getattr(self.trainer.datamodule, "skipped_images", {})),
             provenance=self.provenance(),
             tpr=self.hparams.tpr,
+            fpr_positive=self.hparams.fpr_positive,
+            groups={o: g for o, g in getattr(self.trainer.datamodule, "ood_groups", {}).items() if o in oods},
         )
         if oods:
             for scorer in self.scorers:

@@ -93,6 +93,9 @@ class OODReport:
             hyperparameters, ...), written with every result file.
         tpr: the TPR of the FPR metric (``metrics[...]["fpr95"]`` holds the FPR at this TPR); outputs label it
             ``FPR95`` at the paper's 0.95 and ``FPR<100 tpr>`` otherwise, with no paper figure beside it then.
+        fpr_positive: ``id`` (the paper's FPR: ID positive) or ``ood`` (OpenOOD v1.5's: OOD positive), labelled
+            ``FPR95 (OOD+)`` and stored as ``fpr95_ood``; no paper figure beside it.
+        groups: OOD set -> group (``near``, ``far``): each group gets its own average column and rows.
     """
 
     id_name: str
@@ -104,17 +107,38 @@ class OODReport:
     skipped_images: dict[str, int] = field(default_factory=dict)
     provenance: dict[str, object] = field(default_factory=dict)
     tpr: float = 0.95
+    fpr_positive: str = "id"
+    groups: dict[str, str] = field(default_factory=dict)
 
     @property
     def fpr_label(self) -> str:
-        """``FPR95`` at the paper's TPR, else ``FPR<TPR in %>`` (``FPR90``, ``FPR100``)."""
-        return f"FPR{100 * self.tpr:.4g}"
+        """``FPR95`` at the paper's TPR, else ``FPR<TPR in %>`` (``FPR90``, ``FPR100``); ``(OOD+)`` for OpenOOD's."""
+        label = f"FPR{100 * self.tpr:.4g}"
+        return f"{label} (OOD+)" if self.fpr_positive == "ood" else label
+
+    @property
+    def comparable_fpr(self) -> bool:
+        """Whether our FPR is the paper's metric (ID positive, TPR 95%)."""
+        return self.tpr == 0.95 and self.fpr_positive == "id"
 
     def output_key(self, metric: str) -> str:
-        return self.fpr_label.lower() if metric == "fpr95" else metric
+        if metric != "fpr95":
+            return metric
+        key = f"fpr{100 * self.tpr:.4g}"
+        return f"{key}_ood" if self.fpr_positive == "ood" else key
 
     def title(self, metric: str) -> str:
         return f"{self.fpr_label}↓" if metric == "fpr95" else METRIC_TITLES[metric]
+
+    @property
+    def group_names(self) -> list[str]:
+        """The OOD groups in first-seen order (``near``, ``far``)."""
+        return list(dict.fromkeys(self.groups[o] for o in self.ood_names if o in self.groups))
+
+    @property
+    def average_columns(self) -> list[str]:
+        """``Average (near)``, ``Average (far)`` when the OOD sets are grouped, then ``Average``."""
+        return [*(f"Average ({g})" for g in self.group_names), "Average"]
 
     @property
     def scorers(self) -> list[str]:
@@ -124,15 +148,17 @@ class OODReport:
     def ood_names(self) -> list[str]:
         return list(next(iter(self.metrics.values()), {}))
 
-    def average(self, scorer: str) -> dict[str, float]:
-        """Mean of each metric over the OOD sets (the paper's "Average" column)."""
-        per_set = self.metrics[scorer].values()
+    def average(self, scorer: str, group: str | None = None) -> dict[str, float]:
+        """Mean of each metric over the OOD sets (the paper's "Average" column), or over one group's."""
+        per_set = [v for o, v in self.metrics[scorer].items() if group is None or self.groups.get(o) == group]
         return {m: sum(v[m] for v in per_set) / len(per_set) for m in METRICS}
 
     def paper(self, scorer: str, ood: str) -> tuple[float, float] | None:
         """The paper's (FPR95, AUROC) of this cell; the FPR only compares at the paper's TPR (NaN otherwise)."""
+        if ood.startswith("Average ("):
+            return None  # the paper has no group averages
         figure = paper_figure(self.id_name, self.backbone, scorer, ood, tuple(self.ood_names))
-        if figure is not None and self.tpr != 0.95:
+        if figure is not None and not self.comparable_fpr:
             return (float("nan"), figure[1])
         return figure
 
@@ -141,7 +167,7 @@ class OODReport:
         """Long format: one row per (scorer, OOD set) plus one ``Average`` row per scorer; values in percent."""
         out = []
         for scorer in self.scorers:
-            entries = [*self.metrics[scorer].items(), ("Average", self.average(scorer))]
+            entries = [*self.metrics[scorer].items(), *((c, self._values(scorer, c)) for c in self.average_columns)]
             for ood, values in entries:
                 paper = self.paper(scorer, ood)
                 paper_fpr = paper[0] if paper and paper[0] == paper[0] else None  # NaN: another TPR than the paper's
@@ -180,7 +206,7 @@ class OODReport:
 
     def to_markdown(self) -> str:
         """A table shaped like the paper's Table I: FPR95 and AUROC per OOD set, then the average."""
-        columns = [*self.ood_names, "Average"]
+        columns = [*self.ood_names, *self.average_columns]
         head = ["Method", *(f"{c} {self.title(m)}" for c in columns for m in ("fpr95", "auroc"))]
         lines = [
             f"ID: {self.id_name} ({self.num_images.get(self.id_name, '?')} images), backbone: {self.backbone}, "
@@ -193,7 +219,7 @@ class OODReport:
         for scorer in self.scorers:
             cells = [scorer]
             for ood in columns:
-                values = self.average(scorer) if ood == "Average" else self.metrics[scorer][ood]
+                values = self._values(scorer, ood)
                 cells += [self._cell(scorer, ood, m, values) for m in ("fpr95", "auroc")]
             lines.append("| " + " | ".join(cells) + " |")
         if self.skipped:
@@ -206,7 +232,7 @@ class OODReport:
         return "\n".join(lines) + "\n"
 
     def rich_table(self) -> Table:
-        columns = [*self.ood_names, "Average"]
+        columns = [*self.ood_names, *self.average_columns]
         notes = [f"skipped sets: {', '.join(self.skipped)}"] if self.skipped else []
         notes += [f"undecodable images left out: {self.skipped_images}"] if self.skipped_images else []
         table = Table(
@@ -229,7 +255,11 @@ class OODReport:
         return table
 
     def _values(self, scorer: str, column: str) -> dict[str, float]:
-        return self.average(scorer) if column == "Average" else self.metrics[scorer][column]
+        if column == "Average":
+            return self.average(scorer)
+        if column.startswith("Average ("):
+            return self.average(scorer, column[len("Average (") : -1])
+        return self.metrics[scorer][column]
 
     def to_json(self) -> str:
         """Every measured value at full precision (fractions in [0, 1]), for programs."""
@@ -243,6 +273,11 @@ class OODReport:
             "tpr": self.tpr,
             "metrics": {s: {o: self._renamed(v) for o, v in per.items()} for s, per in self.metrics.items()},
             "average": {s: self._renamed(self.average(s)) for s in self.scorers} if self.ood_names else {},
+            "groups": self.groups,
+            "group_average": {
+                g: {s: self._renamed(self.average(s, g)) for s in self.scorers} for g in self.group_names
+            },
+            "fpr_positive": self.fpr_positive,
             "provenance": self.provenance,
         }
         return json.dumps(payload, indent=1, default=str)

@@ -95,7 +95,7 @@ def test_bats_on_torchvision_resnet50_and_mobilenet_reruns_only_the_tail():
         net = build_backbone(name, 5).eval()
         point = net.last_batchnorm()
         x = torch.randn(2, 3, 64, 64)
-        with torch.no_grad(), block_outputs(net, (point.name, *point.context)) as captured:
+        with torch.no_grad(), block_outputs(net, point.captures) as captured:
             features = net.features(x)
             torch.testing.assert_close(point.tail(captured[point.name], captured), features, rtol=1e-5, atol=1e-5)
 
@@ -124,7 +124,7 @@ def test_react_threshold_from_id_test_images_through_the_cli(tmp_path, caplog):
     caplog.clear()
     run_cli("test", *data, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--model.scorers",
             '{"react": {"reference": "id_test"}, "dice_react": {"reference": "id_test"}}')  # fmt: skip
-    line = r"Activation percentiles of 25 ID test images .* 90th = ([\d.]+)\.$"
+    line = r"Reference 'id_test': 25 ID images measured \(90th activation percentile ([\d.]+)\)"
     logged = float(re.search(line, caplog.text, re.M)[1])
     # Independently: the 90th percentile (numpy) of all activations of the 25 ID test images under these weights.
     from lightning_ood.data import SyntheticDataModule

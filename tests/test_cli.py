@@ -9,8 +9,8 @@ import torch
 from lightning_ood.cli import main
 from tests.conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))  # complete configs
-OVERLAYS = sorted([*(REPO / "configs" / "overlays").glob("*.yaml"), *(REPO / "configs" / "ood").glob("*.yaml")])
+CONFIGS = sorted([*(REPO / "configs").glob("*.yaml"), *(REPO / "configs" / "paper").glob("*.yaml")])  # complete
+OVERLAYS = sorted(p for folder in ("overlays", "ood", "scorers") for p in (REPO / "configs" / folder).glob("*.yaml"))
 
 
 def run_cli(*args: str) -> None:

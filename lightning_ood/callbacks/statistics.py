@@ -21,12 +21,20 @@ from torch.utils.data import DataLoader
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_ood.errors import DataError
+from lightning_ood.featurenorm import block_outputs
 from lightning_ood.features import weights_fingerprint
-from lightning_ood.statistics import FeatureStatistics, StatisticsAccumulator, quantile_stride
+from lightning_ood.statistics import (
+    FeatureStatistics,
+    ReferenceSet,
+    StatisticsAccumulator,
+    bank_stride,
+    quantile_stride,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ACTIVATIONS = 64_000_000  # activation values kept for exact percentiles (256 MB of float32)
+DEFAULT_BANK_IMAGES = 50_000  # training features kept for KNN & co. (all of CIFAR; ImageNet configs take 1%)
 
 
 def broadcast_buffers(module: torch.nn.Module, trainer: Trainer | None) -> None:
@@ -41,9 +49,9 @@ def broadcast_buffers(module: torch.nn.Module, trainer: Trainer | None) -> None:
 
 
 def _reducers(trainer: Trainer | None, device: torch.device):
-    """Sum and gather functions across ranks (identity in a single process)."""
+    """Sum, gather, min and max functions across ranks (identity in a single process)."""
     if trainer is None or trainer.world_size == 1:
-        return None, None
+        return None, None, None, None
 
     def sum_across(t: Tensor) -> Tensor:
         return trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
@@ -51,7 +59,15 @@ def _reducers(trainer: Trainer | None, device: torch.device):
     def gather_across(t: Tensor) -> Tensor:
         return torch.cat([g.cpu() for g in gather_all_tensors(t.to(device))])
 
-    return sum_across, gather_across
+    def extreme(op):
+        def reduce(t: Tensor) -> Tensor:
+            t = t.to(device).clone()
+            torch.distributed.all_reduce(t, op=op)
+            return t.cpu()
+
+        return reduce
+
+    return sum_across, gather_across, extreme(torch.distributed.ReduceOp.MIN), extreme(torch.distributed.ReduceOp.MAX)
 
 
 @torch.inference_mode(False)  # statistics must stay usable in autograd (ODIN) even when called in inference mode
@@ -64,20 +80,28 @@ def compute_feature_statistics(
     progress: bool = True,
     described_as: str = "",
     log: bool = True,
+    needs: frozenset[str] | set[str] = frozenset(),
+    bank_images: int = DEFAULT_BANK_IMAGES,
 ) -> FeatureStatistics:
-    """One pass of ``module.backbone.features`` over ``loader`` (items ``(image, label, index)``); ``described_as``
-    says which images they are (stored with the statistics)."""
+    """One pass of ``module.backbone`` over ``loader`` (items ``(image, label, index)``); ``described_as`` says which
+    images they are (stored with the statistics); ``needs`` the extras to accumulate beyond the core statistics
+    (``bank``: at most about ``bank_images`` features; ``stages``; ``gram``; see :mod:`lightning_ood.statistics`)."""
     backbone = module.backbone
     broadcast_buffers(backbone, trainer)
     was_training = backbone.training
     backbone.eval()
     num_samples = len(loader.dataset)
     stride = quantile_stride(num_samples, backbone.feature_dim, max_activations)
-    acc = StatisticsAccumulator(backbone.num_classes, backbone.feature_dim, stride)
+    stages = list(backbone.stages()) if "stages" in needs else []
+    gram = list(backbone.blocks()) if "gram" in needs else []
+    acc = StatisticsAccumulator(
+        backbone.num_classes, backbone.feature_dim, stride,
+        bank_stride=bank_stride(num_samples, bank_images) if "bank" in needs else 0, stages=stages, gram=gram,
+    )  # fmt: skip
     show = progress and (trainer is None or trainer.is_global_zero)
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show, transient=True) as bar:
+    with Progress(*columns, disable=not show, transient=True) as bar, block_outputs(backbone, [*stages, *gram]) as out:
         task = bar.add_task("Fitting OOD statistics on the training set", total=len(loader))
         for images, labels, indices in loader:
             features = backbone.features(images.to(module.device))
@@ -86,7 +110,9 @@ def compute_feature_statistics(
                     f"NaN or infinite penultimate features on training images {indices[:5].tolist()}...: "
                     "the weights or the inputs are broken; statistics cannot be fitted."
                 )
-            acc.update(features, labels, indices)
+            pooled = {name: out[name].flatten(2).mean(dim=2) if out[name].ndim == 4 else out[name].mean(dim=1)
+                      for name in stages}  # fmt: skip
+            acc.update(features, labels, indices, backbone.head(features), pooled, out)
             bar.advance(task)
     stats = acc.compute(*_reducers(trainer, module.device))
     stats.weights = module.fingerprint() if hasattr(module, "fingerprint") else weights_fingerprint(backbone)
@@ -121,9 +147,10 @@ class FitOODStatistics(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = trainer.datamodule
         loader = datamodule.statistics_dataloader()
+        needs, bank_images = statistics_needs(pl_module)
         pl_module.ood_statistics = compute_feature_statistics(
             pl_module, loader, trainer, self.max_activations, progress=trainer.progress_bar_callback is not None,
-            described_as=datamodule.describe_statistics_images(),
+            described_as=datamodule.describe_statistics_images(), needs=needs, bank_images=bank_images,
         )  # fmt: skip
         if self.save_checkpoint and not trainer.fast_dev_run:
             checkpoint = trainer.checkpoint_callback
@@ -148,7 +175,7 @@ def normratio_selection(
     broadcast_buffers(module.backbone, trainer)
     subset = seeded_subset(datamodule.statistics_images, images, seed)
     loader = datamodule.eval_loader(IndexedDataset(subset))
-    sum_across, _ = _reducers(trainer, module.device)
+    sum_across, *_ = _reducers(trainer, module.device)
     result = norm_ratios(module.backbone, loader, seed=seed, device=module.device, sum_across=sum_across,
                          normalization=module.input_normalization)  # fmt: skip
     table = ", ".join(f"{name} {ratio:.3f}" for name, ratio in result.ratios.items())
@@ -170,9 +197,11 @@ def statistics_on_demand(
         raise DataError(
             f"The OOD statistics {reason} and computing them needs the training images, which are not available: {err}"
         ) from err
+    needs, bank_images = statistics_needs(module)
     cache = FeatureCache(cache_dir) if cache_dir else None
+    name = "_".join(["ood_statistics", *sorted(needs)]) + (f"_bank{bank_images}" if "bank" in needs else "")
     key = cache.dataset_key(module.backbone, datamodule.statistics_images) if cache else ""
-    stored = cache.load("ood_statistics", key) if cache else None
+    stored = cache.load(name, key) if cache else None
     hit = stored is not None
     if trainer is not None and trainer.world_size > 1:
         hit = trainer.strategy.broadcast(hit, src=0)
@@ -183,8 +212,41 @@ def statistics_on_demand(
     rank_zero_info(f"OOD statistics {reason}: computing them on the training set now.")
     stats = compute_feature_statistics(
         module, loader, trainer, progress=trainer is None or trainer.progress_bar_callback is not None,
-        described_as=datamodule.describe_statistics_images(),
+        described_as=datamodule.describe_statistics_images(), needs=needs, bank_images=bank_images,
     )  # fmt: skip
     if cache is not None and (trainer is None or trainer.is_global_zero):
-        cache.store("ood_statistics", key, stats.state_dict())
+        cache.store(name, key, stats.state_dict())
     return stats
+
+
+def statistics_needs(module) -> tuple[frozenset[str], int]:
+    """The extras the module's scorers need and its bank size (defaults for a plain LightningModule)."""
+    needs = module.statistics_needs() if hasattr(module, "statistics_needs") else frozenset()
+    bank_images = getattr(getattr(module, "hparams", {}), "bank_images", None) or DEFAULT_BANK_IMAGES
+    return frozenset(needs), int(bank_images)
+
+
+@torch.inference_mode(False)
+@torch.no_grad()
+def reference_features(module: LightningModule, dataset, loader_for, trainer: Trainer | None) -> ReferenceSet:
+    """Features, logits and labels of ``dataset`` (items ``(image, label, index)``) under the module's backbone, in
+    dataset order whatever the number of DDP ranks (each rank scores its share; the shares are gathered)."""
+    backbone = module.backbone
+    broadcast_buffers(backbone, trainer)
+    was_training = backbone.training
+    backbone.eval()
+    indices, features, labels = [], [], []
+    for images, targets, index in loader_for(dataset):
+        features.append(backbone.features(images.to(module.device)).float().cpu())
+        labels.append(torch.as_tensor(targets).cpu())
+        indices.append(index.cpu())
+    backbone.train(was_training)
+    index, h, y = torch.cat(indices), torch.cat(features), torch.cat(labels)
+    _, gather_across, *_ = _reducers(trainer, module.device)
+    if gather_across is not None:
+        index, h, y = gather_across(index), gather_across(h), gather_across(y)
+    order = index.argsort()
+    h, y = h[order], y[order]
+    with torch.no_grad():
+        logits = backbone.head(h.to(module.device)).float().cpu()
+    return ReferenceSet(h, logits, y)

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_ood.data.images import check_bad_images
-from lightning_ood.data.ood import build_ood_set, download_ood_set, ood_entry
+from lightning_ood.data.ood import build_ood_set, download_ood_set, ood_entry, ood_group
 from lightning_ood.data.reproducible import EpochShuffle, SeededItems
 from lightning_ood.data.transforms import InputNormalization, Normalization, eval_transform
 from lightning_ood.errors import ConfigError, DataError
@@ -99,8 +99,9 @@ class OODDataModule(LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size of the test and statistics loaders (defaults to ``batch_size``).
         num_workers: loader worker processes; ``None`` picks one per core beyond the first (at most 8).
-        ood: OOD test sets, each a registered name (``mnist``) or a mapping ``{name: tin, root: ..., label: ...}``
-            with the set's options (see :mod:`lightning_ood.data.ood`).
+        ood: OOD test sets, each a registered name (``mnist``) or a mapping ``{name: tin, root: ..., label: ...,
+            group: near}`` with the set's options (see :mod:`lightning_ood.data.ood`); sets of one ``group`` are
+            averaged together in the tables (OpenOOD's near- and far-OOD).
         ood_root: folder holding the OOD sets in their default sub-folders (defaults to the data root).
         download: let ``prepare_data`` download missing data where torchvision can.
         skip_missing_ood: skip an OOD set whose data is missing, with a warning (the result table lists it),
@@ -162,6 +163,7 @@ class OODDataModule(LightningDataModule):
         self.download = download
         self.skip_missing_ood = skip_missing_ood
         self.skipped_ood: dict[str, str] = {}
+        self.ood_groups: dict[str, str] = {}  # OOD set label -> group (near, far)
         self.skipped_images: dict[str, int] = {}
         self.train_set: Dataset | None = None
         self.test_sets: dict[str, Dataset] = {}
@@ -231,6 +233,7 @@ class OODDataModule(LightningDataModule):
         shape = (3, self.image_size, self.image_size)
         sets: dict[str, Dataset] = {}
         self.skipped_ood = {}
+        self.ood_groups = {}
         for entry in self.ood:
             label, name, options = ood_entry(entry)
             if label in sets or label == self.id_name:
@@ -246,6 +249,8 @@ class OODDataModule(LightningDataModule):
                 self.skipped_ood[label] = str(err).split(". ")[0]
                 continue
             sets[label] = self.count_skipped(label, dataset)
+            if ood_group(entry):
+                self.ood_groups[label] = ood_group(entry)
         if self.ood and not sets:
             raise DataError(f"None of the configured OOD sets could be loaded: {', '.join(self.skipped_ood)}.")
         return sets

@@ -301,7 +301,8 @@ def ood_entry(entry: str | dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     """Normalise a config entry into ``(display name, registered name, options)``.
 
     ``"mnist"`` -> ``("mnist", "mnist", {})``; ``{"name": "tin", "label": "tin_openood", "image_list": ...}`` ->
-    ``("tin_openood", "tin", {"image_list": ...})``.
+    ``("tin_openood", "tin", {"image_list": ...})``. The ``group`` key (``near``, ``far``: the table averages each
+    group) is not an option of the set (see :func:`ood_group`).
     """
     if isinstance(entry, str):
         return entry, entry, {}
@@ -310,7 +311,13 @@ def ood_entry(entry: str | dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         raise ConfigError(f"An OOD set entry needs a 'name' key, got {entry!r}.")
     name = options.pop("name")
     label = options.pop("label", name)
+    options.pop("group", None)
     return label, name, options
+
+
+def ood_group(entry: str | dict[str, Any]) -> str | None:
+    """The group of an OOD set entry (``near``, ``far``, or any name), averaged together in the tables."""
+    return entry.get("group") if isinstance(entry, dict) else None
 
 
 def ood_spec(name: str) -> OODSet:

@@ -12,15 +12,33 @@ from torch import Tensor, nn
 class BatchNormTail:
     """The last BatchNorm before the pooled features, and how the features follow from its output.
 
-    Lets a method change that BatchNorm's output (BATS truncates it to its typical set) and re-run only the rest of
-    the network: ``tail(bn_output, captured) -> (N, L)`` pooled features, with ``captured`` holding the outputs of
-    the modules named in ``context`` (``"<module>:input"`` for a module's input) from the same forward pass.
+    Lets a method change that BatchNorm's output (BATS truncates it to its typical set) or the final feature map
+    (ASH, SCALE, RankFeat) and re-run only the rest of the network, on outputs captured in the one forward pass:
+    ``activation(bn_output, captured) -> (N, C, H, W)`` is the final feature map (the residual addition and ReLU of
+    a ResNet, the ReLU of a DenseNet), and the pooled features are its global average. ``captured`` holds the outputs
+    of the modules named in ``context`` (``"<module>:input"`` for a module's input).
     """
 
     name: str
     bn: nn.BatchNorm2d
     context: tuple[str, ...]
-    tail: Callable[[Tensor, dict[str, Tensor]], Tensor]
+    activation: Callable[[Tensor, dict[str, Tensor]], Tensor]
+
+    @property
+    def captures(self) -> tuple[str, ...]:
+        """The module outputs a scorer must capture: the BatchNorm and its context."""
+        return (self.name, *self.context)
+
+    def feature_map(self, captured: dict[str, Tensor]) -> Tensor:  # -> (N, C, H, W)
+        return self.activation(captured[self.name], captured)
+
+    def tail(self, z: Tensor, captured: dict[str, Tensor]) -> Tensor:  # (N, C, H, W) BN output -> (N, C)
+        return pool(self.activation(z, captured))
+
+
+def pool(feature_map: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C)
+    """Global average pooling, as every backbone here pools its final feature map."""
+    return feature_map.mean(dim=(2, 3))
 
 
 class Backbone(nn.Module):
@@ -51,3 +69,8 @@ class Backbone(nn.Module):
     def last_batchnorm(self) -> BatchNormTail | None:
         """The last BatchNorm before the features (``None`` for networks without one, such as ViT)."""
         return None
+
+    def stages(self) -> list[str]:
+        """Module names whose outputs end the network's stages, in forward order (the layer ensemble of Lee et al.'s
+        Mahalanobis); empty when the backbone does not define them."""
+        return []

@@ -71,10 +71,13 @@ class CifarResNet(Backbone):
         block = self.layers[-1][-1]
         shortcut = f"{last}.shortcut"
 
-        def tail(z: Tensor, captured: dict[str, Tensor]) -> Tensor:
-            return F.adaptive_avg_pool2d(F.relu(z + captured[shortcut]), 1).flatten(1)
+        def activation(z: Tensor, captured: dict[str, Tensor]) -> Tensor:
+            return F.relu(z + captured[shortcut])
 
-        return BatchNormTail(f"{last}.bn2", block.bn2, (shortcut,), tail)
+        return BatchNormTail(f"{last}.bn2", block.bn2, (shortcut,), activation)
+
+    def stages(self) -> list[str]:
+        return [f"layers.{i}" for i in range(len(self.layers))]
 
 
 def resnet18(num_classes: int = 10) -> CifarResNet:

@@ -86,8 +86,11 @@ class DenseNetBC(Backbone):
         return {f"dense{i + 1}": block for i, block in enumerate(self.dense)}
 
     def last_batchnorm(self) -> BatchNormTail:
-        """``bn``, followed by ReLU and global average pooling."""
-        return BatchNormTail("bn", self.bn, (), lambda z, _: F.adaptive_avg_pool2d(F.relu(z), 1).flatten(1))
+        """``bn``, followed by ReLU (the final feature map) and global average pooling."""
+        return BatchNormTail("bn", self.bn, (), lambda z, _: F.relu(z))
+
+    def stages(self) -> list[str]:
+        return [f"dense.{i}" for i in range(len(self.dense))]
 
 
 def densenet100(num_classes: int = 10) -> DenseNetBC:

@@ -173,10 +173,13 @@ class ResNet50(TorchvisionBackbone):
         block = self.net.get_submodule(name.removeprefix("net."))
         identity = f"{name}.downsample" if block.downsample is not None else f"{name}:input"
 
-        def tail(z: Tensor, captured: dict[str, Tensor]) -> Tensor:
-            return torch.flatten(self.net.avgpool(torch.relu(z + captured[identity])), 1)
+        def activation(z: Tensor, captured: dict[str, Tensor]) -> Tensor:
+            return torch.relu(z + captured[identity])
 
-        return BatchNormTail(f"{name}.bn3", block.bn3, (identity,), tail)
+        return BatchNormTail(f"{name}.bn3", block.bn3, (identity,), activation)
+
+    def stages(self) -> list[str]:
+        return [f"net.layer{i}" for i in range(1, 5)]
 
 
 class MobileNetV2(TorchvisionBackbone):
@@ -204,10 +207,7 @@ class MobileNetV2(TorchvisionBackbone):
         last = len(self.net.features) - 1
         bn = self.net.features[last][1]
 
-        def tail(z: Tensor, captured: dict[str, Tensor]) -> Tensor:
-            return torch.flatten(nn.functional.adaptive_avg_pool2d(nn.functional.relu6(z), 1), 1)
-
-        return BatchNormTail(f"net.features.{last}.1", bn, (), tail)
+        return BatchNormTail(f"net.features.{last}.1", bn, (), lambda z, _: nn.functional.relu6(z))
 
 
 class ViTB16(TorchvisionBackbone):

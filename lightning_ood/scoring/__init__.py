@@ -14,7 +14,7 @@ from lightning_ood.scoring.line import LINE
 from lightning_ood.scoring.mahalanobis import Mahalanobis
 from lightning_ood.scoring.odin import ODIN
 from lightning_ood.scoring.output import MSP, Energy, MaxLogit
-from lightning_ood.scoring.registry import DEFAULT_SCORERS, SCORERS, build_scorer, paper_name
+from lightning_ood.scoring.registry import DEFAULT_SCORERS, GROUPS, SCORERS, build_scorer, paper_name
 from lightning_ood.scoring.shaping import BATS, ReAct
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_SCORERS",
     "DICE",
     "FMLS",
+    "GROUPS",
     "LINE",
     "MSP",
     "ODIN",

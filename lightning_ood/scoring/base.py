@@ -29,14 +29,19 @@ class Scorer:
             precomputed features and logits.
         needs_blocks: names of intermediate blocks whose outputs the scorer reads through ``score_blocks`` (see
             :class:`~lightning_ood.scoring.featurenorm.FeatureNorm`).
+        needs_statistics: statistics beyond the core ones that the training pass must accumulate for this scorer
+            (``"logits"``, ``"bank"``, ``"stages"``, ``"gram"``; see :mod:`lightning_ood.statistics`).
+        search_space: the hyperparameter grid ``lightning-ood tune`` searches for this scorer (its authors' grid).
     """
 
     needs_inputs: ClassVar[bool] = False
     needs_blocks: tuple[str, ...] = ()
+    needs_statistics: ClassVar[frozenset[str]] = frozenset()
+    search_space: ClassVar[dict[str, tuple]] = {}
 
     @property
     def references(self) -> set[str]:
-        """Image sets other than the training set whose activation percentiles the scorer needs (``id_test``)."""
+        """ID image sets other than the training set the scorer fits on (``id_test``, ``val``)."""
         reference = getattr(self, "reference", "train")
         return set() if reference == "train" else {reference}
 
@@ -47,7 +52,7 @@ class Scorer:
 
     def fit(self, features: Tensor, labels: Tensor, head: nn.Linear) -> Self:
         """Fit on training features ``(N, L)``, their ground-truth labels ``(N,)`` and the classifier head."""
-        return self.fit_statistics(FeatureStatistics.from_features(features, labels, head.out_features), head)
+        return self.fit_statistics(FeatureStatistics.from_features(features, labels, head.out_features, head), head)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Self:
         """Fit from precomputed :class:`FeatureStatistics` (what the Lightning pipeline does)."""
@@ -112,13 +117,27 @@ def check_positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}.")
 
 
-REFERENCES = ("train", "id_test")
+REFERENCES = ("train", "id_test", "val")
 
 
-def check_reference(reference: str) -> str:
-    if reference not in REFERENCES:
-        raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}.")
+def check_reference(reference: str, allowed: tuple[str, ...] = REFERENCES) -> str:
+    """``train``: the training images (the statistics); ``id_test``: a seeded subset of 2,000 ID test images;
+    ``val``: the held-out training images of ``data.val_split``."""
+    if reference not in allowed:
+        raise ConfigError(f"reference must be one of {', '.join(allowed)}, got {reference!r}.")
     return reference
+
+
+def reference_set(stats: FeatureStatistics, reference: str):
+    """The :class:`~lightning_ood.statistics.ReferenceSet` of ``reference`` measured for this run."""
+    if reference not in stats.reference:
+        raise ConfigError(f"no {reference!r} reference images were measured for these statistics")
+    return stats.reference[reference]
+
+
+def softmax_entropy(logits: Tensor) -> Tensor:  # (N, C) -> (N,): sum p log p (the negative entropy)
+    log_p = F.log_softmax(logits.double(), dim=1)
+    return (log_p.exp() * log_p).sum(dim=1)
 
 
 def check_nonnegative(name: str, value: float | None) -> None:

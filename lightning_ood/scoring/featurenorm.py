@@ -23,8 +23,8 @@ class FeatureNorm(Scorer):
     def needs_blocks(self) -> tuple[str, ...]:
         return (self.block,) if self.block is not None else ()
 
-    def score_blocks(self, outputs: dict[str, Tensor]) -> Tensor:  # {block: (N, C, H, W)} -> (N,)
+    def score_blocks(self, outputs: dict[str, Tensor], features=None, logits=None) -> Tensor:  # {block: map} -> (N,)
         return feature_norm(outputs[self.block])
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        raise TypeError("FeatureNorm scores a block's output: call score_blocks({block: output}) instead of score")
+        raise TypeError("FeatureNorm scores a block's output: call score_blocks(outputs, features, logits)")

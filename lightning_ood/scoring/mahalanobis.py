@@ -17,13 +17,40 @@ class Mahalanobis(Scorer):
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Mahalanobis:
         super().fit_statistics(stats, head)
-        self.means = stats.class_means.double()  # (C, L)
-        self.precision = torch.linalg.pinv(stats.covariance.double(), hermitian=True)  # (L, L)
-        self.mean_term = ((self.means @ self.precision) * self.means).sum(1)  # (C,) mu_c^T P mu_c
+        self.means, self.precision, self.mean_term = mahalanobis_terms(stats.class_means, stats.covariance)
+        return self
+
+    def score(self, features: Tensor, logits: Tensor) -> Tensor:
+        distance = squared_distances(features.double(), self.means, self.precision, self.mean_term)  # (N, C)
+        return (-distance.min(dim=1).values).to(features.dtype)
+
+
+def mahalanobis_terms(means: Tensor, covariance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(means, precision, mu_c^T P mu_c)`` in float64 for fast distances (pseudo-inverse: singular is fine)."""
+    means = means.double()
+    precision = torch.linalg.pinv(covariance.double(), hermitian=True)
+    return means, precision, ((means @ precision) * means).sum(1)
+
+
+def squared_distances(h: Tensor, means: Tensor, precision: Tensor, mean_term: Tensor) -> Tensor:
+    """``(N, K)`` squared Mahalanobis distances of ``h`` (N, L) to each mean, as one (N, L) x (L, L) product."""
+    hp = h @ precision  # (N, L)
+    return (hp * h).sum(1, keepdim=True) - 2 * hp @ means.T + mean_term  # (N, K)
+
+
+class RMDS(Scorer):
+    """Relative Mahalanobis distance (Ren et al., 2021): ``max_c -(d_c(h) - d_0(h))``, with ``d_c`` the squared
+    distance to class c under the shared within-class covariance and ``d_0`` the distance to the class-agnostic
+    Gaussian of all training features (their mean and covariance), as OpenOOD's ``rmds``."""
+
+    def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> RMDS:
+        super().fit_statistics(stats, head)
+        self.class_terms = mahalanobis_terms(stats.class_means, stats.covariance)
+        self.background = mahalanobis_terms(stats.mean[None, :], stats.total_covariance)
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
         h = features.double()
-        hp = h @ self.precision  # (N, L)
-        distance = (hp * h).sum(1, keepdim=True) - 2 * hp @ self.means.T + self.mean_term  # (N, C)
-        return (-distance.min(dim=1).values).to(features.dtype)
+        d = squared_distances(h, *self.class_terms)  # (N, C)
+        d0 = squared_distances(h, *self.background)  # (N, 1)
+        return (-(d - d0).min(dim=1).values).to(features.dtype)

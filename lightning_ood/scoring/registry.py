@@ -12,15 +12,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_ood.errors import ConfigError, unknown_name
+from lightning_ood.scoring.activation import ASH, SCALE, RankFeat
 from lightning_ood.scoring.base import Scorer
+from lightning_ood.scoring.boundary import FDBD, NCI, SHE
 from lightning_ood.scoring.dice import DICE
+from lightning_ood.scoring.ensemble import MahalanobisEnsemble
 from lightning_ood.scoring.featurenorm import FeatureNorm
 from lightning_ood.scoring.fmls import FMLS
+from lightning_ood.scoring.gram import Gram
 from lightning_ood.scoring.line import LINE
-from lightning_ood.scoring.mahalanobis import Mahalanobis
+from lightning_ood.scoring.logits import GEN, Entropy, GradNorm, KLMatching, TemperatureScaling
+from lightning_ood.scoring.mahalanobis import RMDS, Mahalanobis
+from lightning_ood.scoring.neighbours import KNN, NNGuide, Relation
 from lightning_ood.scoring.odin import ODIN
+from lightning_ood.scoring.openmax import OpenMax
 from lightning_ood.scoring.output import MSP, Energy, MaxLogit
 from lightning_ood.scoring.shaping import BATS, ReAct
+from lightning_ood.scoring.subspace import Residual, ViM
 
 
 @dataclass(frozen=True)
@@ -73,10 +81,52 @@ SCORERS: dict[str, Entry] = {
     "odin_react": Entry(odin_on(ReAct), {}, "ODIN on ReAct-clipped logits", "ODIN+ReAct"),
     "odin_fmls": Entry(odin_on(FMLS), {}, "ODIN on the paper's modulated logits", "ODIN+Ours"),
     "line_ls": Entry(LINE, {"smooth": True}, "LINE + logit smoothing", "LINE+Ours"),
+    # Further post-hoc detectors of OpenOOD v1.5 and pytorch-ood 0.4 (none is in the paper's tables)
+    "knn": Entry(KNN, {}, "k-th nearest normalised training feature (Sun et al., ICML 2022)"),
+    "vim": Entry(ViM, {}, "energy minus the scaled residual outside the principal subspace (Wang et al., CVPR 2022)"),
+    "residual": Entry(Residual, {}, "norm of the residual outside the principal subspace (Wang et al., CVPR 2022)"),
+    "gradnorm": Entry(GradNorm, {}, "L1 norm of the head's KL-to-uniform gradient (Huang et al., NeurIPS 2021)"),
+    "klm": Entry(KLMatching, {}, "KL divergence to the closest predicted-class softmax template (Hendrycks et al.)"),
+    "gen": Entry(GEN, {}, "generalized entropy of the top softmax probabilities (Liu et al., CVPR 2023)"),
+    "entropy": Entry(Entropy, {}, "negative softmax entropy"),
+    "temp_scaling": Entry(TemperatureScaling, {}, "MSP at the NLL-fitted temperature (Guo et al., ICML 2017)"),
+    "rmds": Entry(RMDS, {}, "relative Mahalanobis distance (Ren et al., 2021)"),
+    "mds_ensemble": Entry(
+        MahalanobisEnsemble, {}, "Mahalanobis with input pre-processing, layer ensemble (Lee et al.)"
+    ),
+    "she": Entry(
+        SHE, {}, "inner product with the predicted class's correct-training pattern (Zhang et al., ICLR 2023)"
+    ),
+    "nnguide": Entry(NNGuide, {}, "nearest-neighbour guidance of the energy (Park et al., ICCV 2023)"),
+    "relation": Entry(Relation, {}, "relational kernel to the training features (Kim et al., NeurIPS 2023)"),
+    "fdbd": Entry(FDBD, {}, "distance to the decision boundaries over distance to the mean (Liu & Qin, ICML 2024)"),
+    "nci": Entry(NCI, {}, "alignment of the centred feature with the predicted class's weight (Liu et al., CVPR 2025)"),
+    "ash_p": Entry(ASH, {"variant": "p"}, "activation pruning of the final feature map (Djurisic et al., ICLR 2023)"),
+    "ash_b": Entry(ASH, {"variant": "b"}, "activation pruning and binarisation (Djurisic et al., ICLR 2023)"),
+    "ash_s": Entry(ASH, {"variant": "s"}, "activation pruning and scaling (Djurisic et al., ICLR 2023)"),
+    "scale": Entry(SCALE, {}, "activation scaling of the final feature map (Xu et al., ICLR 2024)"),
+    "rankfeat": Entry(RankFeat, {}, "energy after removing the final map's rank-1 part (Song et al., NeurIPS 2022)"),
+    "gram": Entry(
+        Gram, {}, "deviation of the blocks' Gram features from their training range (Sastry & Oore, ICML 2020)"
+    ),
+    "openmax": Entry(OpenMax, {}, "extreme-value revision of the logits (Bendale & Boult, CVPR 2016)"),
 }
 
 # What `lightning-ood test` scores when the config names no scorers: every method of the paper's tables.
-DEFAULT_SCORERS = [name for name in SCORERS if name not in ("maxlogit", "energy_react", "energy_fmls", "featurenorm")]
+PAPER_SCORERS = [name for name in SCORERS if SCORERS[name].paper_name and name not in ("energy_react", "energy_fmls")]
+DEFAULT_SCORERS = PAPER_SCORERS
+# OpenOOD v1.5's post-hoc methods that need only a trained classifier, by OpenOOD's names where they differ (msp,
+# odin, mds, ebo, mls, ...).
+OPENOOD_SCORERS = [
+    "msp", "odin", "mahalanobis", "mds_ensemble", "rmds", "gram", "energy", "openmax", "maxlogit", "klm", "vim",
+    "knn", "dice", "rankfeat", "ash_b", "she", "gen", "nnguide", "relation", "scale", "fdbd", "nci", "react",
+    "temp_scaling", "gradnorm", "residual", "bats",
+]  # fmt: skip
+GROUPS = {
+    "paper": PAPER_SCORERS,
+    "openood": OPENOOD_SCORERS,
+    "all": [name for name in SCORERS if name not in ("energy_react", "energy_fmls")],
+}
 
 
 def accepted_arguments(build: Callable[..., Scorer]) -> set[str]:

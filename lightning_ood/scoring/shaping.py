@@ -88,7 +88,7 @@ class BATS(LogitScorer):
     def needs_blocks(self) -> tuple[str, ...]:
         if self.statistics != "bn" or self.point is None:
             return ()
-        return (self.point.name, *self.point.context)
+        return self.point.captures
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> BATS:
         super().fit_statistics(stats, head)
@@ -107,7 +107,7 @@ class BATS(LogitScorer):
             raise TypeError("BATS on the BatchNorm output reads the block outputs: call score_blocks(outputs)")
         return self.head_logits(features.clamp(min=self.lower, max=self.upper))
 
-    def score_blocks(self, outputs: dict[str, Tensor]) -> Tensor:  # {BN output (N, C, H, W), context} -> (N,)
+    def score_blocks(self, outputs: dict[str, Tensor], features=None, logits=None) -> Tensor:  # {BN out, ...} -> (N,)
         z = outputs[self.point.name].float()
         z = z.clamp(min=self.lower.view(1, -1, 1, 1), max=self.upper.view(1, -1, 1, 1))
         return OUTPUTS[self.output](self.head_logits(self.point.tail(z, outputs).float()))

@@ -1,0 +1,154 @@
+"""Shaping of the final feature map before pooling: ASH (-P, -B, -S), SCALE and RankFeat.
+
+Their authors apply them to the last feature map before global average pooling (``where="map"``, the default): the
+map is captured in the one forward pass (see :class:`~lightning_ood.models.base.BatchNormTail`), reshaped, pooled and
+fed to the head here. ``where="pooled"`` applies ASH and SCALE to the pooled feature instead, as OpenOOD does.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_ood.errors import ConfigError
+from lightning_ood.models.base import Backbone, BatchNormTail, pool
+from lightning_ood.scoring.base import OUTPUTS, Scorer, check_percentile, check_positive
+from lightning_ood.scoring.logits import check_choice
+
+
+def top_kept(x: Tensor, percentile: float) -> tuple[Tensor, Tensor, int]:  # (N, n) -> values, indices (N, k), k
+    """The ``k = n - round(n * p / 100)`` largest values of each row (at least one), as the ASH code keeps them."""
+    n = x.shape[1]
+    k = max(1, n - round(n * percentile / 100.0))
+    values, indices = x.topk(k, dim=1)
+    return values, indices, k
+
+
+def ash(x: Tensor, percentile: float, variant: str) -> Tensor:  # (N, n) -> (N, n)
+    """ASH (Djurisic et al., ICLR 2023) on flattened activations: prune all but the top ``k``; ``p`` keeps them,
+    ``b`` sets each to ``s1 / k`` (``s1``: the sum before pruning), ``s`` multiplies them by ``exp(s1 / s2)``
+    (``s2``: the sum after pruning)."""
+    values, indices, k = top_kept(x, percentile)
+    s1 = x.sum(dim=1, keepdim=True)
+    if variant == "b":
+        values = (s1 / k).expand_as(values)
+    elif variant == "s":
+        values = values * torch.exp(s1 / values.sum(dim=1, keepdim=True).clamp_min(1e-12))
+    return torch.zeros_like(x).scatter(1, indices, values)
+
+
+def scale(x: Tensor, percentile: float) -> Tensor:  # (N, n) -> (N, n)
+    """SCALE (Xu et al., ICLR 2024): every activation multiplied by ``exp(s1 / s2)``, nothing pruned (``s1``: the sum
+    of all activations, ``s2``: of the top ``k``)."""
+    values, _, _ = top_kept(x, percentile)
+    return x * torch.exp(x.sum(dim=1, keepdim=True) / values.sum(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+class MapShaping(Scorer):
+    """A change of the final feature map (or of the pooled feature), then the head and energy (or MSP)."""
+
+    WHERE = ("map", "pooled")
+
+    def __init__(self, where: str = "map", output: str = "energy") -> None:
+        self.where = check_choice("where", where, self.WHERE)
+        self.output = check_choice("output", output, tuple(OUTPUTS))
+        self.point: BatchNormTail | None = None
+
+    def bind(self, backbone: Backbone) -> MapShaping:
+        if self.where == "map":
+            self.point = backbone.last_batchnorm()
+            if self.point is None:
+                raise ConfigError(
+                    f"{type(self).__name__} on the feature map needs a network with a final feature map, and "
+                    f"{type(backbone).__name__} has none: use where: pooled."
+                )
+        return self
+
+    @property
+    def needs_blocks(self) -> tuple[str, ...]:
+        return self.point.captures if self.where == "map" and self.point is not None else ()
+
+    def shape(self, x: Tensor) -> Tensor:  # (N, n) -> (N, n)
+        raise NotImplementedError
+
+    def score(self, features: Tensor, logits: Tensor) -> Tensor:
+        if self.where == "map":
+            raise TypeError(f"{type(self).__name__} on the feature map reads block outputs: call score_blocks")
+        return OUTPUTS[self.output](self.head_logits(self.shape(features.float())))
+
+    def score_blocks(self, outputs: dict[str, Tensor], features=None, logits=None) -> Tensor:
+        if self.point is None:
+            raise ConfigError(f"{type(self).__name__} on the feature map needs the network: call bind(backbone).")
+        feature_map = self.point.feature_map(outputs).float()  # (N, C, H, W)
+        shaped = self.shape(feature_map.flatten(1)).view_as(feature_map)
+        return OUTPUTS[self.output](self.head_logits(pool(shaped)))
+
+
+class ASH(MapShaping):
+    """Activation shaping (Djurisic et al., ICLR 2023), variant ``p`` (prune), ``b`` (binarise) or ``s`` (scale).
+
+    Args:
+        variant: ``p``, ``b`` or ``s`` (the registered ``ash_p``, ``ash_b``, ``ash_s``).
+        percentile: the share of activations pruned, in % (the authors: 90 on CIFAR; ImageNet ResNet-50: ASH-P 60,
+            ASH-B 65, ASH-S 90).
+        where: ``map`` (the authors: the final feature map) or ``pooled`` (OpenOOD).
+    """
+
+    search_space: ClassVar[dict[str, tuple]] = {"percentile": (65, 70, 75, 80, 85, 90, 95)}
+
+    def __init__(self, variant: str = "s", percentile: float = 90.0, where: str = "map", output: str = "energy"):
+        super().__init__(where, output)
+        self.variant = check_choice("variant", variant, ("p", "b", "s"))
+        check_percentile("percentile", percentile)
+        self.percentile = percentile
+
+    def shape(self, x: Tensor) -> Tensor:
+        return ash(x, self.percentile, self.variant)
+
+
+class SCALE(MapShaping):
+    """SCALE (Xu et al., ICLR 2024): activations scaled by ``exp(s1 / s2)`` of the top (100 - p)%, then energy.
+
+    Args:
+        percentile: p, in % (85, the authors' and OpenOOD's default).
+        where: ``map`` (the authors) or ``pooled`` (OpenOOD).
+    """
+
+    search_space: ClassVar[dict[str, tuple]] = {"percentile": (65, 70, 75, 80, 85, 90, 95)}
+
+    def __init__(self, percentile: float = 85.0, where: str = "map", output: str = "energy") -> None:
+        super().__init__(where, output)
+        check_percentile("percentile", percentile)
+        self.percentile = percentile
+
+    def shape(self, x: Tensor) -> Tensor:
+        return scale(x, self.percentile)
+
+
+class RankFeat(MapShaping):
+    """RankFeat (Song et al., NeurIPS 2022): the rank-1 component ``s1 u1 v1^T`` of each image's final feature map
+    (channels x positions) removed, then pooling, the head and energy at ``temperature``.
+
+    This is the authors' Block-4 variant, on the last feature map captured in the one forward pass; their Block-3
+    variant (and the average of both) would run the last stage a second time and is not offered.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__("map", "energy")
+        check_positive("temperature", temperature)
+        self.temperature = temperature
+
+    def score_blocks(self, outputs: dict[str, Tensor], features=None, logits=None) -> Tensor:
+        if self.point is None:
+            raise ConfigError("RankFeat needs the network: call bind(backbone).")
+        feature_map = self.point.feature_map(outputs).float()  # (N, C, H, W)
+        matrix = feature_map.flatten(2)  # (N, C, HW)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        rank1 = s[:, :1, None] * u[:, :, :1] @ vh[:, :1, :]  # (N, C, HW)
+        logits = self.head_logits((matrix - rank1).mean(dim=2))
+        return self.temperature * torch.logsumexp(logits / self.temperature, dim=1)
+
+
+__all__ = ["ASH", "SCALE", "RankFeat", "ash", "scale"]
