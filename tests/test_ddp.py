@@ -14,10 +14,10 @@ from lightning_ood.callbacks.statistics import compute_feature_statistics
 from lightning_ood.checkpoints import read_checkpoint
 from lightning_ood.data import SyntheticDataModule
 from lightning_ood.module import OODClassifier
+from lightning_ood.scoring import GROUPS
 from tests.conftest import REPO
 
-SCORERS = "[msp, odin, mahalanobis, energy, bats, dice, react, dice_react, line, fmls, react_fm, react_ls, fm_ls, " \
-          "msp_react, msp_fmls, odin_react, odin_fmls, line_ls, maxlogit, featurenorm]"  # fmt: skip
+SCORERS = "all"  # every registered method: the paper's, OpenOOD's and pytorch-ood's, FeatureNorm with NormRatio
 DATA = {"num_classes": 4, "train_size": 101, "test_size": 53, "ood_sizes": {"shifted": 37, "noise": 41}}
 DATA_ARGS = ["--data", "SyntheticDataModule", "--data.num_classes", "4", "--data.train_size", "101",
              "--data.test_size", "53", "--data.ood_sizes", json.dumps(DATA["ood_sizes"]), "--data.batch_size", "8",
@@ -45,8 +45,9 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     logs = ["--trainer.logger.init_args.save_dir", str(tmp / "logs")]
     # One DDP fit: training, the statistics callback under DDP, the checkpoint written once.
-    cli("fit", *DATA_ARGS, *logs, "--model.backbone", "resnet20", "--trainer.max_epochs", "1",
-        "--checkpoint.dirpath", str(tmp / "ckpt"), "--trainer.logger.init_args.version", "fit", devices=2)  # fmt: skip
+    cli("fit", *DATA_ARGS, *logs, "--model.backbone", "resnet20", "--trainer.max_epochs", "1", "--model.scorers",
+        SCORERS, "--checkpoint.dirpath", str(tmp / "ckpt"), "--trainer.logger.init_args.version", "fit",
+        devices=2)  # fmt: skip
     ckpt = tmp / "ckpt" / "last.ckpt"
     bare = tmp / "bare.ckpt"  # without statistics: test computes them (under DDP for the 2-process run)
     checkpoint = torch.load(ckpt, weights_only=False)
@@ -60,26 +61,39 @@ def runs(tmp_path_factory):
 
 def test_statistics_callback_under_ddp_equals_one_process(runs):
     checkpoint = read_checkpoint(runs / "ckpt" / "last.ckpt")
-    model = OODClassifier(backbone="resnet20", num_classes=4)
+    model = OODClassifier(backbone="resnet20", num_classes=4, scorers=SCORERS)
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     ddp_stats = model.ood_statistics
     dm = SyntheticDataModule(**DATA, batch_size=8, eval_batch_size=8)
     dm.setup("fit")
-    single = compute_feature_statistics(model, dm.statistics_dataloader(), progress=False)
+    single = compute_feature_statistics(model, dm.statistics_dataloader(), progress=False,
+                                        needs=model.statistics_needs())  # fmt: skip
     assert ddp_stats.num_samples == single.num_samples == 101  # every image exactly once
     assert torch.equal(ddp_stats.counts, single.counts)
     torch.testing.assert_close(ddp_stats.class_means, single.class_means, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ddp_stats.covariance, single.covariance, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ddp_stats.std, single.std, rtol=1e-9, atol=1e-12)
     assert torch.equal(ddp_stats.activation_quantiles, single.activation_quantiles)  # the same values, gathered
+    # the extras of the configured scorers: the same bank in the same order, the same Gram bounds and stage statistics
+    assert model.statistics_needs() == {"bank", "gram", "logits", "stages"}
+    assert torch.equal(ddp_stats.bank, single.bank) and torch.equal(ddp_stats.bank_labels, single.bank_labels)
+    assert len(single.bank) == 101
+    torch.testing.assert_close(ddp_stats.predicted_softmax, single.predicted_softmax, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ddp_stats.correct_means, single.correct_means, rtol=1e-10, atol=1e-12)
+    for name, bounds in single.gram.items():
+        assert torch.equal(ddp_stats.gram[name]["mins"], bounds["mins"])
+        assert torch.equal(ddp_stats.gram[name]["maxs"], bounds["maxs"])
+        torch.testing.assert_close(ddp_stats.gram[name]["normalizer"], bounds["normalizer"], rtol=1e-10, atol=0)
+    for name, stage in single.stages.items():
+        torch.testing.assert_close(ddp_stats.stages[name]["covariance"], stage["covariance"], rtol=1e-9, atol=1e-12)
 
 
 def test_every_metric_equals_the_single_process_run(runs):
     one = json.loads((runs / "logs" / "lightning_ood" / "test1" / "ood_results.json").read_text())
     two = json.loads((runs / "logs" / "lightning_ood" / "test2" / "ood_results.json").read_text())
     assert one["num_images"] == two["num_images"] == {"synthetic": 53, "shifted": 37, "noise": 41}
-    assert len(one["metrics"]) == 20
+    assert list(one["metrics"]) == GROUPS["all"]
     assert one["metrics"] == two["metrics"]  # exact equality, every scorer, OOD set and metric
     assert one["accuracy"] == two["accuracy"]
 
