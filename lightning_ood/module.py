@@ -279,16 +279,20 @@ class OODClassifier(LightningModule):
         """The statistics beyond the core ones that the configured scorers need (``needs_statistics``)."""
         return frozenset().union(*(type(s).needs_statistics for s in self.scorer_prototypes.values()))
 
-    def ensure_statistics(self, datamodule, trainer=None, cache_dir: str | None = None) -> FeatureStatistics:
+    def ensure_statistics(
+        self, datamodule, trainer=None, cache_dir: str | None = None, extra_needs: frozenset[str] = frozenset()
+    ) -> FeatureStatistics:
         """The OOD statistics of these weights and inputs: the loaded ones when they match, else computed over the
-        training images (or taken from ``cache_dir``, default ``statistics_cache``), with one log line saying why."""
+        training images (or taken from ``cache_dir``, default ``statistics_cache``), with one log line saying why.
+        ``extra_needs``: extras beyond the configured scorers' (a scorer tune is asked to tune)."""
         from lightning_ood.callbacks.statistics import statistics_on_demand
 
         stats = self.ood_statistics
         wanted_images = datamodule.describe_statistics_images()
         other_weights = stats is not None and stats.weights not in ("", self.fingerprint())
         other_images = stats is not None and stats.images not in ("", wanted_images)
-        lacking = stats.provides(set(self.statistics_needs())) if stats is not None else set()
+        needs = self.statistics_needs() | extra_needs
+        lacking = stats.provides(set(needs)) if stats is not None else set()
         if stats is None or other_weights or other_images or lacking:
             reason = (
                 "were fitted on other weights or inputs" if other_weights
@@ -298,7 +302,7 @@ class OODClassifier(LightningModule):
                 else "are not stored with these weights"
             )  # fmt: skip
             self.ood_statistics = statistics_on_demand(
-                self, datamodule, trainer, reason, cache_dir or self.hparams.statistics_cache
+                self, datamodule, trainer, reason, cache_dir or self.hparams.statistics_cache, needs
             )
         return self.ood_statistics
 

@@ -1,6 +1,7 @@
 """The OOD commands through the CLI on generated data: fit -> test (config decides the scorers) -> tune -> sweep."""
 
 import csv
+import json
 import logging
 
 import pytest
@@ -118,3 +119,60 @@ def test_normratio_chooses_a_block_and_test_scores_it(trained, caplog):
     run_cli("test", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--model.scorers", "[featurenorm]",
             "--trainer.logger.init_args.version", "featurenorm_auto")  # fmt: skip
     assert any("FeatureNorm block:" in r.getMessage() for r in caplog.records)
+
+
+def test_tune_any_scorer_on_an_ood_validation_set(trained, caplog, tmp_path):
+    """`tune --scorer knn` on a validation OOD set: the grid's metrics are those of the scorer on the cached
+    validation features, the best is chosen, and the overlay sets k for test."""
+    from PIL import Image
+
+    from lightning_ood.metrics import ood_metrics
+    from lightning_ood.scoring import build_scorer
+    from lightning_ood.statistics import FeatureStatistics
+
+    tmp, common = trained
+    folder = tmp_path / "val_ood"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (32, 32), (20 * i, 255 - 20 * i, 128)).save(folder / f"{i}.png")
+    overlay = tmp_path / "knn.yaml"
+    cache = tmp_path / "cache"
+    run_cli("tune", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--scorer", "knn", "--grid",
+            '{"k": [1, 5, 20]}', "--validation", json.dumps({"name": "folder", "root": str(folder)}),
+            "--val_size", "30", "--cache_dir", str(cache), "--output", str(overlay),
+            "--trainer.logger.init_args.version", "tune_knn", "--model.scorers", "[msp, knn]")  # fmt: skip
+    rows = list(csv.DictReader((tmp / "logs" / "lightning_ood" / "tune_knn" / "tune_grid.csv").open()))
+    assert [int(r["k"]) for r in rows] == [1, 5, 20]
+    entries = {p.name.split("-")[0]: torch.load(p, weights_only=True) for p in cache.glob("*.pt")}
+    assert set(entries) == {"synthetic_val", "folder_val", "ood_statistics_bank_bank50000"}
+    stats = FeatureStatistics.from_state_dict(entries["ood_statistics_bank_bank50000"])
+    assert stats.num_samples == 64 - 30 and stats.bank is not None
+    checkpoint = torch.load(tmp / "ckpt" / "last.ckpt", weights_only=False)
+    from torch import nn
+
+    head = nn.Linear(64, 4)
+    head.load_state_dict({"weight": checkpoint["state_dict"]["backbone.head.weight"],
+                          "bias": checkpoint["state_dict"]["backbone.head.bias"]})  # fmt: skip
+    for row in rows:  # independently: the scorer on the cached features
+        knn = build_scorer("knn", k=int(row["k"])).fit_statistics(stats, head)
+        scores = [knn.score(entries[n]["features"], entries[n]["logits"]) for n in ("synthetic_val", "folder_val")]
+        m = ood_metrics(*scores)
+        assert float(row["fpr95"]) == pytest.approx(m["fpr95"]) and float(row["auroc"]) == pytest.approx(m["auroc"])
+    best = min(rows, key=lambda r: (float(r["fpr95"]), -float(r["auroc"])))
+    chosen = yaml.safe_load(overlay.read_text())["model"]["scorers"]
+    assert chosen["knn"] == {"scorer": "knn", "k": int(best["k"])} and chosen["msp"] == {"scorer": "msp"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--scorer", "ash_s"], "tune works on cached penultimate features, and 'ash_s' reads"),
+        (["--scorer", "knn", "--grid", '{"q": [1]}'], "Scorer 'knn' has no hyperparameter 'q'"),
+        (["--scorer", "knn", "--grid", '{"k": []}'], "--grid: k needs a non-empty list of values"),
+        (["--scorer", "mahalanobis"], "Scorer 'mahalanobis' declares no search space"),
+    ],
+)
+def test_tune_refuses_what_it_cannot_tune(trained, capsys, extra, message):
+    tmp, common = trained
+    err = cli_error(capsys, "tune", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), *extra)
+    assert message in err

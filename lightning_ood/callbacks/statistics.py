@@ -184,7 +184,12 @@ def normratio_selection(
 
 
 def statistics_on_demand(
-    module: LightningModule, datamodule, trainer: Trainer | None, reason: str, cache_dir: str | None = None
+    module: LightningModule,
+    datamodule,
+    trainer: Trainer | None,
+    reason: str,
+    cache_dir: str | None = None,
+    needs: frozenset[str] | None = None,
 ) -> FeatureStatistics:
     """Statistics for a checkpoint that lacks them (``reason`` says why): from the cache when ``cache_dir`` holds
     them for these weights and training images, else computed over the training set (and stored there, by rank 0).
@@ -197,7 +202,8 @@ def statistics_on_demand(
         raise DataError(
             f"The OOD statistics {reason} and computing them needs the training images, which are not available: {err}"
         ) from err
-    needs, bank_images = statistics_needs(module)
+    module_needs, bank_images = statistics_needs(module)
+    needs = module_needs if needs is None else frozenset(needs)
     cache = FeatureCache(cache_dir) if cache_dir else None
     name = "_".join(["ood_statistics", *sorted(needs)]) + (f"_bank{bank_images}" if "bank" in needs else "")
     key = cache.dataset_key(module.backbone, datamodule.statistics_images) if cache else ""

@@ -1,0 +1,100 @@
+"""What the OOD commands share: loading the weights to evaluate, the statistics, the feature cache, argument checks,
+and the run folder they write into. The commands run in one process, outside Lightning's loops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_ood.checkpoints import read_checkpoint
+from lightning_ood.data.base import OODDataModule, attach_normalization
+from lightning_ood.errors import ConfigError
+from lightning_ood.features import FeatureCache, FeatureSet
+from lightning_ood.io import check_writable_folder
+from lightning_ood.module import OODClassifier
+
+
+def load_weights(model: OODClassifier, ckpt_path: str | None) -> None:
+    """Load a checkpoint's weights and statistics into ``model`` (clear errors for a missing or foreign file)."""
+    if ckpt_path is None:
+        raise ConfigError(
+            "This command evaluates a trained model: pass --ckpt_path <checkpoint> or --model.weights <published "
+            "weights>."
+        )
+    checkpoint = read_checkpoint(ckpt_path)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+
+
+def load_model(trainer: Trainer, model: OODClassifier, datamodule: OODDataModule, ckpt_path: str | None):
+    """The model on the trainer's device in eval mode with its weights (a checkpoint, or published weights), and the
+    DataModule normalising with the model's normalisation; returns the device."""
+    if trainer.world_size > 1:
+        raise ConfigError("tune, sweep, normratio and import run in one process: use --trainer.devices 1.")
+    device = trainer.strategy.root_device
+    if ckpt_path is not None or model.hparams.weights is None:  # published weights need no checkpoint
+        load_weights(model, ckpt_path)
+    model.to(device).eval()
+    datamodule.trainer = None
+    attach_normalization(model, datamodule)
+    datamodule.prepare_data()
+    return device
+
+
+def load_with_statistics(
+    trainer: Trainer,
+    model: OODClassifier,
+    datamodule: OODDataModule,
+    ckpt_path: str | None,
+    cache: FeatureCache,
+    extra_needs: frozenset[str] = frozenset(),
+) -> torch.device:
+    """:func:`load_model`, the test sets built, and the OOD statistics (computed once, then kept in the cache)."""
+    device = load_model(trainer, model, datamodule, ckpt_path)
+    datamodule.setup("test")
+    model.ensure_statistics(datamodule, None, str(cache.folder), extra_needs)
+    return device
+
+
+def run_folder(trainer: Trainer) -> Path:
+    folder = Path(trainer.log_dir or trainer.default_root_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def cached_features(cache: FeatureCache, model, name, dataset, device, weights: str, batch_size: int) -> FeatureSet:
+    features, hit = cache.get(name, model.backbone, dataset, weights=weights, device=device, batch_size=batch_size)
+    rank_zero_info(f"{name}: {len(features)} images, features {'from the cache' if hit else 'extracted'}.")
+    return features
+
+
+def check_grid(name: str, values: list[float] | None, low: float = 0.0, high: float | None = 100.0) -> None:
+    """A hyperparameter grid of a command: ``None`` (unset) or a non-empty list of numbers in ``[low, high]``."""
+    if values is None:
+        return
+    if not values:
+        raise ConfigError(f"--{name} is empty: give at least one value.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise ConfigError(f"--{name}: {value!r} is not a number.")
+        if value < low or (high is not None and value > high):
+            bounds = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+            raise ConfigError(f"--{name}: {value:g} is outside {bounds}.")
+
+
+def check_output_file(output: str | None) -> None:
+    """An ``--output`` file: not a folder, in a writable folder (checked before any work)."""
+    if output is None:
+        return
+    target = Path(output).expanduser()
+    if target.is_dir() or str(output).endswith(("/", "\\")):
+        raise ConfigError(f"--output {output} is a folder; give the file to write (for example {target / 'x.yaml'}).")
+    check_writable_folder(target.parent, "--output")

@@ -1,0 +1,223 @@
+"""``lightning-ood tune``: choose a scorer's hyperparameters on ID validation images against validation OOD images and
+write them as a config overlay that ``test -c`` picks up.
+
+The paper's procedure (Section V-F) is the default: ``fmls`` over p and lambda against Gaussian noise N(0, 1). Any
+scorer with a declared search space (``Scorer.search_space``, its authors' grid) is tuned the same way with
+``--scorer``, on noise or on an OOD validation set (``--validation '{name: tin, image_list: .../cifar10_val_tin.txt}'``,
+OpenOOD's). Features are extracted once into the cache; the grid runs on cached tensors in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from rich.console import Console
+from rich.table import Table
+
+from lightning_ood.commands.common import (
+    cached_features,
+    check_grid,
+    check_output_file,
+    load_with_statistics,
+    run_folder,
+)
+from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.ood import build_ood_set, ood_entry
+from lightning_ood.data.sets import NoiseImages
+from lightning_ood.errors import ConfigError
+from lightning_ood.features import FeatureCache, FeatureSet, weights_fingerprint
+from lightning_ood.io import atomic_write_text
+from lightning_ood.module import OODClassifier
+from lightning_ood.scoring import SCORERS, build_scorer
+from lightning_ood.tuning import (
+    DEFAULT_CLIP_PERCENTILES,
+    DEFAULT_PERCENTILES,
+    select_fmls,
+    select_scorer,
+    selected_scorers,
+    settings_csv,
+    to_csv,
+    with_params,
+)
+
+
+def tune(
+    self: Trainer,
+    model: OODClassifier,
+    datamodule: OODDataModule,
+    ckpt_path: str | None = None,
+    scorer: str = "fmls",
+    grid: dict[str, list[Any]] | None = None,
+    percentiles: list[float] = list(DEFAULT_PERCENTILES),  # noqa: B006  (jsonargparse reads the default)
+    clips: list[float] | None = None,
+    clip_percentiles: list[float] = list(DEFAULT_CLIP_PERCENTILES),  # noqa: B006
+    validation: str | dict[str, Any] = "noise",
+    val_size: int = 2000,
+    noise_size: int = 2000,
+    seed: int = 0,
+    cache_dir: str = "cache/features",
+    output: str | None = None,
+) -> dict:
+    """Select a scorer's hyperparameters on ID validation images vs validation OOD images.
+
+    Args:
+        model: the model (from the config).
+        datamodule: the data (from the config); its training images provide the ID validation images.
+        ckpt_path: the checkpoint to tune (or the config's ``model.weights``).
+        scorer: the registered scorer to tune: ``fmls`` (the paper: p and lambda) or any scorer with a search space
+            that scores features (``knn``, ``vim``, ``gen``, ``react``, ``dice``, ``nnguide``, ...).
+        grid: the grid for a scorer other than ``fmls``, ``{hyperparameter: [values]}``; default its authors' grid.
+        percentiles: fmls: masking percentiles p to try (the paper: 10, 20, ..., 90).
+        clips: fmls: absolute lambdas to try; when unset, lambda runs over ``clip_percentiles``.
+        clip_percentiles: fmls: lambdas as percentiles of the training activations.
+        validation: the validation OOD images: ``noise`` (Gaussian N(0, 1) per input value, the paper's) or an OOD set
+            entry as in ``data.ood`` (e.g. ``{name: tin, image_list: cifar10_val_tin.txt}``, OpenOOD's).
+        val_size: ID validation images when ``data.val_split`` is 0: that many training images (test transform,
+            a permutation seeded by ``seed``) are held out from the OOD statistics, which tune fits again on the
+            remaining images. With ``data.val_split`` set, its held-out images (excluded from training and
+            statistics alike) are the ID validation images.
+        noise_size: Gaussian-noise images.
+        seed: seed of the validation subset (when ``data.val_split`` is 0) and of the noise.
+        cache_dir: feature cache folder.
+        output: also write the selected overlay here (it is always written to the run's log folder).
+
+    Returns:
+        ``{"scorer": name, "params": {...}, "fpr95": ..., "auroc": ..., "overlay": path}``.
+    """
+    tuned = check_tunable(scorer, grid, model)
+    check_grid("percentiles", percentiles)
+    check_grid("clips", clips, high=None)
+    check_grid("clip_percentiles", clip_percentiles)
+    check_output_file(output)
+    for name, value in (("val_size", val_size), ("noise_size", noise_size)):
+        if value < 1:
+            raise ConfigError(f"tune --{name} must be >= 1, got {value}.")
+    cache = FeatureCache(cache_dir)
+    if not datamodule.val_split:  # hold the validation images out of the statistics (not of a published training)
+        datamodule.val_split, datamodule.val_seed = val_size, seed
+    device = load_with_statistics(self, model, datamodule, ckpt_path, cache, type(tuned).needs_statistics)
+    rank_zero_info(
+        f"ID validation: {datamodule.val_split} training images held out (seed {datamodule.val_seed}); OOD "
+        f"statistics on the rest: {datamodule.describe_statistics_images()}."
+    )
+    weights = weights_fingerprint(model.backbone)
+    batch = datamodule.eval_batch_size
+    id_val = cached_features(cache, model, f"{datamodule.id_name}_val", datamodule.validation_set(), device, weights,
+                             batch)  # fmt: skip
+    ood_name, ood_set = validation_set(validation, datamodule, noise_size, seed)
+    ood_val = cached_features(cache, model, f"{ood_name}_val", ood_set, device, weights, batch)
+    head = copy.deepcopy(model.backbone.head).cpu()  # cached features live on the CPU
+    start = time.perf_counter()
+    if scorer == "fmls":
+        result = tune_fmls(model, head, id_val, ood_val, percentiles, clips, clip_percentiles)
+    else:
+        result = tune_scorer(scorer, model, head, id_val, ood_val, grid or dict(type(tuned).search_space))
+    elapsed = time.perf_counter() - start
+    folder = run_folder(self)
+    atomic_write_text(folder / "tune_grid.csv", result["csv"])  # the grid first: an overlay never stands alone
+    text = (
+        f"# Selected by `lightning-ood tune --scorer {scorer}` on {len(id_val)} ID validation images vs "
+        f"{len(ood_val)} {ood_name} images:\n# {result['summary']}; validation FPR95 {100 * result['fpr95']:.2f}%, "
+        f"AUROC {100 * result['auroc']:.2f}%.\n"
+        + yaml.safe_dump({"model": {"scorers": result["scorers"]}}, sort_keys=False)
+    )
+    paths = [atomic_write_text(folder / "selected.yaml", text)]
+    if output:
+        paths.append(atomic_write_text(output, text))
+    rank_zero_info(
+        f"Selected {result['summary']} (grid of {result['size']} in {elapsed:.2f}s). Overlay: "
+        f"{', '.join(map(str, paths))}; grid: {folder / 'tune_grid.csv'}. Test with: lightning-ood test -c <config> "
+        f"-c {paths[-1]}" + (f" --ckpt_path {ckpt_path}" if ckpt_path else "")
+    )
+    return {"scorer": scorer, "params": result["params"], "fpr95": result["fpr95"], "auroc": result["auroc"],
+            "overlay": str(paths[-1])}  # fmt: skip
+
+
+def check_tunable(name: str, grid: dict | None, model: OODClassifier):
+    """The scorer to tune, built and bound; refused when it cannot be scored from cached features or has no grid."""
+    if name not in SCORERS:
+        raise ConfigError(f"Unknown scorer {name!r} for tune. Choose one of: {', '.join(sorted(SCORERS))}.")
+    scorer = build_scorer(name).bind(model.backbone)
+    if scorer.needs_inputs or scorer.needs_blocks or scorer.references:
+        raise ConfigError(
+            f"tune works on cached penultimate features, and {name!r} reads the input images, block outputs or "
+            f"reference images; choose its hyperparameters with a sweep of `test` runs instead."
+        )
+    if name != "fmls":
+        space = grid or type(scorer).search_space
+        if not space:
+            raise ConfigError(f"Scorer {name!r} declares no search space: give one with --grid '{{name: [values]}}'.")
+        for key, values in space.items():
+            if not isinstance(values, list | tuple) or not values:
+                raise ConfigError(f"--grid: {key} needs a non-empty list of values, got {values!r}.")
+        build_scorer(name, **{k: v[0] for k, v in space.items()})  # unknown or invalid hyperparameters: now
+    return scorer
+
+
+def validation_set(validation: str | dict, datamodule: OODDataModule, noise_size: int, seed: int):
+    """``(name, dataset)`` of the validation OOD images: the paper's Gaussian noise, or an OOD set of the registry."""
+    shape = (3, datamodule.image_size, datamodule.image_size)
+    if validation == "noise":
+        return "gaussian_noise", NoiseImages(size=noise_size, shape=shape, seed=seed + 1)
+    label, name, options = ood_entry(validation)
+    dataset = build_ood_set(name, datamodule.ood_transform(), shape, datamodule.ood_root, **options)
+    return label, dataset
+
+
+def tune_fmls(model, head, id_val: FeatureSet, ood_val: FeatureSet, percentiles, clips, clip_percentiles) -> dict:
+    """The paper's procedure: fmls over p and lambda, the grid printed as a table."""
+    best, grid = select_fmls(model.ood_statistics, head, id_val, ood_val, percentiles, clips, clip_percentiles)
+    print_fmls_grid(grid, best)
+    lam = f"lambda = {best.clip:.6g}" + (
+        f" (the {best.clip_percentile:g}th percentile of training activations)" if best.clip_percentile else ""
+    )
+    return {
+        "params": {"percentile": best.percentile, "clip": best.clip},
+        "summary": f"p = {best.percentile:g}, {lam}",
+        "fpr95": best.fpr95, "auroc": best.auroc, "size": len(grid), "csv": to_csv(grid),
+        "scorers": selected_scorers(model.scorer_specs, best),
+    }  # fmt: skip
+
+
+def tune_scorer(name: str, model, head, id_val: FeatureSet, ood_val: FeatureSet, grid: dict) -> dict:
+    """Any other scorer over its grid, printed as a table."""
+    best, settings = select_scorer(name, model.ood_statistics, head, id_val, ood_val, grid)
+    table = Table(title=f"tune: validation FPR95 % (AUROC %) of {name}")
+    keys = list(grid)
+    for key in keys:
+        table.add_column(key)
+    table.add_column("FPR95", justify="right")
+    table.add_column("AUROC", justify="right")
+    for setting in settings:
+        style = "bold green" if setting == best else ""
+        cells = [*(str(v) for _, v in setting.params), f"{100 * setting.fpr95:.2f}", f"{100 * setting.auroc:.2f}"]
+        table.add_row(*(f"[{style}]{c}[/]" if style else c for c in cells))
+    Console().print(table)
+    params = dict(best.params)
+    return {
+        "params": params, "summary": ", ".join(f"{k} = {v}" for k, v in params.items()),
+        "fpr95": best.fpr95, "auroc": best.auroc, "size": len(settings), "csv": settings_csv(settings),
+        "scorers": with_params(model.scorer_specs, name, params),
+    }  # fmt: skip
+
+
+def print_fmls_grid(grid, best) -> None:
+    clips = sorted({c.clip for c in grid})
+    table = Table(title="tune: validation FPR95 % (AUROC %) of fmls, ID validation vs validation OOD images")
+    table.add_column("p \\ lambda")
+    for clip in clips:
+        q = next(c.clip_percentile for c in grid if c.clip == clip)
+        table.add_column(f"{clip:.3g}" + (f"\n(q{q:g})" if q is not None else ""), justify="right")
+    for p in sorted({c.percentile for c in grid}):
+        cells = []
+        for clip in clips:
+            c = next(c for c in grid if c.percentile == p and c.clip == clip)
+            cell = f"{100 * c.fpr95:.1f} ({100 * c.auroc:.1f})"
+            cells.append(f"[bold green]{cell}[/]" if c == best else cell)
+        table.add_row(f"{p:g}", *cells)
+    Console().print(table)
