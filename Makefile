@@ -28,7 +28,7 @@ DATA ?= data
 OOD_ROOT ?= $(DATA)
 
 .PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared tune-shared sweep-shared normratio-shared \
-	reproduce reproduce-shared import-published bench-train bench-eval clean
+	reproduce reproduce-shared import-published bench-train bench-eval bench-score clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -109,6 +109,9 @@ bench-train: $(STAMP) ## Training-step throughput: Lightning vs a plain PyTorch 
 
 bench-eval: $(STAMP) ## Evaluation cost: plain forward vs full evaluation (every scorer) vs a forward per scorer
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)
+
+bench-score: $(STAMP) ## Each scorer on 1M cached features (L=512, C=100) against the bare head matmul
+	$(BIN)/python benchmarks/bench_score.py $(ARGS)
 
 clean: ## Remove logs, checkpoints, the feature cache and tool caches (keeps .venv; `rm -rf .venv` for a full reset)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info logs lightning_logs checkpoints cache .bench
