@@ -49,7 +49,9 @@ demo: $(STAMP) ## Main job, offline (~2 min on 2 CPU cores): train, statistics, 
 	$(BIN)/lightning-ood test $(DEMO) test --ckpt_path checkpoints/demo/last.ckpt
 	$(BIN)/lightning-ood sweep $(DEMO) sweep --ckpt_path checkpoints/demo/last.ckpt --cache_dir cache/demo
 	@echo
-	@echo "Results table: logs/demo/test/ood_results.md (and .csv, .json); sensitivity to lambda and p: logs/demo/sweep/*.png"
+	@echo "This was the offline demo: a toy stand-in (scikit-learn's 8x8 digits, upsampled), real images but tiny; its"
+	@echo "numbers say nothing about the paper's CIFAR/ImageNet results (make reproduce, make reproduce-shared do)."
+	@echo "Results table: logs/demo/test/ood_results.md (and .csv, .json, .tex, histograms/); sensitivity: logs/demo/sweep/*.png"
 	@echo "TensorBoard (losses, score histograms, sweeps, hparams): $(BIN)/tensorboard --logdir logs/demo"
 	@echo "  then open http://localhost:6006"
 
@@ -67,14 +69,35 @@ format: $(STAMP) ## Reformat the code with ruff
 	$(BIN)/ruff check --fix lightning_ood tests benchmarks
 	$(BIN)/ruff format lightning_ood tests benchmarks
 
-train-cifar: $(STAMP) ## Train with the paper's schedule: DATASET=cifar10|cifar100 MODEL=resnet18|densenet ARGS=...
-	$(BIN)/lightning-ood fit -c configs/$(DATASET)_$(MODEL).yaml $(ARGS)
+# Several seeds: make train-cifar SEEDS="0 1 2" trains and tests each seed, then aggregates them (mean +- std).
+SEEDS ?=
+# seeds: config args, run name, extra args, extra test args. Fits and tests every seed (logs/<name>/seedN,
+# logs/<name>/seedN_test), then aggregates the tests with `lightning-ood report` into logs/<name>/seeds.
+define seeds
+	set -e; for s in $(SEEDS); do \
+		$(BIN)/lightning-ood fit $(1) --seed_everything $$s --trainer.logger.init_args.version seed$$s \
+			--checkpoint.dirpath checkpoints/$(2)/seed$$s $(3); \
+		$(BIN)/lightning-ood test $(1) $(4) --seed_everything $$s --trainer.logger.init_args.version seed$${s}_test \
+			--ckpt_path checkpoints/$(2)/seed$$s/last.ckpt --overwrite_results true $(3); \
+	done; \
+	$(BIN)/lightning-ood report $(foreach s,$(SEEDS),logs/$(2)/seed$(s)_test) --output logs/$(2)/seeds
+endef
 
-train-quick: $(STAMP) ## Short real CPU run: ResNet-20, 6 epochs on ../shared/data/cifar10-jpeg, then its test accuracy
-	$(BIN)/lightning-ood fit -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml \
-		--data.init_args.root $(SHARED_DATA)/cifar10-jpeg $(ARGS)
-	$(BIN)/lightning-ood test -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml \
-		--data.init_args.root $(SHARED_DATA)/cifar10-jpeg --ckpt_path checkpoints/quick_cpu/last.ckpt
+train-cifar: $(STAMP) ## Train with the paper's schedule: DATASET=cifar10|cifar100 MODEL=resnet18|densenet SEEDS="0 1 2" ARGS=...
+ifeq ($(strip $(SEEDS)),)
+	$(BIN)/lightning-ood fit -c configs/$(DATASET)_$(MODEL).yaml $(ARGS)
+else
+	$(call seeds,-c configs/$(DATASET)_$(MODEL).yaml,$(DATASET)_$(MODEL),$(ARGS))
+endif
+
+QUICK := -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml --data.init_args.root $(SHARED_DATA)/cifar10-jpeg
+train-quick: $(STAMP) ## Short real CPU run: ResNet-20, 6 epochs on ../shared/data/cifar10-jpeg, then its test (SEEDS="0 1 2")
+ifeq ($(strip $(SEEDS)),)
+	$(BIN)/lightning-ood fit $(QUICK) $(ARGS)
+	$(BIN)/lightning-ood test $(QUICK) --ckpt_path checkpoints/quick_cpu/last.ckpt --overwrite_results true $(ARGS)
+else
+	$(call seeds,$(QUICK),quick_cpu,$(ARGS),-c configs/ood/shared_data.yaml)
+endif
 
 SHARED := -c configs/cifar10_resnet18.yaml -c configs/overlays/quick_cpu.yaml -c configs/ood/shared_data.yaml \
 	--ckpt_path checkpoints/quick_cpu/last.ckpt

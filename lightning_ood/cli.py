@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
@@ -25,7 +25,8 @@ TRAINER_DEFAULTS = {
     "inference_mode": False,  # ODIN needs input gradients in the test pass
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "logs", "name": "lightning_ood"},
+        # no placeholder hp_metric: TensorBoard's HParams keeps the first record, and the test writes the real one
+        "init_args": {"save_dir": "logs", "name": "lightning_ood", "default_hp_metric": False},
     },
 }
 
@@ -77,6 +78,8 @@ class OODCLI(LightningCLI):
         # Always on: statistics after fit, the result table and TensorBoard histograms after test; a rich progress
         # bar unless the user turned progress bars off; atomic checkpoint writes unless the user brings a CheckpointIO.
         callbacks = [FitOODStatistics(), OODResultsTable(), ScoreHistograms()]
+        if self._get(self.config_init, "trainer.logger") not in (False, None):  # the learning rate curve during fit
+            callbacks.append(LearningRateMonitor("epoch"))
         if self._get(self.config_init, "trainer.enable_progress_bar") is not False:
             callbacks.insert(0, RichProgressBar())
         self.trainer_defaults["callbacks"] = callbacks
@@ -184,8 +187,15 @@ def clean_message(message: str) -> str:
 
 
 def main(args=None) -> None:
-    """Entry point; user errors print one line and exit with status 2."""
+    """Entry point; user errors print one line and exit with status 2. ``report`` (no model, no data) is dispatched
+    before the LightningCLI is built."""
+    argv = list(sys.argv[1:] if args is None else args)
     try:
+        if argv[:1] == ["report"]:
+            from lightning_ood.commands.report import report
+
+            report(argv[1:])
+            return
         OODCLI(
             OODClassifier,
             OODDataModule,
@@ -195,6 +205,10 @@ def main(args=None) -> None:
             seed_everything_default=42,
             load_from_checkpoint_support=False,  # plain hyperparameters in checkpoints (see _parse_ckpt_path)
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "epilog": "Also: lightning-ood report RUN_DIR... [--output DIR] aggregates runs (seeds, checkpoints) "
+                "into mean ± std tables (markdown, CSV, LaTeX)."
+            },
             args=args,
         )
     except BaseException as exc:

@@ -11,7 +11,12 @@ logic lives in :mod:`lightning_ood.scoring`, metrics in :mod:`lightning_ood.metr
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import subprocess
 from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +66,27 @@ def scorer_specs(scorers: ScorerSpec | None) -> dict[str, tuple[str, dict[str, A
         params = dict(params or {})
         specs[label] = (params.pop("scorer", label), params)
     return specs
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("lightning-ood")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def git_commit() -> str:
+    """The commit of the package's checkout (with ``+changes`` when the tree differs from it), or ""."""
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, timeout=5)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if commit.returncode:
+        return ""
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 class OODClassifier(LightningModule):
@@ -344,9 +370,11 @@ class OODClassifier(LightningModule):
                 for label, (name, params) in specs.items()}  # fmt: skip
 
     def provenance(self) -> dict[str, object]:
-        """What produced this run's numbers, for the result files."""
+        """What produced this run's numbers, for the result files: weights, normalisation, statistics, scorers and
+        their hyperparameters, test sets, seed, package version, git commit, date."""
         ckpt_path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         normalization = self.input_normalization
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return {
             "weights": self.hparams.weights or "",
             "checkpoint": str(ckpt_path) if ckpt_path else "",
@@ -355,6 +383,11 @@ class OODClassifier(LightningModule):
             "statistics_images": self.ood_statistics.images if self.ood_statistics else "",
             "statistics_count": self.ood_statistics.num_samples if self.ood_statistics else 0,
             "scorers": {label: {"scorer": name, **params} for label, (name, params) in self.scorer_specs.items()},
+            "test_sets": datamodule.describe_sets() if hasattr(datamodule, "describe_sets") else {},
+            "seed": os.environ.get("PL_GLOBAL_SEED", ""),
+            "package": f"lightning-ood {package_version()}",
+            "commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
     @staticmethod
@@ -405,7 +438,7 @@ class OODClassifier(LightningModule):
                 f"and every score and metric would be meaningless. No results were written."
             )
         accuracy = float(self.test_acc.compute())
-        self.log("test/acc", accuracy, rank_zero_only=True)
+        self.log("test/acc", 100 * accuracy, rank_zero_only=True)
         oods = self.test_set_names[1:]
         metrics: dict[str, dict[str, dict[str, float]]] = {}
         for scorer in self.scorers:
@@ -433,11 +466,12 @@ class OODClassifier(LightningModule):
             fpr_positive=self.hparams.fpr_positive,
             groups={o: g for o, g in getattr(self.trainer.datamodule, "ood_groups", {}).items() if o in oods},
         )
-        if oods:
+        if oods:  # the averages in %, as every table (per OOD set: the HParams metrics, ScoreHistograms)
+            report = self.ood_report
             for scorer in self.scorers:
-                average = self.ood_report.average(scorer)
-                self.log(f"ood/{scorer}/{self.ood_report.fpr_label.lower()}", average["fpr95"], rank_zero_only=True)
-                self.log(f"ood/{scorer}/auroc", average["auroc"], rank_zero_only=True)
+                for metric in ("fpr95", "auroc"):
+                    value = report.percent(scorer, "Average", metric)
+                    self.log(f"ood/{scorer}/{report.output_key(metric)}", value, rank_zero_only=True)
 
     def gathered_scores(self) -> dict[str, dict[str, Tensor]]:
         """``scores[scorer][dataset]`` from all ranks (call on every rank: it synchronises)."""

@@ -14,6 +14,7 @@ from functools import cache
 from importlib.resources import files
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from lightning_ood.io import atomic_write_text
@@ -33,6 +34,13 @@ BACKBONE_TITLES = {
     "vit_base_patch16_224": "ViT-B/16",
 }
 OOD_TITLES = {
+    "mnist": "MNIST",
+    "fashion_mnist": "F-MNIST",
+    "tin": "TIN",
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "gaussian_noise": "Noise",
+    "uniform_noise": "Uniform",
     "svhn": "SVHN",
     "lsun_crop": "LSUN-C",
     "lsun_resize": "LSUN-R",
@@ -162,27 +170,57 @@ class OODReport:
             return (float("nan"), figure[1])
         return figure
 
+    # ------------------------------------------------------------------------------------------------ values
+    @property
+    def columns(self) -> list[str]:
+        """Every column of the tables: the OOD sets, the group averages, the average."""
+        return [*self.ood_names, *self.average_columns]
+
+    def percent(self, scorer: str, column: str, metric: str) -> float:
+        """The value in %, rounded to 0.01 and clamped to [0, 100] (float32 sums can land a hair outside)."""
+        return round(min(100.0, max(0.0, 100 * self._values(scorer, column)[metric])), 2)
+
+    def paper_value(self, scorer: str, column: str, metric: str) -> float | None:
+        """The paper's figure of this cell, when the paper reports it with the same metric."""
+        paper = self.paper(scorer, column) if metric in ("fpr95", "auroc") else None
+        value = paper[0 if metric == "fpr95" else 1] if paper else None
+        return None if value is None or value != value else value
+
+    def ranks(self, column: str, metric: str) -> dict[str, int]:
+        """0 for the best scorer of a column, 1 for the second (ties share a rank); lower FPR, higher others."""
+        sign = 1 if metric == "fpr95" else -1
+        values = sorted({sign * self.percent(s, column, metric) for s in self.scorers})
+        return {s: values.index(sign * self.percent(s, column, metric)) for s in self.scorers}
+
+    def column_title(self, column: str) -> str:
+        return OOD_TITLES.get(column, column)
+
+    def set_sizes(self) -> str:
+        sizes = ", ".join(f"{self.column_title(o)} {self.num_images.get(o, '?')}" for o in self.ood_names)
+        return f"ID {self.id_name}: {self.num_images.get(self.id_name, '?')} images; OOD: {sizes}"
+
     # ------------------------------------------------------------------------------------------------ renderers
     def rows(self) -> list[dict[str, object]]:
-        """Long format: one row per (scorer, OOD set) plus one ``Average`` row per scorer; values in percent."""
+        """Long format: one row per (scorer, OOD set) plus the average rows per scorer; values in percent."""
         out = []
         for scorer in self.scorers:
-            entries = [*self.metrics[scorer].items(), *((c, self._values(scorer, c)) for c in self.average_columns)]
-            for ood, values in entries:
-                paper = self.paper(scorer, ood)
-                paper_fpr = paper[0] if paper and paper[0] == paper[0] else None  # NaN: another TPR than the paper's
+            for column in self.columns:
+                paper_fpr = self.paper_value(scorer, column, "fpr95")
+                paper_auroc = self.paper_value(scorer, column, "auroc")
+                fpr, auroc = self.percent(scorer, column, "fpr95"), self.percent(scorer, column, "auroc")
                 out.append(
                     {
                         "id_dataset": self.id_name,
                         "backbone": self.backbone,
                         "scorer": scorer,
                         "paper_method": paper_name(scorer) or "",
-                        "ood": ood,
-                        **{self.output_key(m): round(100 * values[m], 2) for m in METRICS},
+                        "ood": column,
+                        "images": self.num_images.get(column, ""),
+                        **{self.output_key(m): self.percent(scorer, column, m) for m in METRICS},
                         "paper_fpr95": paper_fpr if paper_fpr is not None else "",
-                        "paper_auroc": paper[1] if paper else "",
-                        "diff_fpr95": round(100 * values["fpr95"] - paper_fpr, 2) if paper_fpr is not None else "",
-                        "diff_auroc": round(100 * values["auroc"] - paper[1], 2) if paper else "",
+                        "paper_auroc": paper_auroc if paper_auroc is not None else "",
+                        "diff_fpr95": round(fpr - paper_fpr, 2) if paper_fpr is not None else "",
+                        "diff_auroc": round(auroc - paper_auroc, 2) if paper_auroc is not None else "",
                     }
                 )
         return out
@@ -195,33 +233,33 @@ class OODReport:
         writer.writerows(rows)
         return buffer.getvalue()
 
-    def _cell(self, scorer: str, ood: str, metric: str, values: dict[str, float]) -> str:
+    def _cell(self, scorer: str, column: str, metric: str) -> str:
         """Ours, and where the paper reports the cell: (paper, ours - paper)."""
-        ours = 100 * values[metric]
-        paper = self.paper(scorer, ood) if metric in ("fpr95", "auroc") else None
-        theirs = paper[0 if metric == "fpr95" else 1] if paper else float("nan")
-        if theirs != theirs:  # not reported, or another metric than the paper's
-            return f"{ours:.2f}"
-        return f"{ours:.2f} ({theirs:.2f}, {ours - theirs:+.2f})"
+        ours = self.percent(scorer, column, metric)
+        theirs = self.paper_value(scorer, column, metric)
+        return f"{ours:.2f}" if theirs is None else f"{ours:.2f} ({theirs:.2f}, {ours - theirs:+.2f})"
 
     def to_markdown(self) -> str:
-        """A table shaped like the paper's Table I: FPR95 and AUROC per OOD set, then the average."""
-        columns = [*self.ood_names, *self.average_columns]
-        head = ["Method", *(f"{c} {self.title(m)}" for c in columns for m in ("fpr95", "auroc"))]
+        """The paper's Table I shape, one table per metric (FPR, AUROC, AUPR-In, AUPR-Out): the OOD sets, then the
+        averages; the best of a column in bold and the second underlined, as in the paper."""
         lines = [
-            f"ID: {self.id_name} ({self.num_images.get(self.id_name, '?')} images), backbone: {self.backbone}, "
-            f"accuracy: {100 * self.accuracy:.2f}%. Values in %; where the paper reports the cell: (the paper's "
-            f"figure, ours minus the paper's).",
+            f"ID: {self.id_name}, backbone: {self.backbone}, accuracy: {100 * self.accuracy:.2f}%. Values in %; where "
+            f"the paper reports the cell: (the paper's figure, ours minus the paper's). **Best**, <u>second</u>.",
             "",
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
+            f"Images: {self.set_sizes()}.",
         ]
-        for scorer in self.scorers:
-            cells = [scorer]
-            for ood in columns:
-                values = self._values(scorer, ood)
-                cells += [self._cell(scorer, ood, m, values) for m in ("fpr95", "auroc")]
-            lines.append("| " + " | ".join(cells) + " |")
+        columns = self.columns
+        for metric in METRICS:
+            ranks = {c: self.ranks(c, metric) for c in columns}
+            lines += ["", f"### {self.title(metric)}", ""]
+            lines.append("| Method | " + " | ".join(self.column_title(c) for c in columns) + " |")
+            lines.append("|---|" + "---:|" * len(columns))
+            for scorer in self.scorers:
+                cells = []
+                for column in columns:
+                    cell, rank = self._cell(scorer, column, metric), ranks[column][scorer]
+                    cells.append(f"**{cell}**" if rank == 0 else f"<u>{cell}</u>" if rank == 1 else cell)
+                lines.append(f"| {scorer} | " + " | ".join(cells) + " |")
         if self.skipped:
             lines += ["", "Skipped OOD sets: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())]
         if self.skipped_images:
@@ -231,28 +269,67 @@ class OODReport:
             lines += ["", "Provenance:", *(f"- {k}: {v}" for k, v in self.provenance.items())]
         return "\n".join(lines) + "\n"
 
-    def rich_table(self) -> Table:
-        columns = [*self.ood_names, *self.average_columns]
-        notes = [f"skipped sets: {', '.join(self.skipped)}"] if self.skipped else []
-        notes += [f"undecodable images left out: {self.skipped_images}"] if self.skipped_images else []
-        table = Table(
-            title=f"OOD detection: {self.id_name} / {self.backbone} (accuracy {100 * self.accuracy:.2f}%)",
-            caption="; ".join(
-                [f"{self.title('fpr95')} / AUROC↑ in %; (paper, difference) where the paper reports the cell", *notes]
-            ),
-        )
-        table.add_column("Method", style="bold")
-        for column in columns:
-            table.add_column(f"{column}\n{self.fpr_label} / AUROC", justify="right")
-        best = {c: min(self.scorers, key=lambda s, c=c: self._values(s, c)["fpr95"]) for c in columns}
+    def to_latex(self) -> str:
+        """The paper's layout (booktabs): a method per row, FPR95 and AUROC per OOD set, then the averages; the best
+        of a column in bold, the second underlined."""
+        columns = self.columns
+        spec = "l" + "rr" * len(columns)
+        title_row = " & ".join(rf"\multicolumn{{2}}{{c}}{{{latex_escape(self.column_title(c))}}}" for c in columns)
+        rules = " ".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(columns)))
+        metrics_row = " & ".join(r"FPR95$\downarrow$ & AUROC$\uparrow$" for _ in columns)
+        if not self.comparable_fpr:
+            metrics_row = metrics_row.replace("FPR95", latex_escape(self.fpr_label))
+        lines = [
+            rf"% {latex_escape(self.id_name)} / {latex_escape(self.backbone)}, accuracy {100 * self.accuracy:.2f}\%",
+            r"\begin{tabular}{" + spec + "}",
+            r"\toprule",
+            rf"Method & {title_row} \\",
+            rules,
+            rf" & {metrics_row} \\",
+            r"\midrule",
+        ]
+        ranks = {(c, m): self.ranks(c, m) for c in columns for m in ("fpr95", "auroc")}
         for scorer in self.scorers:
             cells = []
             for column in columns:
-                values = self._values(scorer, column)
-                cell = f"{self._cell(scorer, column, 'fpr95', values)} / {self._cell(scorer, column, 'auroc', values)}"
-                cells.append(f"[green]{cell}[/]" if best[column] == scorer else cell)
-            table.add_row(scorer, *cells)
-        return table
+                for metric in ("fpr95", "auroc"):
+                    value, rank = f"{self.percent(scorer, column, metric):.2f}", ranks[(column, metric)][scorer]
+                    cells.append(
+                        rf"\textbf{{{value}}}" if rank == 0 else rf"\underline{{{value}}}" if rank == 1 else value
+                    )
+            name = paper_name(scorer) or scorer
+            lines.append(f"{latex_escape(name)} & " + " & ".join(cells) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+
+    def rich_tables(self) -> list[Table]:
+        """Console tables that fit 120 columns with six OOD sets and the average: one for the FPR, one for the
+        AUROC; a cell is ours, with the signed difference to the paper's figure where the paper reports it; names
+        are never cut."""
+        notes = [f"skipped sets: {', '.join(self.skipped)}"] if self.skipped else []
+        notes += [f"undecodable images left out: {self.skipped_images}"] if self.skipped_images else []
+        tables = []
+        for metric in ("fpr95", "auroc"):
+            table = Table(
+                title=f"{self.title(metric)} %: {self.id_name} / {self.backbone} (accuracy {100 * self.accuracy:.2f}%)",
+                caption="; ".join(["(+x.xx): ours minus the paper's figure; green: the best", *notes]) or None,
+                box=box.SIMPLE_HEAD,
+                pad_edge=False,
+            )
+            table.add_column("Method", no_wrap=True, style="bold")
+            for column in self.columns:
+                table.add_column(self.column_title(column), justify="right", no_wrap=True, overflow="fold")
+            ranks = {c: self.ranks(c, metric) for c in self.columns}
+            for scorer in self.scorers:
+                cells = []
+                for column in self.columns:
+                    ours = self.percent(scorer, column, metric)
+                    theirs = self.paper_value(scorer, column, metric)
+                    cell = f"{ours:.2f}" if theirs is None else f"{ours:.2f} {ours - theirs:+.2f}"
+                    cells.append(f"[green]{cell}[/]" if ranks[column][scorer] == 0 else cell)
+                table.add_row(scorer, *cells)
+            tables.append(table)
+        return tables
 
     def _values(self, scorer: str, column: str) -> dict[str, float]:
         if column == "Average":
@@ -262,7 +339,7 @@ class OODReport:
         return self.metrics[scorer][column]
 
     def to_json(self) -> str:
-        """Every measured value at full precision (fractions in [0, 1]), for programs."""
+        """Every measured value at full precision (fractions, clamped to [0, 1]), for programs."""
         payload = {
             "id_dataset": self.id_name,
             "backbone": self.backbone,
@@ -283,13 +360,18 @@ class OODReport:
         return json.dumps(payload, indent=1, default=str)
 
     def _renamed(self, values: dict[str, float]) -> dict[str, float]:
-        return {self.output_key(k): v for k, v in values.items()}
+        return {self.output_key(k): min(1.0, max(0.0, v)) for k, v in values.items()}
 
-    def write(self, folder: str | Path) -> tuple[Path, Path, Path]:
-        """Write ``ood_results.md``, ``ood_results.csv`` and ``ood_results.json`` into ``folder`` (atomically)."""
+    def write(self, folder: str | Path) -> tuple[Path, ...]:
+        """Write ``ood_results.{md,csv,json,tex}`` into ``folder`` (atomically)."""
         folder = Path(folder)
         return (
             atomic_write_text(folder / "ood_results.md", self.to_markdown()),
             atomic_write_text(folder / "ood_results.csv", self.to_csv()),
             atomic_write_text(folder / "ood_results.json", self.to_json()),
+            atomic_write_text(folder / "ood_results.tex", self.to_latex()),
         )
+
+
+def latex_escape(text: str) -> str:
+    return "".join({"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"}.get(ch, ch) for ch in str(text))

@@ -211,9 +211,13 @@ def to_csv(rows: list) -> str:
     return buffer.getvalue()
 
 
-def sweep_figure(points: list[SweepPoint], sweep: str, xlabel: str):
-    """Rows = OOD sets and their average, columns = FPR95 and AUROC, one line per scorer (values in %)."""
+def sweep_figure(points: list[SweepPoint], sweep: str, xlabel: str, title: str = "", configured: float | None = None):
+    """Rows = OOD sets and their average, columns = FPR95 and AUROC in %, one line per scorer; ``configured`` (the
+    config's value) and the value with the best average FPR95 of ``fmls`` (in hindsight, on these OOD sets) are
+    marked."""
     points = [p for p in points if p.sweep == sweep]
+    average = [p for p in points if p.scorer == "fmls" and p.ood == "Average"]
+    best = min(average, key=lambda p: (p.fpr95, -p.auroc)).value if average else None
     oods = list(dict.fromkeys(p.ood for p in points))
     scorers = list(dict.fromkeys(p.scorer for p in points))
     figure, axes = plt.subplots(len(oods), 2, figsize=(8, 2.4 * len(oods)), squeeze=False, dpi=100)
@@ -227,11 +231,20 @@ def sweep_figure(points: list[SweepPoint], sweep: str, xlabel: str):
                 )
                 colour, style = styles.get(scorer, (None, "-"))
                 axis.plot(*zip(*series, strict=True), style, marker="o", markersize=3, color=colour, label=scorer)
-            axis.set_title(f"{ood}: {'FPR95 (lower is better)' if metric == 'fpr95' else 'AUROC (higher is better)'}",
-                           fontsize=9)  # fmt: skip
+            if configured is not None:
+                axis.axvline(
+                    configured, color="black", linestyle="--", linewidth=1, label=f"configured {configured:.3g}"
+                )
+            if best is not None:
+                axis.axvline(best, color="tab:red", linestyle=":", linewidth=1, label=f"best average {best:.3g}")
+            what = "FPR95 % (lower is better)" if metric == "fpr95" else "AUROC % (higher is better)"
+            axis.set_title(f"{ood}: {what}", fontsize=9)
+            axis.set_ylabel("%", fontsize=8)
             axis.set_xlabel(xlabel, fontsize=8)
             axis.tick_params(labelsize=7)
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure

@@ -101,6 +101,6 @@ def test_every_metric_equals_the_single_process_run(runs):
 def test_outputs_written_once(runs):
     folder = runs / "logs" / "lightning_ood" / "test2"
     assert sorted(p.name for p in folder.glob("ood_results.*")) == ["ood_results.csv", "ood_results.json",
-                                                                    "ood_results.md"]  # fmt: skip
+                                                                    "ood_results.md", "ood_results.tex"]  # fmt: skip
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1
     assert not list((runs / "logs").rglob("*.tmp"))

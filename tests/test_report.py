@@ -52,9 +52,9 @@ def test_rows_and_csv_carry_paper_figures():
     assert rows[("fmls", "svhn")]["diff_fpr95"] == -2.3 and rows[("fmls", "svhn")]["diff_auroc"] == -0.26
     assert rows[("maxlogit", "svhn")]["paper_fpr95"] == ""
     lines = report.to_csv().splitlines()
-    assert lines[0] == ("id_dataset,backbone,scorer,paper_method,ood,fpr95,auroc,aupr_in,aupr_out,paper_fpr95,"
+    assert lines[0] == ("id_dataset,backbone,scorer,paper_method,ood,images,fpr95,auroc,aupr_in,aupr_out,paper_fpr95,"
                         "paper_auroc,diff_fpr95,diff_auroc")  # fmt: skip
-    assert "cifar10,resnet18,fmls,Ours,svhn,20.0,96.0,90.0,80.0,22.3,96.26,-2.3,-0.26" in lines
+    assert "cifar10,resnet18,fmls,Ours,svhn,26032,20.0,96.0,90.0,80.0,22.3,96.26,-2.3,-0.26" in lines
 
 
 def test_the_paper_average_is_shown_only_over_the_papers_sets():
@@ -66,26 +66,69 @@ def test_the_paper_average_is_shown_only_over_the_papers_sets():
     assert (average["diff_fpr95"], average["diff_auroc"]) == (-0.92, -4.32)
 
 
-def test_markdown_table(tmp_path):
+def test_markdown_tables_mark_the_best_and_carry_aupr_and_sizes(tmp_path):
     report = make_report(skipped={"places365": "not found"})
     md = report.to_markdown()
-    assert "| Method | svhn FPR95↓ | svhn AUROC↑ | textures FPR95↓ | textures AUROC↑ | Average FPR95↓ |" in md
-    assert (
-        "| fmls | 20.00 (22.30, -2.30) | 96.00 (96.26, -0.26) | 40.00 (39.04, +0.96) | 90.00 (92.79, -2.79) | 30.00 |"
-        in md
-    )
-    assert "| maxlogit | 50.00 | 91.00 | 60.00 | 89.00 | 55.00 | 90.00 |" in md
+    assert "Images: ID cifar10: 10000 images; OOD: SVHN 26032, Textures 5640." in md
+    for title in ("### FPR95↓", "### AUROC↑", "### AUPR-In↑", "### AUPR-Out↑"):
+        assert title in md
+    assert "| Method | SVHN | Textures | Average |" in md
+    # FPR: lower is better (fmls best, bold; maxlogit second, underlined); the paper's figure and the difference
+    assert "| fmls | **20.00 (22.30, -2.30)** | **40.00 (39.04, +0.96)** | **30.00** |" in md
+    assert "| maxlogit | <u>50.00</u> | <u>60.00</u> | <u>55.00</u> |" in md
+    assert "| maxlogit | <u>50.00</u> | <u>30.00</u> | <u>40.00</u> |" in md  # AUPR-In: higher is better
     assert "accuracy: 95.00%" in md and "Skipped OOD sets: places365 (not found)" in md
-    written_md, written_csv, written_json = report.write(tmp_path)
-    assert written_md.read_text() == md and written_csv.read_text() == report.to_csv()
-    assert json.loads(written_json.read_text())["metrics"]["fmls"]["svhn"]["fpr95"] == 0.20  # full precision
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ood_results.csv", "ood_results.json", "ood_results.md"]
+    written = report.write(tmp_path)
+    assert [p.name for p in written] == ["ood_results.md", "ood_results.csv", "ood_results.json", "ood_results.tex"]
+    assert written[0].read_text() == md and written[1].read_text() == report.to_csv()
+    assert json.loads(written[2].read_text())["metrics"]["fmls"]["svhn"]["fpr95"] == 0.20  # full precision
 
 
-def test_rich_table_marks_the_best_fpr():
+def test_values_are_clamped_and_rounded():
+    metrics = {"msp": {"svhn": {"fpr95": 0.123456, "auroc": 1.0000001192092896, "aupr_in": -1e-9, "aupr_out": 1.0}}}
+    report = make_report(metrics=metrics)
+    row = report.rows()[0]
+    assert (row["fpr95"], row["auroc"], row["aupr_in"]) == (12.35, 100.0, 0.0)
+    assert json.loads(report.to_json())["metrics"]["msp"]["svhn"]["auroc"] == 1.0
+
+
+def test_latex_table_in_the_papers_layout():
+    tex = make_report().to_latex()
+    assert r"\begin{tabular}{lrrrrrr}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+    assert r"Method & \multicolumn{2}{c}{SVHN} & \multicolumn{2}{c}{Textures} & \multicolumn{2}{c}{Average} \\" in tex
+    assert (
+        r"Ours & \textbf{20.00} & \textbf{96.00} & \textbf{40.00} & \textbf{90.00} & \textbf{30.00} & \textbf{93.00} \\"
+        in tex
+    )
+    assert r"maxlogit & \underline{50.00} & \underline{91.00}" in tex
+
+
+def test_console_tables_fit_120_columns_with_the_papers_six_sets():
+    from rich.console import Console
+
+    sets = ["svhn", "lsun_crop", "lsun_resize", "isun", "textures", "places365"]
+    names = ["msp", "odin", "mahalanobis", "energy", "bats", "dice", "react", "dice_react", "line", "fmls",
+             "odin_fmls", "bats_empirical", "temp_scaling"]  # fmt: skip
+    values = {"fpr95": 0.3456, "auroc": 0.91234, "aupr_in": 0.9, "aupr_out": 0.8}
+    report = make_report(metrics={n: {s: values for s in sets} for n in names})
+    console = Console(record=True, width=120)
+    for table in report.rich_tables():
+        console.print(table)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert "…" not in text  # nothing cut
+    for name in [*names, "SVHN", "LSUN-C", "LSUN-R", "iSUN", "Textures", "Places365", "Average"]:
+        assert name in text
+    assert "34.56 +12.26" in text  # fmls on SVHN: ours, and ours minus the paper's 22.30
+    rows = [line for line in text.splitlines() if line.strip().startswith("odin_fmls")]
+    assert len(rows) == 2  # one line per method in each table
+
+
+def test_rich_tables_mark_the_best():
     from rich.console import Console
 
     console = Console(record=True, width=200)
-    console.print(make_report().rich_table())
+    for table in make_report().rich_tables():
+        console.print(table)
     text = console.export_text()
-    assert "20.00 (22.30, -2.30) / 96.00 (96.26, -0.26)" in text and "maxlogit" in text
+    assert "20.00 -2.30" in text and "96.00 -0.26" in text and "maxlogit" in text

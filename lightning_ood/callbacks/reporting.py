@@ -1,7 +1,8 @@
-"""Reporting after the OOD test pass: the result table (console, markdown, CSV) and TensorBoard score histograms.
+"""Reporting after the OOD test pass: the result tables (console, markdown, CSV, LaTeX, JSON), the score histograms
+(PNG beside the tables and TensorBoard figures), and TensorBoard's HParams and scalars.
 
-Both read what the module measured (``pl_module.ood_report``, ``pl_module.gathered_scores()``); scores are gathered
-from every rank first, and only rank 0 writes.
+Both callbacks read what the module measured (``pl_module.ood_report``, ``pl_module.gathered_scores()``); scores are
+gathered from every rank first, and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
 from torch import Tensor
 
+from lightning_ood.io import atomic_write
+from lightning_ood.metrics import tpr_threshold
+from lightning_ood.report import OODReport
+from lightning_ood.scoring import paper_name
+
 
 def run_folder(trainer: Trainer) -> Path:
     """The run's log folder (``logs/<name>/version_N``), or the default root when there is no logger. A collective
@@ -27,7 +33,7 @@ def run_folder(trainer: Trainer) -> Path:
 
 
 class OODResultsTable(Callback):
-    """Print the result table with rich and write it as ``ood_results.md`` / ``ood_results.csv`` in the run folder."""
+    """Print the result tables with rich and write ``ood_results.{md,csv,json,tex}`` into the run folder."""
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         report = getattr(pl_module, "ood_report", None)
@@ -39,66 +45,109 @@ class OODResultsTable(Callback):
         if not report.metrics:
             Console().print(f"ID accuracy on {report.id_name}: {100 * report.accuracy:.2f}% (no OOD sets configured)")
             return
-        Console().print(report.rich_table())
-        markdown, csv, json = report.write(folder)
-        rank_zero_info(f"OOD results written to {markdown}, {csv.name} and {json.name}")
+        console = Console()
+        for table in report.rich_tables():
+            console.print(table)
+        paths = report.write(folder)
+        rank_zero_info(f"OOD results written to {paths[0]} ({', '.join(p.suffix for p in paths)}).")
 
 
-def overlay_figure(title: str, scores: dict[str, Tensor], bins: int = 60):
-    """One histogram per test set on shared bins, ID first (density, so sets of different sizes compare)."""
-    finite = {k: v[torch.isfinite(v)].float() for k, v in scores.items()}
-    values = torch.cat(list(finite.values()))
-    lo, hi = (float(values.min()), float(values.max())) if values.numel() else (0.0, 1.0)
-    if hi - lo < 1e-9:  # constant scores (an untrained or degenerate model): centre one bin on them
+def robust_range(*values: Tensor) -> tuple[float, float]:
+    """[1st percentile, 99th percentile] over the sets (each set's own), so one far-off set does not squeeze the rest
+    into a bin; a constant score gets a unit-wide range around it."""
+    lows = [torch.quantile(v.double(), 0.01) for v in values if v.numel()]
+    highs = [torch.quantile(v.double(), 0.99) for v in values if v.numel()]
+    lo, hi = (float(min(lows)), float(max(highs))) if lows else (0.0, 1.0)
+    if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    edges = torch.linspace(lo, hi, bins + 1).numpy()
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for i, (name, v) in enumerate(finite.items()):
-        axis.hist(v.numpy(), bins=edges, density=True, alpha=0.55 if i == 0 else 0.4, label=name + (" (ID)" * (i == 0)))
-    axis.set_title(title)
-    axis.set_xlabel("score (higher = more in-distribution)")
-    axis.set_ylabel("density")
-    axis.legend(fontsize=8)
+    return lo, hi
+
+
+def histogram_figure(scorer: str, scores: dict[str, Tensor], report: OODReport, bins: int = 60):
+    """One panel per OOD set: the ID scores against that set's, on shared bins over a robust range (values outside
+    are counted in the legend and drawn in the edge bins), as step outlines; the threshold that keeps the TPR of the
+    ID scores (95%) dashed; the set's FPR and AUROC in the panel's title."""
+    id_name = report.id_name
+    oods = report.ood_names
+    id_scores = scores[id_name][torch.isfinite(scores[id_name])].double()
+    columns = min(3, len(oods))
+    rows = -(-len(oods) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), dpi=100, squeeze=False)
+    threshold = float(tpr_threshold(id_scores, report.tpr)) if id_scores.numel() else float("nan")
+    for axis, ood in zip(axes.flat, oods, strict=False):
+        ood_scores = scores[ood][torch.isfinite(scores[ood])].double()
+        lo, hi = robust_range(id_scores, ood_scores)
+        edges = torch.linspace(lo, hi, bins + 1).numpy()
+        for values, label, colour in ((id_scores, f"{id_name} (ID)", "tab:blue"), (ood_scores, ood, "tab:red")):
+            outside = int(((values < lo) | (values > hi)).sum())
+            note = f", {outside} outside" if outside else ""
+            axis.hist(values.clamp(lo, hi).numpy(), bins=edges, density=True, histtype="step", linewidth=1.4,
+                      color=colour, label=f"{label}: {values.numel()}{note}")  # fmt: skip
+        axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"{100 * report.tpr:g}% TPR")
+        metrics = report.metrics[scorer][ood]
+        axis.set_title(f"{report.column_title(ood)}: {report.fpr_label} {100 * metrics['fpr95']:.1f}%, "
+                       f"AUROC {100 * metrics['auroc']:.1f}%", fontsize=9)  # fmt: skip
+        axis.set_xlabel("score (higher = more in-distribution)", fontsize=8)
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(oods) :]:
+        axis.axis("off")
+    name = paper_name(scorer)
+    figure.suptitle(
+        f"{scorer}" + (f" ({name})" if name and name != scorer else "") + f": {id_name} / {report.backbone}"
+    )
     figure.tight_layout()
     return figure
 
 
 class ScoreHistograms(Callback):
-    """TensorBoard: per scorer, a histogram of the ID scores and one per OOD set, an overlaid figure, and the final
-    metrics as hparams.
+    """Score histograms (one figure per scorer, a panel per OOD set) as PNG in ``<run>/histograms/`` and in
+    TensorBoard; TensorBoard scalars of every final metric in % (averages and per OOD set); and HParams with every
+    final metric and the scorers' hyperparameters.
 
     Args:
         bins: histogram bins.
-        figures: also log the overlaid matplotlib figure per scorer.
+        figures: draw the figures (PNG and TensorBoard).
     """
 
-    def __init__(self, bins: int = 100, figures: bool = True) -> None:
+    def __init__(self, bins: int = 60, figures: bool = True) -> None:
         self.bins = bins
         self.figures = figures
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        report = getattr(pl_module, "ood_report", None)
+        report: OODReport | None = getattr(pl_module, "ood_report", None)
         if report is None or not report.metrics:
             return
         scores = pl_module.gathered_scores()  # every rank takes part in the gather
-        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if tensorboard is None or not trainer.is_global_zero:
+        folder = run_folder(trainer)
+        if not trainer.is_global_zero:
             return
-        writer = tensorboard.experiment
+        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        writer = tensorboard.experiment if tensorboard is not None else None
         step = trainer.global_step
-        for scorer, per_set in scores.items():
-            for dataset, values in per_set.items():
-                values = values[torch.isfinite(values)]
-                if values.numel():
-                    writer.add_histogram(f"scores/{scorer}/{dataset}", values, step, bins=self.bins)
-            if self.figures:
-                writer.add_figure(f"score_histograms/{scorer}", overlay_figure(scorer, per_set), step, close=True)
-        metrics = {"hparam/accuracy": report.accuracy}
+        if self.figures:
+            for scorer, per_set in scores.items():
+                figure = histogram_figure(scorer, per_set, report, self.bins)
+                target = folder / "histograms" / f"{scorer}.png"
+                atomic_write(target, lambda f, figure=figure: figure.savefig(f, format="png"))
+                if writer is not None:
+                    writer.add_figure(f"scores/{scorer}", figure, step, close=False)
+                plt.close(figure)
+        if tensorboard is None:
+            return
+        metrics = {"hparam/accuracy": 100 * report.accuracy}
         for scorer in report.scorers:
-            average = report.average(scorer)
-            metrics[f"hparam/{scorer}/{report.fpr_label.lower()}"] = average["fpr95"]
-            metrics[f"hparam/{scorer}/auroc"] = average["auroc"]
-        params = {k: str(v) if isinstance(v, list | tuple | dict) else v for k, v in pl_module.hparams.items()}
-        tensorboard.log_hyperparams({**params, "id_dataset": report.id_name, "ood_sets": ",".join(report.ood_names)},
-                                    metrics)  # fmt: skip
+            for column in report.columns:
+                key = column if column == "Average" else column.replace("Average (", "average_").rstrip(")")
+                for metric in ("fpr95", "auroc", "aupr_in", "aupr_out"):
+                    metrics[f"hparam/{scorer}/{key}/{report.output_key(metric)}"] = report.percent(
+                        scorer, column, metric
+                    )
+        params = {k: str(v) if isinstance(v, list | tuple | dict) else v for k, v in pl_module.hparams.items()
+                  if k != "scorers"}  # fmt: skip
+        for label, (name, values) in pl_module.scorer_specs.items():
+            params[f"scorer/{label}"] = name
+            params.update({f"scorer/{label}/{k}": v if isinstance(v, int | float | str | bool) else str(v)
+                           for k, v in values.items()})  # fmt: skip
+        params.update(id_dataset=report.id_name, ood_sets=",".join(report.ood_names))
+        tensorboard.log_hyperparams(params, metrics)
         writer.flush()

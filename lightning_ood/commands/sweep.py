@@ -79,8 +79,12 @@ def sweep(
     csv_path = atomic_write_text(folder / "sensitivity.csv", to_csv(points))
     figures = []
     board = tensorboard(self)
-    for sweep, label in (("lambda", "lambda (ReAct threshold)"), ("percentile", "masking percentile p")):
-        figure = sweep_figure(points, sweep, label)
+    title = (
+        f"{datamodule.id_name} / {model.hparams.backbone}: sensitivity of fmls (p = {fmls.get('percentile', 60.0):g})"
+    )
+    marks = {"lambda": fmls.get("clip", 1.0), "percentile": fmls.get("percentile", 60.0)}
+    for sweep, label in (("lambda", "lambda (ReAct threshold)"), ("percentile", "masking percentile p (%)")):
+        figure = sweep_figure(points, sweep, label, title, marks[sweep])
         path = folder / f"sensitivity_{sweep}.png"
         figure.savefig(path)
         figures.append(path)

@@ -221,6 +221,19 @@ class OODDataModule(LightningDataModule):
         (subclasses whose test transform crops, as ImageNet's, override it)."""
         return eval_transform(self.normalization, self.image_size)
 
+    def describe_sets(self) -> dict[str, dict[str, Any]]:
+        """Each test set's size and where it comes from (for the result files' provenance)."""
+        described = {}
+        for label, dataset in self.test_sets.items():
+            entry = next((e for e in self.ood if ood_entry(e)[0] == label), None)
+            if entry is None:  # the ID test set
+                source = str(getattr(self, "root", "")) or type(dataset).__name__
+            else:
+                _, name, options = ood_entry(entry)
+                source = ", ".join([name, *(f"{k}={v}" for k, v in options.items())])
+            described[label] = {"images": len(dataset), "source": source}
+        return described
+
     def count_skipped(self, label: str, dataset: Dataset) -> Dataset:
         """Record the undecodable images a dataset left out (``bad_images: skip``) under ``label``."""
         if getattr(dataset, "skipped", None):

@@ -1,0 +1,49 @@
+"""``lightning-ood report RUN_DIR... [--output DIR]``: aggregate the results of several runs of one setting (seeds,
+checkpoints) into mean +- std tables (``report.md``, ``report.csv``, ``report.tex``), printed and written.
+
+It reads the runs' ``ood_results.json`` only: no model, no data, so it is not a LightningCLI subcommand; ``main``
+dispatches it before the CLI is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.markdown import Markdown
+
+from lightning_ood.aggregate import Aggregate, find_results
+from lightning_ood.io import atomic_write_text, check_writable_folder
+
+
+def report(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="lightning-ood report",
+        description="Aggregate runs of one setting (seeds, checkpoints) into mean ± std tables.",
+    )
+    parser.add_argument("runs", nargs="+", help="run folders of `lightning-ood test` (or their ood_results.json)")
+    parser.add_argument("--output", help="folder for report.{md,csv,tex} (default: the runs' common parent)")
+    args = parser.parse_args(argv)
+    paths = find_results(args.runs)
+    aggregate = Aggregate.of(paths)
+    output = Path(args.output) if args.output else Path(*_common_parts([p.parent for p in paths])) / "report"
+    check_writable_folder(output, "--output")
+    written = [
+        atomic_write_text(output / "report.md", aggregate.to_markdown()),
+        atomic_write_text(output / "report.csv", aggregate.to_csv()),
+        atomic_write_text(output / "report.tex", aggregate.to_latex()),
+    ]
+    Console(width=160).print(Markdown(aggregate.to_markdown()))
+    Console().print(f"Written: {', '.join(map(str, written))}")
+    return {"written": [str(p) for p in written]}
+
+
+def _common_parts(folders: list[Path]) -> list[str]:
+    parts = [f.resolve().parts for f in folders]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return common or ["."]

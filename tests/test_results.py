@@ -1,0 +1,124 @@
+"""Results a researcher can use: TensorBoard read back with its own reader (HParams with the OOD metrics, scalars in
+%, the learning rate and validation accuracy during fit, the histogram figures), provenance in every result file,
+and `lightning-ood report` aggregating runs into mean +- std tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from lightning_ood.report import OODReport
+from tests.test_cli import cli_error, run_cli
+
+DATA = ["--data", "SyntheticDataModule", "--data.num_classes", "4", "--data.train_size", "64", "--data.test_size",
+        "40", "--data.ood_sizes", '{"shifted": 30, "noise": 26}', "--data.batch_size", "16"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("results")
+    common = [*DATA, "--model.backbone", "resnet20", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp / "logs"), "--checkpoint.dirpath", str(tmp / "ckpt"),
+              "--data.val_split", "16"]  # fmt: skip
+    run_cli("fit", *common, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", "fit")
+    run_cli("test", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--model.scorers", "[msp, fmls, knn]",
+            "--trainer.logger.init_args.version", "test")  # fmt: skip
+    return tmp / "logs" / "lightning_ood"
+
+
+def events(folder) -> EventAccumulator:
+    accumulator = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_fit_logs_the_learning_rate_and_the_validation_accuracy(runs):
+    accumulator = events(runs / "fit")
+    assert "lr-SGD" in accumulator.Tags()["scalars"] and "val/acc" in accumulator.Tags()["scalars"]
+    assert len(accumulator.Scalars("lr-SGD")) == 2 and len(accumulator.Scalars("val/acc")) == 2  # one per epoch
+
+
+def test_test_writes_hparams_with_every_metric_scalars_in_percent_and_figures(runs):
+    accumulator = events(runs / "test")
+    tags = accumulator.Tags()
+    assert "hp_metric" not in tags["scalars"]  # no placeholder that TensorBoard would keep instead of the metrics
+    for scorer in ("msp", "fmls", "knn"):
+        for column in ("shifted", "noise", "Average"):
+            for metric in ("fpr95", "auroc", "aupr_in", "aupr_out"):
+                assert f"hparam/{scorer}/{column}/{metric}" in tags["scalars"]
+        assert f"scores/{scorer}" in tags["images"]
+        assert (runs / "test" / "histograms" / f"{scorer}.png").stat().st_size > 1000
+    auroc = accumulator.Scalars("hparam/fmls/Average/auroc")[0].value
+    report = json.loads((runs / "test" / "ood_results.json").read_text())
+    assert auroc == pytest.approx(round(100 * report["average"]["fmls"]["auroc"], 2), abs=1e-4)  # in %
+    assert accumulator.Scalars("test/acc")[0].value == pytest.approx(100 * report["accuracy"], abs=1e-4)
+    content = accumulator.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metric_tags = {m.name.tag for m in experiment.metric_infos}
+    assert "hparam/fmls/Average/fpr95" in metric_tags and "hparam/knn/shifted/auroc" in metric_tags
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = session.session_start_info.hparams
+    assert hparams["scorer/fmls"].string_value == "fmls" and hparams["id_dataset"].string_value == "synthetic"
+
+
+def test_every_result_file_carries_provenance(runs):
+    report = json.loads((runs / "test" / "ood_results.json").read_text())
+    provenance = report["provenance"]
+    assert set(provenance) >= {"weights", "checkpoint", "fingerprint", "scorers", "test_sets", "seed", "package",
+                               "commit", "date", "input_normalization", "statistics_images"}  # fmt: skip
+    assert provenance["seed"] == "42" and provenance["package"].startswith("lightning-ood ")
+    assert provenance["test_sets"]["noise"]["images"] == 26 and provenance["checkpoint"].endswith("last.ckpt")
+    assert provenance["statistics_images"] == "synthetic training images, 16 held out (seed 0)"
+    md = (runs / "test" / "ood_results.md").read_text()
+    assert "Provenance:" in md and "- commit:" in md and "- date:" in md
+    assert (runs / "test" / "ood_results.tex").read_text().startswith("% synthetic / resnet20")
+
+
+def write_run(folder, fpr: float, auroc: float, accuracy: float, scorers=("msp", "fmls")):
+    metrics = {s: {o: {"fpr95": fpr + i / 100, "auroc": auroc, "aupr_in": 0.5, "aupr_out": 0.4}
+                   for i, o in enumerate(("svhn", "textures"))} for s in scorers}  # fmt: skip
+    report = OODReport("cifar10", "resnet18", accuracy, metrics, {"cifar10": 100, "svhn": 50, "textures": 40})
+    report.write(folder)
+    return folder
+
+
+def test_report_aggregates_runs_into_mean_and_standard_deviation(tmp_path, capsys):
+    seeds = [(0.20, 0.90, 0.80), (0.30, 0.94, 0.82), (0.25, 0.98, 0.81)]
+    runs = [write_run(tmp_path / f"seed{i}", fpr, auroc, acc) for i, (fpr, auroc, acc) in enumerate(seeds)]
+    run_cli("report", *map(str, runs), "--output", str(tmp_path / "agg"))
+    rows = {(r["scorer"], r["ood"], r["metric"]): r for r in csv.DictReader((tmp_path / "agg" / "report.csv").open())}
+    row = rows[("fmls", "svhn", "fpr95")]
+    assert float(row["mean"]) == pytest.approx(statistics.fmean([20, 30, 25]))
+    assert float(row["std"]) == pytest.approx(statistics.stdev([20, 30, 25]), abs=1e-4)  # sample std (n - 1)
+    assert row["runs"] == "3" and row["values"] == "20.0000 30.0000 25.0000"
+    average = rows[("msp", "Average", "auroc")]
+    assert float(average["mean"]) == pytest.approx(94.0) and float(average["std"]) == pytest.approx(4.0)
+    md = (tmp_path / "agg" / "report.md").read_text()
+    assert "mean ± standard deviation (n - 1) over 3 runs" in md and "ID accuracy 81.00 ± 1.00%" in md
+    assert "| fmls | 25.00 ± 5.00 | 26.00 ± 5.00 | 25.50 ± 5.00 |" in md
+    assert r"25.00$\pm$5.00" in (tmp_path / "agg" / "report.tex").read_text()
+
+
+def test_report_refuses_what_it_cannot_aggregate(tmp_path, capsys):
+    one = write_run(tmp_path / "a", 0.2, 0.9, 0.8)
+    err = cli_error(capsys, "report", str(one))
+    assert "give at least two run folders" in err
+    other = write_run(tmp_path / "b", 0.2, 0.9, 0.8, scorers=("msp",))
+    err = cli_error(capsys, "report", str(one), str(other))
+    assert "differ in their scorers or OOD sets" in err
+    err = cli_error(capsys, "report", str(one), str(tmp_path / "nowhere"))
+    assert "holds no ood_results.json" in err
+
+
+def test_the_demo_says_what_it_is(caplog):
+    pytest.importorskip("sklearn")
+    from lightning_ood.data import DemoDataModule
+
+    caplog.set_level("INFO")
+    DemoDataModule().prepare_data()
+    assert "a toy, offline stand-in" in caplog.text and "say nothing about the paper's CIFAR or ImageNet" in caplog.text
