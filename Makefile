@@ -127,8 +127,8 @@ import-published: $(STAMP) ## Convert a published checkpoint + fit its statistic
 	$(BIN)/lightning-ood import -c configs/paper/$(DATASET)_densenet.yaml --model.weights $(WEIGHTS) \
 		--data.init_args.root $(DATA) --output $(or $(OUT),checkpoints/published/$(DATASET)_densenet.ckpt) $(ARGS)
 
-bench-train: $(STAMP) ## Training-step throughput: Lightning vs a plain PyTorch loop (ratio, several repeats)
-	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+bench-train: $(STAMP) ## Training throughput on ../shared/data/cifar10-jpeg: fit vs a plain loop vs the PIL pipeline (ratios)
+	$(BIN)/python benchmarks/bench_train.py --data $(SHARED_DATA)/cifar10-jpeg $(ARGS)
 
 bench-eval: $(STAMP) ## Evaluation cost: plain forward vs full evaluation (every scorer) vs a forward per scorer
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)

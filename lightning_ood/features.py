@@ -49,7 +49,7 @@ def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
     return digest.hexdigest()
 
 
-def _files_digest(paths) -> str:
+def files_digest(paths) -> str:
     digest = hashlib.sha256()
     for path in paths:
         stat = Path(path).stat()
@@ -73,9 +73,11 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     if isinstance(dataset, TensorDataset):
         return f"{kind}({_array_digest(*dataset.tensors)})"
     if hasattr(dataset, "paths"):  # ImageFiles
-        return f"{kind}({_files_digest(dataset.paths)})"
+        return f"{kind}({files_digest(dataset.paths)})"
     if hasattr(dataset, "samples"):  # torchvision ImageFolder
-        return f"{kind}({_files_digest(p for p, _ in dataset.samples)})"
+        return f"{kind}({files_digest(p for p, _ in dataset.samples)})"
+    if hasattr(dataset, "images") and isinstance(dataset.images, Tensor):  # DecodedImages (the tensor pipeline)
+        return f"{kind}({_array_digest(dataset.images)})"
     if hasattr(dataset, "images"):  # ArrayImages, LabelledArrays
         return f"{kind}({_array_digest(dataset.images)})"
     if hasattr(dataset, "data"):  # torchvision CIFAR, SVHN, MNIST

@@ -194,7 +194,7 @@ def test_download_into_a_read_only_root(case, capsys, monkeypatch):
     read_only = scratch / "ro"
     read_only.mkdir()
     read_only.chmod(0o500)
-    monkeypatch.setattr("lightning_ood.data.cifar.is_writable", lambda path: str(path) != str(read_only))
+    monkeypatch.setattr("lightning_ood.data.cifar_files.is_writable", lambda path: str(path) != str(read_only))
     err = cli_error(capsys, "fit", "--data", "CIFARDataModule", "--data.root", str(read_only / "cifar10"),
                     "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
                     "--checkpoint.dirpath", str(scratch / "ckpt"))  # fmt: skip

@@ -10,16 +10,21 @@ from lightning_ood.errors import ConfigError, DataError
 from tests.conftest import CIFAR10_CLASSES, make_cifar_folder
 
 
-def test_image_folder_copy(cifar_folder):
-    dm = CIFARDataModule(root=str(cifar_folder), batch_size=4, num_workers=0)
+@pytest.mark.parametrize("pipeline", ["tensor", "pil"])
+def test_image_folder_copy(cifar_folder, pipeline):
+    dm = CIFARDataModule(root=str(cifar_folder), batch_size=4, num_workers=0, pipeline=pipeline)
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
     assert dm.num_classes == 10
     assert len(dm.train_set) == 60 and len(dm.statistics_set) == 60
     assert dm.test_set_names == ["cifar10"] and len(dm.test_sets["cifar10"]) == 30
-    assert dm.train_set.classes == CIFAR10_CLASSES  # sorted folder names = torchvision's CIFAR-10 order
-    x, y = next(iter(dm.train_dataloader()))
+    # labels follow the sorted folder names = torchvision's CIFAR-10 order
+    assert dm.statistics_set.targets == [c for c in range(10) for _ in range(6)]
+    if pipeline == "pil":
+        assert dm.train_set.classes == CIFAR10_CLASSES
+    batch = next(iter(dm.train_dataloader()))
+    x, y = dm.on_after_batch_transfer(batch, 0)  # the tensor pipeline augments here, on the device
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
 
 
@@ -36,7 +41,7 @@ def test_test_transform_is_deterministic_and_normalised(cifar_folder):
 
 
 def test_train_augmentation_changes_images(cifar_folder):
-    dm = CIFARDataModule(root=str(cifar_folder), num_workers=0)
+    dm = CIFARDataModule(root=str(cifar_folder), num_workers=0, pipeline="pil")
     dm.setup("fit")
     torch.manual_seed(0)
     views = torch.stack([dm.train_set[0][0] for _ in range(8)])
@@ -81,7 +86,7 @@ def test_download_into_read_only_root(tmp_path, monkeypatch):
     read_only.mkdir()
     read_only.chmod(0o500)
     if os.geteuid() == 0:  # root may write anywhere: make the permission check see what a user would
-        monkeypatch.setattr("lightning_ood.data.cifar.is_writable", lambda path: str(path) != str(read_only))
+        monkeypatch.setattr("lightning_ood.data.cifar_files.is_writable", lambda path: str(path) != str(read_only))
     dm = CIFARDataModule(root=str(read_only / "cifar"), download=True)
     with pytest.raises(DataError, match=r"cannot download into .*ro/cifar: .*ro is not writable"):
         dm.prepare_data()
@@ -132,7 +137,7 @@ def test_training_order_and_augmentation_depend_only_on_seed_and_epoch(cifar_fol
     second = list(sampler)
     assert [i for i, _ in second] != [i for i, _ in first] and {e for _, e in second} == {1}
 
-    dm = CIFARDataModule(root=str(cifar_folder), num_workers=0)
+    dm = CIFARDataModule(root=str(cifar_folder), num_workers=0, pipeline="pil")  # tests/test_tensors.py: the tensors
     dm.setup("fit")
     items = SeededItems(dm.train_set, seed=7)
     torch.manual_seed(0)

@@ -145,6 +145,7 @@ class FitOODStatistics(Callback):
         pl_module.ood_statistics = None  # the weights are about to change
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.plain_network()  # statistics of the network as the test runs it
         datamodule = trainer.datamodule
         loader = datamodule.statistics_dataloader()
         needs, bank_images = statistics_needs(pl_module)

@@ -18,13 +18,13 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_ood.data.cifar_files import DATA_ROOT_ENV
 from lightning_ood.data.images import check_bad_images
 from lightning_ood.data.ood import build_ood_set, download_ood_set, ood_entry, ood_group
 from lightning_ood.data.reproducible import EpochShuffle, SeededItems
+from lightning_ood.data.tensors import RawBatch, TrainingImages, crop_and_flip, normalize_uint8, pass_batch
 from lightning_ood.data.transforms import InputNormalization, Normalization, eval_transform
 from lightning_ood.errors import ConfigError, DataError
-
-DATA_ROOT_ENV = "LIGHTNING_OOD_DATA"
 
 
 def default_data_root() -> str:
@@ -296,7 +296,11 @@ class OODDataModule(LightningDataModule):
     def training_images(self) -> Dataset:
         """The training images (training transform) without the held-out ones."""
         assert self.train_set is not None, "setup('fit') builds the training set"
-        return Subset(self.train_set, self.kept_indices()) if self.val_split else self.train_set
+        if not self.val_split:
+            return self.train_set
+        if isinstance(self.train_set, TrainingImages):
+            return self.train_set.subset(self.kept_indices())
+        return Subset(self.train_set, self.kept_indices())
 
     def statistics_images_without(self, held_out: list[int]) -> Dataset:
         """The statistics images (see :attr:`statistics_images`) without ``held_out``."""
@@ -325,8 +329,9 @@ class OODDataModule(LightningDataModule):
         return list(self.test_sets)
 
     # ---------------------------------------------------------------- loaders
-    def eval_loader(self, dataset: Dataset) -> DataLoader:
-        """An ordered loader that, under DDP, gives each rank a disjoint share of the samples without padding."""
+    def eval_loader(self, dataset: Dataset, persistent: bool = False) -> DataLoader:
+        """An ordered loader that, under DDP, gives each rank a disjoint share of the samples without padding; pinned
+        memory on CUDA machines; ``persistent`` keeps its workers between epochs (the validation loader)."""
         self.sync_normalization()
         trainer = self.trainer
         sampler = None
@@ -334,7 +339,14 @@ class OODDataModule(LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=persistent and self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches whose order and augmentation depend only on (seed, epoch): resuming is exact."""
@@ -342,13 +354,26 @@ class OODDataModule(LightningDataModule):
         images = self.training_images()
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything (the CLI's seed_everything)
         sampler = EpochShuffle(len(images), seed, self._epoch_in_progress)
+        if isinstance(images, TrainingImages):  # in memory: batches gathered in the main process, augmented on device
+            return DataLoader(images, batch_size=self.batch_size, sampler=sampler, collate_fn=pass_batch,
+                              pin_memory=torch.cuda.is_available())  # fmt: skip
         return DataLoader(
             SeededItems(images, seed),
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches of the tensor pipeline, on the training device: per-image crop and flip, then the
+        normalisation in force (see :mod:`lightning_ood.data.tensors`); every other batch as it is."""
+        if isinstance(batch, RawBatch):
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            images = crop_and_flip(batch.images, seed, batch.epochs, batch.indices)
+            return normalize_uint8(images, self.normalization.value), batch.labels
+        return batch
 
     def _epoch_in_progress(self) -> int:
         """The epoch the training loop is about to run. Lightning creates a resumed run's first iterator before it
@@ -361,7 +386,7 @@ class OODDataModule(LightningDataModule):
     def validation_dataloader(self) -> DataLoader:
         """The held-out training images (``val_split``): Lightning's ``val_dataloader`` when ``val_split`` is set
         (without it the DataModule has no validation loader, and Lightning runs no validation)."""
-        return self.eval_loader(self.validation_set())
+        return self.eval_loader(self.validation_set(), persistent=True)
 
     def statistics_dataloader(self) -> DataLoader:
         """Training images with the test transform, in order, as ``(image, label, index)``: the input of the

@@ -1,74 +1,24 @@
 """CIFAR-10/100 as the in-distribution data: torchvision's files (downloaded when missing and allowed) or an
-image-folder copy laid out ``<root>/{train,test}/<class>/<image>`` (for example ``../shared/data/cifar10-jpeg``)."""
+image-folder copy laid out ``<root>/{train,test}/<class>/<image>`` (for example ``../shared/data/cifar10-jpeg``),
+decoded once into tensors and augmented on the training device (``pipeline: tensor``, the default; see
+:mod:`lightning_ood.data.tensors`) or read through PIL image by image (``pipeline: pil``)."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchvision.datasets import CIFAR10, CIFAR100, VisionDataset
+import torch
+from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ood.data.base import DATA_ROOT_ENV, OODDataModule, default_data_root
-from lightning_ood.data.folders import has_split_folders, labelled_image_folder
+from lightning_ood.data.base import OODDataModule, default_data_root
+from lightning_ood.data.cifar_files import CIFAR, DATA_ROOT_ENV, check_writable, cifar_split
+from lightning_ood.data.folders import has_split_folders
+from lightning_ood.data.tensors import DecodedImages, TrainingImages, decode_files
 from lightning_ood.data.transforms import NORMALIZATION, cifar_train_transform, eval_transform
-from lightning_ood.errors import DataError, unknown_name
+from lightning_ood.errors import ConfigError, DataError, unknown_name
 
-
-@dataclass(frozen=True)
-class CifarSpec:
-    title: str
-    torchvision_class: type[VisionDataset]
-    num_classes: int
-    folder: str  # torchvision's extracted folder name under the root
-    source: str
-
-
-CIFAR = {
-    "cifar10": CifarSpec("CIFAR-10", CIFAR10, 10, "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar.html"),
-    "cifar100": CifarSpec(
-        "CIFAR-100", CIFAR100, 100, "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar.html"
-    ),
-}
-
-
-def is_writable(folder: Path) -> bool:
-    return os.access(folder, os.W_OK)
-
-
-def check_writable(root: Path, what: str) -> None:
-    """Raise a :class:`DataError` when a download into ``root`` could not be written."""
-    existing = root
-    while not existing.exists():
-        existing = existing.parent
-    if not is_writable(existing):
-        raise DataError(
-            f"{what}: cannot download into {root}: {existing} is not writable. Choose a writable data root "
-            f"(--data.root or ${DATA_ROOT_ENV}) or place the files there by hand."
-        )
-
-
-def cifar_split(
-    name: str, root: Path, train: bool, transform, download: bool = False, bad_images: str = "error"
-) -> VisionDataset:
-    """One split of CIFAR-10/100 from an image-folder copy or torchvision's files under ``root``."""
-    spec = CIFAR[name]
-    if has_split_folders(root):
-        split = "train" if train else "test"
-        return labelled_image_folder(root, split, transform, spec.num_classes, spec.title, bad_images)
-    if not (root / spec.folder).is_dir():
-        what = "found nothing" if not root.exists() else f"found neither '{spec.folder}/' nor 'train/' + 'test/'"
-        hint = "the download failed or was disabled" if download else "download is disabled (--data.download false)"
-        raise DataError(
-            f"{spec.title} not found under {root} ({what}; {hint}). Either let torchvision download it there "
-            f"(needs network access; source {spec.source}), set --data.root / ${DATA_ROOT_ENV} to where it is, or "
-            f"point the root at an image-folder copy laid out <root>/{{train,test}}/<class>/<image>."
-        )
-    try:
-        return spec.torchvision_class(str(root), train=train, transform=transform, download=False)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-        raise DataError(f"{spec.title} under {root / spec.folder} is incomplete or corrupted ({err}).") from err
+PIPELINES = ("tensor", "pil")
 
 
 class CIFARDataModule(OODDataModule):
@@ -78,17 +28,35 @@ class CIFARDataModule(OODDataModule):
         dataset: ``cifar10`` or ``cifar100``.
         root: folder holding torchvision's extracted files, or an image-folder copy ``<root>/{train,test}/<class>/``;
             defaults to ``$LIGHTNING_OOD_DATA`` or ``./data``.
+        pipeline: ``tensor`` (images decoded once into a uint8 tensor shared by training, statistics and the ID test,
+            augmented per image on the training device) or ``pil`` (decoded and augmented with PIL image by image,
+            in loader workers).
+        decoded_cache: folder keeping an image folder's decoded tensor for the next run (keyed by the files' paths,
+            sizes and modification times, checksummed); ``None`` decodes at every start. torchvision's files are
+            arrays already.
         **kwargs: the loader, OOD-set and statistics arguments of :class:`~lightning_ood.data.base.OODDataModule`
             (``batch_size`` (the paper: 128), ``eval_batch_size``, ``num_workers``, ``ood``, ``ood_root``,
-            ``download``, ``skip_missing_ood``, ``train_per_class``).
+            ``download``, ``skip_missing_ood``, ``train_per_class``, ``val_split``, ``bad_images``).
     """
 
     image_size = 32
 
-    def __init__(self, dataset: str = "cifar10", root: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: str = "cifar10",
+        root: str | None = None,
+        pipeline: str = "tensor",
+        decoded_cache: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if dataset not in CIFAR:
             raise unknown_name("dataset", dataset, CIFAR)
+        if pipeline not in PIPELINES:
+            raise ConfigError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}.")
+        self.pipeline = pipeline
+        self.decoded_cache = decoded_cache
+        self._decoded: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self.dataset = dataset
         self.spec = CIFAR[dataset]
         self.root = Path(root or default_data_root()).expanduser()
@@ -114,7 +82,37 @@ class CIFARDataModule(OODDataModule):
                 f"${DATA_ROOT_ENV} to an existing copy."
             ) from err
 
+    def decoded(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uint8 images (N, 3, 32, 32), labels (N,))`` of a split, decoded once per run (or from the cache)."""
+        if train not in self._decoded:
+            split = cifar_split(self.dataset, self.root, train, None, self.download, self.bad_images)
+            name = f"{self.dataset}_{'train' if train else 'test'}"
+            if hasattr(split, "data"):  # torchvision's arrays (N, H, W, 3)
+                images = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
+            else:
+                paths = [path for path, _ in split.samples]
+                images = self.decode_folder(name, paths)
+                self.count_skipped(name, split)
+            self._decoded[train] = (images, torch.as_tensor(split.targets, dtype=torch.long))
+        return self._decoded[train]
+
+    def decode_folder(self, name: str, paths: list[str]) -> torch.Tensor:
+        if self.decoded_cache is None:
+            return decode_files(paths, f"Decoding {name}")
+        from lightning_ood.features import FeatureCache, files_digest
+
+        cache = FeatureCache(self.decoded_cache)
+        stored, hit = cache.get_or_compute(
+            f"decoded_{name}", files_digest(paths)[:24], lambda: {"images": decode_files(paths, f"Decoding {name}")}
+        )
+        if hit:
+            rank_zero_info(f"{name}: {len(paths)} decoded images from the cache in {self.decoded_cache}.")
+        return stored["images"]
+
     def setup(self, stage: str | None = None) -> None:
+        if self.pipeline == "tensor":
+            self.setup_tensors(stage)
+            return
         test_tf = eval_transform(self.normalization)
         bad = self.bad_images
         if stage in (None, "fit") and self.train_set is None:
@@ -126,3 +124,13 @@ class CIFARDataModule(OODDataModule):
         if stage in (None, "fit", "statistics") and self.statistics_set is None:
             statistics = cifar_split(self.dataset, self.root, True, test_tf, self.download, bad)
             self.statistics_set = self.count_skipped(f"{self.dataset} (training)", statistics)
+
+    def setup_tensors(self, stage: str | None) -> None:
+        """The tensor pipeline: one decoded tensor per split, shared by training, statistics and testing."""
+        if stage in (None, "fit", "statistics") and (self.train_set is None or self.statistics_set is None):
+            images, targets = self.decoded(True)
+            self.train_set = TrainingImages(images, targets)
+            self.statistics_set = DecodedImages(images, targets, self.normalization)
+        if stage in (None, "test", "validate", "predict") and not self.test_sets:
+            images, targets = self.decoded(False)
+            self.test_sets = {self.dataset: DecodedImages(images, targets, self.normalization), **self.build_ood_sets()}

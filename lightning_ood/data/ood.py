@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from lightning_ood.data.cifar_files import CIFAR, check_writable, cifar_split
 from lightning_ood.data.sets import (
     ArrayImages,
     ImageFiles,
@@ -165,8 +166,6 @@ def _idx_download(torchvision_class: str) -> Callable[[Path], None]:
 
 def _cifar(key: str) -> Callable[..., Dataset]:
     def build(root: Path, transform, name: str) -> Dataset:
-        from lightning_ood.data.cifar import cifar_split
-
         return OODLabels(cifar_split(key, root, train=False, transform=transform))
 
     return build
@@ -174,8 +173,6 @@ def _cifar(key: str) -> Callable[..., Dataset]:
 
 def _cifar_download(key: str) -> Callable[[Path], None]:
     def download(root: Path) -> None:
-        from lightning_ood.data.cifar import CIFAR
-
         CIFAR[key].torchvision_class(str(root), train=False, download=True)
 
     return download
@@ -183,8 +180,6 @@ def _cifar_download(key: str) -> Callable[[Path], None]:
 
 def _cifar_present(key: str) -> Callable[[Path], bool]:
     def present(root: Path) -> bool:
-        from lightning_ood.data.cifar import CIFAR
-
         return (root / CIFAR[key].folder).is_dir() or (root / "test").is_dir()
 
     return present
@@ -344,8 +339,6 @@ def download_ood_set(name: str, ood_root: Path, root: str | None = None) -> bool
     path = ood_path(name, ood_root, root)
     if spec.present is not None and spec.present(path):
         return False
-    from lightning_ood.data.cifar import check_writable
-
     check_writable(path, f"OOD set '{name}'")
     try:
         spec.download(path)
