@@ -78,7 +78,8 @@ define seeds
 		$(BIN)/lightning-ood fit $(1) --seed_everything $$s --trainer.logger.init_args.version seed$$s \
 			--checkpoint.dirpath checkpoints/$(2)/seed$$s $(3); \
 		$(BIN)/lightning-ood test $(1) $(4) --seed_everything $$s --trainer.logger.init_args.version seed$${s}_test \
-			--ckpt_path checkpoints/$(2)/seed$$s/last.ckpt --overwrite_results true $(3); \
+			--ckpt_path checkpoints/$(2)/seed$$s/last.ckpt --checkpoint.dirpath checkpoints/$(2)/seed$$s \
+			--overwrite_results true $(3); \
 	done; \
 	$(BIN)/lightning-ood report $(foreach s,$(SEEDS),logs/$(2)/seed$(s)_test) --output logs/$(2)/seeds
 endef

@@ -58,7 +58,8 @@ class Aggregate:
                 )
         scorers = list(first["metrics"])
         oods = list(next(iter(first["metrics"].values())))
-        groups = list(first.get("group_average", {}))
+        # near/far averages that every run has (a run of an overlay without groups has none)
+        groups = [g for g in first.get("group_average", {}) if all(g in run.get("group_average", {}) for run in runs)]
         columns = [*oods, *(f"Average ({g})" for g in groups), "Average"]
         keys = list(next(iter(first["average"].values())))
         values: dict[tuple[str, str, str], list[float]] = {}

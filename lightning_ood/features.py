@@ -76,8 +76,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         return f"{kind}({files_digest(dataset.paths)})"
     if hasattr(dataset, "samples"):  # torchvision ImageFolder
         return f"{kind}({files_digest(p for p, _ in dataset.samples)})"
-    if hasattr(dataset, "images") and isinstance(dataset.images, Tensor):  # DecodedImages (the tensor pipeline)
-        return f"{kind}({_array_digest(dataset.images)})"
+    if hasattr(dataset, "targets_tensor"):  # DecodedImages (the tensor pipeline): images and labels
+        return f"{kind}({_array_digest(dataset.images, dataset.targets_tensor)})"
     if hasattr(dataset, "images"):  # ArrayImages, LabelledArrays
         return f"{kind}({_array_digest(dataset.images)})"
     if hasattr(dataset, "data"):  # torchvision CIFAR, SVHN, MNIST

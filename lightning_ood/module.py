@@ -208,12 +208,13 @@ class OODClassifier(LightningModule):
         return self.backbone(x)
 
     # ---------------------------------------------------------------- training
-    def on_fit_start(self) -> None:
-        """The GPU fast path of training: channels-last memory format and ``torch.compile`` when configured (the
-        ``bf16-mixed`` precision default on CUDA is set by the CLI, see :func:`lightning_ood.cli.fast_precision`)."""
+    def fast_path(self) -> None:
+        """The GPU fast path of training, set in ``setup("fit")`` (before DDP wraps the model, so its gradient buckets
+        see the final strides): channels-last memory format and ``torch.compile`` when configured. The ``bf16-mixed``
+        precision default on CUDA is set by the CLI (:func:`lightning_ood.cli.fast_precision`)."""
         channels_last = self.hparams.channels_last
         if channels_last is None:
-            channels_last = self.device.type == "cuda"
+            channels_last = self.trainer.strategy.root_device.type == "cuda"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
         compile = self.hparams.compile
@@ -221,6 +222,13 @@ class OODClassifier(LightningModule):
             backend = "inductor" if compile is True else compile
             self.compiled_forward = torch.compile(self.backbone.__call__, backend=backend)
             rank_zero_info(f"Training forward pass compiled with torch.compile (backend {backend}).")
+        precision = self.trainer.precision
+        if channels_last or compile or precision != "32-true":
+            rank_zero_info(
+                f"Training fast path: precision {precision}, "
+                f"{'channels-last' if channels_last else 'default'} memory format, "
+                f"{'compiled' if compile else 'eager'} forward (evaluation: float32, eager, default format)."
+            )
 
     def plain_network(self) -> None:
         """Leave the training fast path: what runs after training (the statistics pass, the checkpoint written with
@@ -243,9 +251,12 @@ class OODClassifier(LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accuracy on the held-out training images (``data.val_split``), logged per epoch as ``val/acc``."""
+        """Accuracy on the held-out training images (``data.val_split``), logged per epoch as ``val/acc``; in the
+        network's own precision, as the test (not under a mixed-precision Trainer's autocast)."""
         x, y = batch
-        self.val_acc(self.backbone(x), y)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.backbone(x.to(self.backbone_dtype()))
+        self.val_acc(logits, y)
         self.log("val/acc", self.val_acc, prog_bar=True, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
@@ -258,6 +269,8 @@ class OODClassifier(LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.fast_path()
         datamodule = getattr(self.trainer, "datamodule", None)
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.hparams.num_classes:
@@ -444,9 +457,14 @@ class OODClassifier(LightningModule):
     def score_batch(self, x: Tensor, dataset: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits and every scorer's scores for a batch of (normalised) images; one backbone pass for all
         feature-space scorers. Images with NaN/inf features are counted per ``dataset`` (reported at the end).
-        Always in float32, also under a mixed-precision Trainer: scores are compared to the published ones."""
+        In float32 (the network's own precision), also under a mixed-precision Trainer: scores are compared to the
+        published ones."""
         with torch.autocast(x.device.type, enabled=False):
-            return self._score_batch(x.float(), dataset)
+            return self._score_batch(x.to(self.backbone_dtype()), dataset)
+
+    def backbone_dtype(self) -> torch.dtype:
+        """The dtype of the network's weights: float32 unless the Trainer's precision is ``*-true`` below 32 bits."""
+        return next(self.backbone.parameters()).dtype
 
     def _score_batch(self, x: Tensor, dataset: str | None) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad(), block_outputs(self.backbone, self.hooked_blocks) as blocks:

@@ -310,9 +310,11 @@ class OODReport:
         notes += [f"undecodable images left out: {self.skipped_images}"] if self.skipped_images else []
         tables = []
         for metric in ("fpr95", "auroc"):
+            compared = any(self.paper_value(s, c, metric) is not None for s in self.scorers for c in self.columns)
+            legend = "(+x.xx): ours minus the paper's figure; green: the best" if compared else "green: the best"
             table = Table(
                 title=f"{self.title(metric)} %: {self.id_name} / {self.backbone} (accuracy {100 * self.accuracy:.2f}%)",
-                caption="; ".join(["(+x.xx): ours minus the paper's figure; green: the best", *notes]) or None,
+                caption="; ".join([legend, *notes]),
                 box=box.SIMPLE_HEAD,
                 pad_edge=False,
             )

@@ -106,6 +106,23 @@ def test_mixed_precision_trainer_scores_in_float32(cifar_folder, tmp_path):
     assert results["bf16-mixed"]["metrics"], "there were results to compare"
 
 
+def test_mixed_precision_fit_trains_in_bf16_and_validates_in_float32(cifar_folder, tmp_path):
+    seen = set()
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            seen.add((module.training, output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run_cli("fit", *fit_args(cifar_folder, tmp_path), "--trainer.precision", "bf16-mixed",
+                "--data.val_split", "10")  # fmt: skip
+    finally:
+        handle.remove()
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}  # val/acc and the statistics
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_on_cuda(cifar_folder, tmp_path):
     run_cli("fit", *[a if a != "cpu" else "gpu" for a in fit_args(cifar_folder, tmp_path)], "--model.compile", "true")

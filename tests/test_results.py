@@ -79,10 +79,11 @@ def test_every_result_file_carries_provenance(runs):
     assert (runs / "test" / "ood_results.tex").read_text().startswith("% synthetic / resnet20")
 
 
-def write_run(folder, fpr: float, auroc: float, accuracy: float, scorers=("msp", "fmls")):
+def write_run(folder, fpr: float, auroc: float, accuracy: float, scorers=("msp", "fmls"), groups=None):
     metrics = {s: {o: {"fpr95": fpr + i / 100, "auroc": auroc, "aupr_in": 0.5, "aupr_out": 0.4}
                    for i, o in enumerate(("svhn", "textures"))} for s in scorers}  # fmt: skip
-    report = OODReport("cifar10", "resnet18", accuracy, metrics, {"cifar10": 100, "svhn": 50, "textures": 40})
+    report = OODReport("cifar10", "resnet18", accuracy, metrics, {"cifar10": 100, "svhn": 50, "textures": 40},
+                       groups=groups or {})  # fmt: skip
     report.write(folder)
     return folder
 
@@ -102,6 +103,19 @@ def test_report_aggregates_runs_into_mean_and_standard_deviation(tmp_path, capsy
     assert "mean ± standard deviation (n - 1) over 3 runs" in md and "ID accuracy 81.00 ± 1.00%" in md
     assert "| fmls | 25.00 ± 5.00 | 26.00 ± 5.00 | 25.50 ± 5.00 |" in md
     assert r"25.00$\pm$5.00" in (tmp_path / "agg" / "report.tex").read_text()
+
+
+def test_report_keeps_the_near_and_far_averages_every_run_has(tmp_path):
+    groups = {"svhn": "near", "textures": "far"}
+    grouped = [write_run(tmp_path / f"g{i}", 0.2 + i / 10, 0.9, 0.8, groups=groups) for i in range(2)]
+    run_cli("report", *map(str, grouped), "--output", str(tmp_path / "both"))
+    rows = {(r["scorer"], r["ood"], r["metric"]): r for r in csv.DictReader((tmp_path / "both" / "report.csv").open())}
+    assert float(rows[("fmls", "Average (near)", "fpr95")]["mean"]) == pytest.approx(25.0)  # svhn: 20 and 30
+    assert float(rows[("fmls", "Average (far)", "fpr95")]["mean"]) == pytest.approx(26.0)  # textures: 21 and 31
+    plain = write_run(tmp_path / "plain", 0.2, 0.9, 0.8)  # the same sets, run without groups
+    run_cli("report", str(grouped[0]), str(plain), "--output", str(tmp_path / "mixed"))
+    oods = {r["ood"] for r in csv.DictReader((tmp_path / "mixed" / "report.csv").open())}
+    assert oods == {"svhn", "textures", "Average"}
 
 
 def test_report_refuses_what_it_cannot_aggregate(tmp_path, capsys):

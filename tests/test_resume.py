@@ -21,14 +21,15 @@ def cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
+@pytest.fixture(scope="module", params=["tensor", "pil"])
+def runs(tmp_path_factory, request):
+    tmp = tmp_path_factory.mktemp(f"resume_{request.param}")
     data = make_cifar_folder(tmp / "data", train=6, test=3)  # 60 training images: 4 steps of 16 per epoch
 
     def args(run: str) -> list[str]:
         return ["--data", "CIFARDataModule", "--data.root", str(data), "--data.batch_size", "16",
-                "--data.num_workers", "1",  # augmentation in a worker process: resuming must still be exact
+                "--data.pipeline", request.param,  # tensor: augmented on the device; pil: in a loader worker
+                "--data.num_workers", "1",  # pil: augmentation in a worker process, resuming must still be exact
                 "--model.backbone", "resnet20", "--model.scorers", "[msp, energy, fmls]",
                 "--model.milestones", "[2]", "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
                 "--data.ood", '[{"name": "gaussian_noise", "size": 20}]',

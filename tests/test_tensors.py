@@ -51,7 +51,8 @@ def test_the_draws_are_uniform_and_depend_only_on_seed_epoch_index():
     )
 
 
-def test_training_batches_are_decoded_once_and_augmented_on_the_device(cifar_folder):
+def test_training_batches_are_decoded_once_and_augmented_on_the_device(cifar_folder, monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything sets
     dm = CIFARDataModule(root=str(cifar_folder), batch_size=16, num_workers=0)
     dm.setup("fit")
     assert dm.train_set.images is dm.statistics_set.images  # one decoded tensor for training and statistics
@@ -62,7 +63,7 @@ def test_training_batches_are_decoded_once_and_augmented_on_the_device(cifar_fol
     assert torch.equal(x, again)  # the same (seed, epoch, index): the same crops and flips
     mean = torch.tensor(dm.mean).view(1, 3, 1, 1)
     std = torch.tensor(dm.std).view(1, 3, 1, 1)
-    raw = crop_and_flip(batch.images, 0, batch.epochs, batch.indices).float() / 255  # seed 0: no seed_everything
+    raw = crop_and_flip(batch.images, 7, batch.epochs, batch.indices).float() / 255
     torch.testing.assert_close(x, (raw - mean) / std)  # normalised with the normalisation in force
     assert torch.equal(y, batch.labels)
 
@@ -90,3 +91,42 @@ def test_decoded_folders_are_cached(cifar_folder, tmp_path, caplog):
     second.setup("fit")
     assert "cifar10_train: 60 decoded images from the cache" in caplog.text
     assert torch.equal(first.train_set.images, second.train_set.images)
+
+
+def test_a_changed_file_invalidates_the_decoded_cache(cifar_folder, tmp_path, caplog):
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "copy"
+    shutil.copytree(cifar_folder, folder)
+    CIFARDataModule(root=str(folder), num_workers=0, decoded_cache=str(tmp_path / "cache")).setup("fit")
+    first = sorted(folder.glob("train/*/*.png"))[0]
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(first)  # one training image replaced
+    caplog.set_level(logging.INFO)
+    again = CIFARDataModule(root=str(folder), num_workers=0, decoded_cache=str(tmp_path / "cache"))
+    again.setup("fit")
+    assert "from the cache" not in caplog.text
+    from lightning_ood.data.cifar_files import cifar_split
+
+    position = [path for path, _ in cifar_split("cifar10", folder, True, None).samples].index(str(first))
+    assert again.train_set.images[position].flatten(1).float().mean(1).tolist() == [255.0, 0.0, 0.0]
+
+
+def test_images_that_are_not_32_pixels_are_refused(tmp_path):
+    from lightning_ood.errors import DataError
+    from tests.conftest import make_cifar_folder
+
+    folder = make_cifar_folder(tmp_path / "big", train=1, test=1, size=40)
+    with pytest.raises(DataError, match="the images are 40x40, CIFAR's are 32x32"):
+        CIFARDataModule(root=str(folder), num_workers=0).setup("fit")
+
+
+def test_held_out_images_keep_their_dataset_index(cifar_folder, monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    dm = CIFARDataModule(root=str(cifar_folder), batch_size=64, num_workers=0, val_split=10)
+    dm.setup("fit")
+    kept = dm.kept_indices()
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch.indices) == 50 and set(batch.indices.tolist()) == set(kept)  # one epoch: every kept image once
+    assert torch.equal(batch.images, dm.train_set.images[batch.indices])  # the pixels of those dataset indices

@@ -329,6 +329,14 @@ class OODDataModule(LightningDataModule):
         return list(self.test_sets)
 
     # ---------------------------------------------------------------- loaders
+    @property
+    def pin_memory(self) -> bool:
+        """Pinned host memory for faster copies, when the run trains or evaluates on a CUDA device."""
+        trainer = self.trainer
+        if trainer is None:
+            return False
+        return trainer.strategy.root_device.type == "cuda"
+
     def eval_loader(self, dataset: Dataset, persistent: bool = False) -> DataLoader:
         """An ordered loader that, under DDP, gives each rank a disjoint share of the samples without padding; pinned
         memory on CUDA machines; ``persistent`` keeps its workers between epochs (the validation loader)."""
@@ -344,7 +352,7 @@ class OODDataModule(LightningDataModule):
             batch_size=self.eval_batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
             persistent_workers=persistent and self.num_workers > 0,
         )
 
@@ -356,13 +364,13 @@ class OODDataModule(LightningDataModule):
         sampler = EpochShuffle(len(images), seed, self._epoch_in_progress)
         if isinstance(images, TrainingImages):  # in memory: batches gathered in the main process, augmented on device
             return DataLoader(images, batch_size=self.batch_size, sampler=sampler, collate_fn=pass_batch,
-                              pin_memory=torch.cuda.is_available())  # fmt: skip
+                              pin_memory=self.pin_memory)  # fmt: skip
         return DataLoader(
             SeededItems(images, seed),
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 

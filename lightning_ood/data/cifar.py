@@ -5,6 +5,7 @@ decoded once into tensors and augmented on the training device (``pipeline: tens
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_ood.data.base import OODDataModule, default_data_root
 from lightning_ood.data.cifar_files import CIFAR, DATA_ROOT_ENV, check_writable, cifar_split
 from lightning_ood.data.folders import has_split_folders
-from lightning_ood.data.tensors import DecodedImages, TrainingImages, decode_files
+from lightning_ood.data.tensors import DECODER, DecodedImages, TrainingImages, decode_files
 from lightning_ood.data.transforms import NORMALIZATION, cifar_train_transform, eval_transform
 from lightning_ood.errors import ConfigError, DataError, unknown_name
 
@@ -93,6 +94,11 @@ class CIFARDataModule(OODDataModule):
                 paths = [path for path, _ in split.samples]
                 images = self.decode_folder(name, paths)
                 self.count_skipped(name, split)
+            if tuple(images.shape[2:]) != (self.image_size, self.image_size):
+                raise DataError(
+                    f"{self.spec.title} under {self.root}: the images are {images.shape[3]}x{images.shape[2]}, CIFAR's "
+                    f"are {self.image_size}x{self.image_size}. Resize the copy to {self.image_size}x{self.image_size}."
+                )
             self._decoded[train] = (images, torch.as_tensor(split.targets, dtype=torch.long))
         return self._decoded[train]
 
@@ -102,8 +108,9 @@ class CIFARDataModule(OODDataModule):
         from lightning_ood.features import FeatureCache, files_digest
 
         cache = FeatureCache(self.decoded_cache)
+        key = hashlib.sha256(f"{DECODER}|{files_digest(paths)}".encode()).hexdigest()[:24]
         stored, hit = cache.get_or_compute(
-            f"decoded_{name}", files_digest(paths)[:24], lambda: {"images": decode_files(paths, f"Decoding {name}")}
+            f"decoded_{name}", key, lambda: {"images": decode_files(paths, f"Decoding {name}")}
         )
         if hit:
             rank_zero_info(f"{name}: {len(paths)} decoded images from the cache in {self.decoded_cache}.")

@@ -8,8 +8,9 @@ tensor ops on the device the model trains on.
   DataModule's ``on_after_batch_transfer`` augments them on the device: a random crop with 4-pixel zero padding and a
   horizontal flip per image, the same distribution as torchvision's ``RandomCrop(32, padding=4)`` and
   ``RandomHorizontalFlip()``, then normalisation. Each image's offsets and flip come from a hash of (seed, epoch,
-  dataset index), so the order and every crop and flip depend on nothing else: a run killed and resumed is
-  bit-identical to an uninterrupted one, whatever the device or the number of loader workers.
+  dataset index), so the order and every crop and flip depend on nothing else, whatever the device or the number of
+  processes: on CPU a run killed and resumed is bit-identical to an uninterrupted one; on a GPU the batches are
+  identical too, while cuDNN's and bf16's arithmetic is reproducible only with ``trainer.deterministic: true``.
 - Evaluation items are normalised float images (the normalisation in force when they are read).
 """
 
@@ -30,6 +31,7 @@ from lightning_ood.data.transforms import InputNormalization, Normalization
 from lightning_ood.errors import DataError
 
 PADDING = 4  # the paper's random crop: 32 x 32 out of the image padded by 4 zero pixels on each side
+DECODER = "rgb8-v1"  # how files become pixels (lightning_ood.data.images.decode_image); part of the cache key
 
 
 class RawBatch(NamedTuple):
@@ -135,7 +137,7 @@ def decode_files(paths: Sequence[str], description: str, progress: bool = True) 
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task(description, total=len(paths))
         for i, path in enumerate(paths):
-            array = np.asarray(decode_image(path), dtype=np.uint8)  # (H, W, 3)
+            array = np.array(decode_image(path), dtype=np.uint8)  # (H, W, 3), a writable copy
             if images is None:
                 images = torch.empty((len(paths), 3, *array.shape[:2]), dtype=torch.uint8)
             if array.shape[:2] != tuple(images.shape[2:]):
