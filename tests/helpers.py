@@ -5,6 +5,9 @@ import signal
 
 from lightning.pytorch import Callback
 
+from lightning_ood.data import CIFARDataModule
+from lightning_ood.data.tensors import RawBatch
+
 
 class KillAtStep(Callback):
     """SIGKILL the training process right after optimisation step ``step``: a hard crash mid-epoch."""
@@ -57,3 +60,20 @@ class RecordCheckpointIO(Callback):
         io = trainer.strategy.checkpoint_io
         with open(self.path, "w") as f:
             f.write(f"{type(io).__module__}.{type(io).__qualname__}")
+
+
+class RecordingCIFARDataModule(CIFARDataModule):
+    """The CIFAR DataModule, writing the dataset indices and epochs of every raw training batch it augments to
+    ``<record>/rank<R>.txt`` (one ``epoch index`` line per image): what each DDP rank trained on."""
+
+    def __init__(self, record: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.record = record
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, RawBatch):
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            with open(os.path.join(self.record, f"rank{rank}.txt"), "a") as f:
+                for epoch, index in zip(batch.epochs.tolist(), batch.indices.tolist(), strict=True):
+                    f.write(f"{epoch} {index}\n")
+        return super().on_after_batch_transfer(batch, dataloader_idx)
