@@ -242,9 +242,13 @@ class OODReport:
     def to_markdown(self) -> str:
         """The paper's Table I shape, one table per metric (FPR, AUROC, AUPR-In, AUPR-Out): the OOD sets, then the
         averages; the best of a column in bold and the second underlined, as in the paper."""
+        compared = any(
+            self.paper_value(s, c, m) is not None for s in self.scorers for c in self.columns for m in METRICS
+        )
+        legend = "; where the paper reports the cell: (the paper's figure, ours minus the paper's)" if compared else ""
         lines = [
-            f"ID: {self.id_name}, backbone: {self.backbone}, accuracy: {100 * self.accuracy:.2f}%. Values in %; where "
-            f"the paper reports the cell: (the paper's figure, ours minus the paper's). **Best**, <u>second</u>.",
+            f"ID: {self.id_name}, backbone: {self.backbone}, accuracy: {100 * self.accuracy:.2f}%. Values in %"
+            f"{legend}. **Best**, <u>second</u>.",
             "",
             f"Images: {self.set_sizes()}.",
         ]

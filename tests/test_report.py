@@ -104,6 +104,7 @@ def test_latex_table_in_the_papers_layout():
 
 
 def test_console_tables_fit_120_columns_with_the_papers_six_sets():
+
     from rich.console import Console
 
     sets = ["svhn", "lsun_crop", "lsun_resize", "isun", "textures", "places365"]
@@ -125,6 +126,7 @@ def test_console_tables_fit_120_columns_with_the_papers_six_sets():
 
 
 def test_rich_tables_mark_the_best():
+
     from rich.console import Console
 
     console = Console(record=True, width=200)
@@ -132,3 +134,19 @@ def test_rich_tables_mark_the_best():
         console.print(table)
     text = console.export_text()
     assert "20.00 -2.30" in text and "96.00 -0.26" in text and "maxlogit" in text
+
+
+def test_the_legend_mentions_the_paper_only_where_a_cell_is_compared():
+    import io
+
+    from rich.console import Console
+
+    metrics = {"fmls": {"noise": {"fpr95": 0.2, "auroc": 0.9, "aupr_in": 0.5, "aupr_out": 0.5}}}
+    ours = OODReport("synthetic", "resnet20", 0.9, metrics, {"synthetic": 10, "noise": 10})
+    paper = OODReport("cifar10", "resnet18", 0.9, {"fmls": {"svhn": metrics["fmls"]["noise"]}})
+    for report, compared in ((ours, False), (paper, True)):
+        console = Console(width=120, record=True, file=io.StringIO())
+        for table in report.rich_tables():
+            console.print(table)
+        assert ("ours minus the paper's" in console.export_text()) is compared
+        assert ("ours minus the paper's" in report.to_markdown()) is compared
