@@ -9,12 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
 
 from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from lightning_ood.io import atomic_write_text
@@ -306,36 +309,60 @@ class OODReport:
         lines += [r"\bottomrule", r"\end{tabular}"]
         return "\n".join(lines) + "\n"
 
-    def rich_tables(self) -> list[Table]:
-        """Console tables that fit 120 columns with six OOD sets and the average: one for the FPR, one for the
-        AUROC; a cell is ours, with the signed difference to the paper's figure where the paper reports it; names
-        are never cut."""
+    def rich_tables(self, width: int = 120) -> list[Table]:
+        """Console tables for ``width`` columns (120: six OOD sets, the near/far averages and the average fit): one
+        for the FPR, one for the AUROC; a cell is ours, with the signed difference to the paper's figure where the
+        paper reports it, unless the differences would not fit (then the legend points to the markdown file, which
+        always has them). Names and numbers are never cut (column headers wrap instead)."""
         notes = [f"skipped sets: {', '.join(self.skipped)}"] if self.skipped else []
         notes += [f"undecodable images left out: {self.skipped_images}"] if self.skipped_images else []
         tables = []
         for metric in ("fpr95", "auroc"):
             compared = any(self.paper_value(s, c, metric) is not None for s in self.scorers for c in self.columns)
-            legend = "(+x.xx): ours minus the paper's figure; green: the best" if compared else "green: the best"
+            rows = self._console_rows(metric, compared)
+            if compared and self._console_width(rows) > width:
+                rows, compared = self._console_rows(metric, False), None
+            legend = {
+                True: "(+x.xx): ours minus the paper's figure; green: the best",
+                False: "green: the best",
+                None: "green: the best; ours minus the paper's figures: in ood_results.md (too wide here)",
+            }[compared]
             table = Table(
                 title=f"{self.title(metric)} %: {self.id_name} / {self.backbone} (accuracy {100 * self.accuracy:.2f}%)",
                 caption="; ".join([legend, *notes]),
                 box=box.SIMPLE_HEAD,
                 pad_edge=False,
             )
-            table.add_column("Method", no_wrap=True, style="bold")
-            for column in self.columns:
-                table.add_column(self.column_title(column), justify="right", no_wrap=True, overflow="fold")
+            table.add_column("Method", no_wrap=True, style="bold", min_width=max(map(len, self.scorers), default=6))
+            for i, column in enumerate(self.columns):
+                widest = max((len(cells[i]) for cells in rows.values()), default=1)
+                table.add_column(self.column_title(column), justify="right", min_width=widest)
             ranks = {c: self.ranks(c, metric) for c in self.columns}
-            for scorer in self.scorers:
-                cells = []
-                for column in self.columns:
-                    ours = self.percent(scorer, column, metric)
-                    theirs = self.paper_value(scorer, column, metric)
-                    cell = f"{ours:.2f}" if theirs is None else f"{ours:.2f} {ours - theirs:+.2f}"
-                    cells.append(f"[green]{cell}[/]" if ranks[column][scorer] == 0 else cell)
-                table.add_row(scorer, *cells)
+            for scorer, cells in rows.items():
+                marked = [
+                    f"[green]{cell}[/]" if ranks[column][scorer] == 0 else cell
+                    for cell, column in zip(cells, self.columns, strict=True)
+                ]
+                table.add_row(scorer, *marked)
             tables.append(table)
         return tables
+
+    def _console_rows(self, metric: str, differences: bool) -> dict[str, list[str]]:
+        rows = {}
+        for scorer in self.scorers:
+            cells = []
+            for column in self.columns:
+                ours = self.percent(scorer, column, metric)
+                theirs = self.paper_value(scorer, column, metric) if differences else None
+                cells.append(f"{ours:.2f}" if theirs is None else f"{ours:.2f} {ours - theirs:+.2f}")
+            rows[scorer] = cells
+        return rows
+
+    def _console_width(self, rows: dict[str, list[str]]) -> int:
+        """Characters a table of these cells needs: each column's widest cell, one space of padding either side."""
+        widths = [max(map(len, self.scorers), default=6)]
+        widths += [max(len(cells[i]) for cells in rows.values()) for i in range(len(self.columns))]
+        return sum(widths) + 2 * len(widths) - 2
 
     def _values(self, scorer: str, column: str) -> dict[str, float]:
         if column == "Average":
@@ -377,6 +404,14 @@ class OODReport:
             atomic_write_text(folder / "ood_results.json", self.to_json()),
             atomic_write_text(folder / "ood_results.tex", self.to_latex()),
         )
+
+
+def results_console() -> Console:
+    """The console of the result tables: the terminal's width; 120 columns when the output is not a terminal (a log
+    file, a pipe: rich would assume 80) unless ``COLUMNS`` says otherwise."""
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return Console()
+    return Console(width=120)
 
 
 def latex_escape(text: str) -> str:

@@ -150,3 +150,31 @@ def test_the_legend_mentions_the_paper_only_where_a_cell_is_compared():
             console.print(table)
         assert ("ours minus the paper's" in console.export_text()) is compared
         assert ("ours minus the paper's" in report.to_markdown()) is compared
+
+
+def test_console_tables_with_near_and_far_averages_cut_no_number(monkeypatch):
+    from rich.console import Console
+
+    from lightning_ood.report import results_console
+
+    sets = ["svhn", "lsun_crop", "lsun_resize", "isun", "textures", "places365"]
+    groups = {"svhn": "near", "lsun_crop": "near", **{s: "far" for s in sets[2:]}}
+    names = ["msp", "mahalanobis", "dice_react", "fmls", "bats_empirical", "temp_scaling", "mds_ensemble"]
+    values = {"fpr95": 0.3456, "auroc": 0.91234, "aupr_in": 0.9, "aupr_out": 0.8}
+    report = make_report(metrics={n: {s: values for s in sets} for n in names}, groups=groups)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console = results_console()  # pytest's output is no terminal: 120 columns, not rich's 80
+    assert console.width == 120
+    recorder = Console(record=True, width=console.width)
+    for table in report.rich_tables(console.width):
+        recorder.print(table)
+    text = recorder.export_text()
+    assert "ours minus the paper's figures: in ood_results.md (too wide here)" in text  # fmls: SVHN, Textures
+    assert "-5.03" in report.to_markdown()  # fmls on SVHN: ours minus the paper's, in the markdown
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert "…" not in text
+    for name in names:
+        assert name in text
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith("mds_ensemble")]
+    assert rows[0][1:] == ["34.56"] * 9  # six sets, near, far, all: whole numbers, one line
+    assert "near)" in text and "far)" in text

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lightning_ood.io import atomic_write
 from lightning_ood.metrics import tpr_threshold
-from lightning_ood.report import OODReport
+from lightning_ood.report import OODReport, results_console
 from lightning_ood.scoring import paper_name
 
 
@@ -45,8 +45,8 @@ class OODResultsTable(Callback):
         if not report.metrics:
             Console().print(f"ID accuracy on {report.id_name}: {100 * report.accuracy:.2f}% (no OOD sets configured)")
             return
-        console = Console()
-        for table in report.rich_tables():
+        console = results_console()
+        for table in report.rich_tables(console.width):
             console.print(table)
         paths = report.write(folder)
         rank_zero_info(f"OOD results written to {paths[0]} ({', '.join(p.suffix for p in paths)}).")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from rich.console import Console
 from rich.table import Table
 
 from lightning_ood.callbacks.statistics import normratio_selection
@@ -15,6 +14,7 @@ from lightning_ood.data.base import OODDataModule
 from lightning_ood.errors import ConfigError
 from lightning_ood.io import atomic_write_text
 from lightning_ood.module import OODClassifier
+from lightning_ood.report import results_console
 
 
 def normratio(
@@ -50,7 +50,7 @@ def normratio(
     for name, ratio in result.ratios.items():
         style = "bold green" if name == result.selected else ""
         table.add_row(f"[{style}]{name}[/]" if style else name, f"{ratio:.4f}")
-    Console().print(table)
+    results_console().print(table)
     folder = run_folder(self)
     atomic_write_text(folder / "normratio.csv", result.to_csv())
     figure = result.figure()

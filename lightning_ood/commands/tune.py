@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from rich.console import Console
 from rich.table import Table
 
 from lightning_ood.commands.common import (
@@ -33,6 +32,7 @@ from lightning_ood.errors import ConfigError
 from lightning_ood.features import FeatureCache, FeatureSet, weights_fingerprint
 from lightning_ood.io import atomic_write_text
 from lightning_ood.module import OODClassifier
+from lightning_ood.report import results_console
 from lightning_ood.scoring import SCORERS, build_scorer
 from lightning_ood.tuning import (
     DEFAULT_CLIP_PERCENTILES,
@@ -197,7 +197,7 @@ def tune_scorer(name: str, model, head, id_val: FeatureSet, ood_val: FeatureSet,
         style = "bold green" if setting == best else ""
         cells = [*(str(v) for _, v in setting.params), f"{100 * setting.fpr95:.2f}", f"{100 * setting.auroc:.2f}"]
         table.add_row(*(f"[{style}]{c}[/]" if style else c for c in cells))
-    Console().print(table)
+    results_console().print(table)
     params = dict(best.params)
     return {
         "params": params, "summary": ", ".join(f"{k} = {v}" for k, v in params.items()),
@@ -220,4 +220,4 @@ def print_fmls_grid(grid, best) -> None:
             cell = f"{100 * c.fpr95:.1f} ({100 * c.auroc:.1f})"
             cells.append(f"[bold green]{cell}[/]" if c == best else cell)
         table.add_row(f"{p:g}", *cells)
-    Console().print(table)
+    results_console().print(table)
