@@ -93,7 +93,7 @@ class CIFARDataModule(OODDataModule):
             else:
                 paths = [path for path, _ in split.samples]
                 images = self.decode_folder(name, paths)
-                self.count_skipped(name, split)
+                self.count_skipped(self.dataset if not train else f"{self.dataset} (training)", split)
             if tuple(images.shape[2:]) != (self.image_size, self.image_size):
                 raise DataError(
                     f"{self.spec.title} under {self.root}: the images are {images.shape[3]}x{images.shape[2]}, CIFAR's "
