@@ -235,6 +235,17 @@ def test_fmls_family_matches_reference(name, kwargs, ref, seed):
     assert_scores(score_with(name, p, **kwargs), expected)
 
 
+def test_fmls_with_a_negative_clip_masks_before_clipping():
+    """Signed features (ViT): a low clip percentile gives lambda < 0, where masking and clipping do not commute."""
+    p0 = random_problem(2)
+    shift = p0.train64.mean()
+    p = make_problem(p0.train64 - shift, p0.labels64, p0.test64 - shift, p0.W, p0.b)
+    clip = np.percentile(p.train64.ravel(), 5)
+    assert clip < 0
+    expected = ref_logsumexp(ref_fmls_logits(p.test64, p.W, p.b, p.prototypes, p=60, clip=clip))
+    assert_scores(score_with("fmls", p, clip=None, clip_percentile=5), expected)
+
+
 def test_fmls_aliases_and_ablations_are_distinct(prob):
     fmls = score_with("fmls", prob)
     np.testing.assert_array_equal(score_with("energy_fmls", prob), fmls)
@@ -498,6 +509,20 @@ def test_line_matches_reference(name, kwargs, ref, seed):
     ref = {"clip": None, **ref}
     expected = ref_logsumexp(ref_line_logits(p.test64, p.W, p.b, p.train64, p.labels64, **ref))
     assert_scores(score_with(name, p, **kwargs), expected)
+
+
+@pytest.mark.parametrize("name", ["line", "line_ls"])
+def test_line_without_the_stored_masked_heads_scores_the_same(name):
+    """Large heads (ImageNet: C x C x L = 2G floats) build each class's masked head per batch rather than store them."""
+    p = random_problem(3)
+    scorer = build_scorer(name, weight_percentile=60, activation_percentile=40).fit(p.train, p.labels, p.head)
+    assert scorer.masked_weights is not None
+    kept = scorer.score(p.test, p.logits)
+    scorer.masked_weights = None
+    np.testing.assert_array_equal(scorer.score(p.test, p.logits).numpy(), kept.numpy())
+    ref = {"p_w": 60, "p_a": 40, "clip": 1.0, "smooth": name == "line_ls"}
+    expected = ref_logsumexp(ref_line_logits(p.test64, p.W, p.b, p.train64, p.labels64, **ref))
+    assert_scores(kept.double().numpy(), expected)
 
 
 def test_line_predicts_from_clipped_features_and_smooths_with_the_original_class():

@@ -73,7 +73,7 @@ class Scorer:
         return self
 
     def head_logits(self, features: Tensor) -> Tensor:  # (N, L) -> (N, C)
-        return features @ self.weight.T + self.bias
+        return torch.addmm(self.bias.to(features.dtype), features, self.weight.T.to(features.dtype))
 
     def __repr__(self) -> str:
         params = {k: v for k, v in vars(self).items() if isinstance(v, str | int | float | bool | tuple | type(None))}
