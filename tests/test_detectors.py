@@ -22,6 +22,7 @@ from lightning_ood.featurenorm import block_outputs
 from lightning_ood.metrics import ood_metrics
 from lightning_ood.models import build_backbone
 from lightning_ood.scoring import build_scorer
+from lightning_ood.scoring.activation import rank1_removed_mean
 from lightning_ood.statistics import FeatureStatistics, ReferenceSet, gram_features
 
 pytorch_ood = pytest.importorskip("pytorch_ood.detector")
@@ -365,6 +366,30 @@ def test_rankfeat(network):
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), network.net.head)
     reference = pytorch_ood.RankFeat(None, head).predict_feature_maps(torch.tensor(fmap).float())
     close(map_scores(network, "rankfeat"), -theirs(reference), rtol=1e-3, atol=1e-3)
+
+
+def reference_rank1_removed_mean(matrix: np.ndarray) -> np.ndarray:
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    return (matrix - s[0] * np.outer(u[:, 0], vt[0])).mean(axis=1)
+
+
+@pytest.mark.parametrize(("channels", "positions"), [(8, 20), (20, 8), (6, 6)])
+def test_rank1_removal_by_power_iteration_matches_the_svd(channels, positions):
+    """Both Gram sides (C <= S as ResNet-20's 64 x 64 map, C > S as ResNet-18's 512 x 16), signed entries too."""
+    rng = np.random.default_rng(channels)
+    matrices = rng.gamma(1.0, 1.0, (5, channels, positions)) - rng.uniform(0, 1.0, (5, 1, 1))
+    actual = rank1_removed_mean(torch.tensor(matrices))
+    expected = np.stack([reference_rank1_removed_mean(m) for m in matrices])
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_rank1_removal_with_a_nearly_degenerate_top_pair_takes_the_svd():
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    v, _ = np.linalg.qr(rng.normal(size=(9, 9)))
+    matrix = u[:, :3] @ np.diag([1.0, 1.0 - 1e-6, 0.3]) @ v[:, :3].T  # power iteration would need ~1e7 steps
+    actual = rank1_removed_mean(torch.tensor(matrix[None]))
+    np.testing.assert_allclose(actual[0].numpy(), reference_rank1_removed_mean(matrix), rtol=1e-6, atol=1e-9)
 
 
 # ============================================================================================ OpenMax, Gram, Lee

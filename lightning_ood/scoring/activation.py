@@ -144,11 +144,44 @@ class RankFeat(MapShaping):
         if self.point is None:
             raise ConfigError("RankFeat needs the network: call bind(backbone).")
         feature_map = self.point.feature_map(outputs).float()  # (N, C, H, W)
-        matrix = feature_map.flatten(2)  # (N, C, HW)
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        rank1 = s[:, :1, None] * u[:, :, :1] @ vh[:, :1, :]  # (N, C, HW)
-        logits = self.head_logits((matrix - rank1).mean(dim=2))
+        pooled = rank1_removed_mean(feature_map.flatten(2))  # (N, C)
+        logits = self.head_logits(pooled.to(feature_map.dtype))
         return self.temperature * torch.logsumexp(logits / self.temperature, dim=1)
 
 
-__all__ = ["ASH", "SCALE", "RankFeat", "ash", "scale"]
+def rank1_removed_mean(matrix: Tensor, tol: float = 1e-12, max_iter: int = 300) -> Tensor:  # (N, C, S) -> (N, C)
+    """``(M - s1 u1 v1^T).mean(dim=2)`` for each matrix M, the row means after removing its top singular component.
+
+    Only the top singular pair matters, so it comes from power iteration on the smaller Gram matrix (``M M^T`` or
+    ``M^T M``, float64) until every vector has converged to ``tol``, far cheaper than a full SVD of every image's map;
+    matrices whose top two singular values are too close to converge in ``max_iter`` steps take the SVD. With the
+    unit top left vector u, the mean of the rank-1 part is ``u (u . m)`` (m: the row means); with the right vector v,
+    ``(M v) mean(v)``.
+    """
+    x = matrix.double()
+    n, c, s = x.shape
+    means = x.mean(dim=2)
+    left = c <= s
+    gram = x @ x.transpose(1, 2) if left else x.transpose(1, 2) @ x  # (N, k, k), k = min(C, S)
+    v = torch.ones(n, gram.shape[1], 1, dtype=x.dtype, device=x.device) / gram.shape[1] ** 0.5
+    converged = False
+    for step in range(max_iter):
+        w = gram @ v
+        w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(1e-300)
+        if step % 10 == 9 and bool(((w - v).abs().amax(dim=(1, 2)) < tol).all()):
+            converged = True
+        v = w
+        if converged:
+            break
+    if not converged:  # a (near-)degenerate top singular value: the exact decomposition
+        u, sv, vh = torch.linalg.svd(x, full_matrices=False)
+        return (means - (sv[:, :1, None] * u[:, :, :1] @ vh[:, :1, :]).mean(dim=2)).to(matrix.dtype)
+    v = v.squeeze(2)
+    if left:
+        rank1 = v * (v * means).sum(dim=1, keepdim=True)
+    else:
+        rank1 = (x @ v[:, :, None]).squeeze(2) * v.mean(dim=1, keepdim=True)
+    return (means - rank1).to(matrix.dtype)
+
+
+__all__ = ["ASH", "SCALE", "RankFeat", "ash", "rank1_removed_mean", "scale"]
