@@ -54,7 +54,9 @@ class RunFolder:
                 f"another --trainer.logger.init_args.version, or pass --overwrite_results true to replace them."
             )
         run = cls(path, created=not path.exists())
+        # other folders this run creates: the checkpoint folder, and the parents of the log folder (logs/<name>)
         run.extra = [folder for folder, _ in also_writable if not folder.exists()]
+        run.extra += [parent for parent in path.parents if not parent.exists()]
         path.mkdir(parents=True, exist_ok=True)
         run.lock()
         return run
@@ -92,6 +94,6 @@ class RunFolder:
         useful = holds_results(self.path) if self.path.is_dir() else []
         if self.created and not useful and self.path.is_dir():
             shutil.rmtree(self.path, ignore_errors=True)
-        for folder in self.extra:
+        for folder in sorted(self.extra, key=lambda f: len(f.parts), reverse=True):  # deepest first
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()

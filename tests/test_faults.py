@@ -408,3 +408,21 @@ def test_the_fpr_is_labelled_with_the_tpr_in_use(trained, tmp_path):
     assert "FPR100↓" in (folder / "ood_results.md").read_text()
     report = json.loads((folder / "ood_results.json").read_text())
     assert report["tpr"] == 1.0 and "fpr100" in report["average"]["fmls"]
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, capsys, monkeypatch):
+    """Offline, ``fit`` on a data root that does not exist: one line, and neither the data root torchvision created
+    for the download nor the logs/<name> and checkpoint folders are left."""
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        os.makedirs(self.root, exist_ok=True)  # as torchvision's download does before fetching
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    root = tmp_path / "new" / "data" / "cifar10"
+    extra = ["--data.download", "true", "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.max_epochs", "1"]
+    err = cli_error(capsys, "fit", *args(tmp_path / "logs" / "deep", root, *extra))
+    one_line(err)
+    assert "downloading it failed" in err
+    assert sorted(tmp_path.iterdir()) == [], sorted(tmp_path.rglob("*"))

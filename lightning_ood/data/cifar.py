@@ -73,10 +73,14 @@ class CIFARDataModule(OODDataModule):
         if has_split_folders(self.root) or (self.root / self.spec.folder).is_dir() or not self.download:
             return
         check_writable(self.root, self.spec.title)
+        missing = [p for p in (self.root, *self.root.parents) if not p.exists()]  # what the download would create
         try:
             self.spec.torchvision_class(str(self.root), train=True, download=True)
             self.spec.torchvision_class(str(self.root), train=False, download=True)
         except OSError as err:  # URLError, timeouts, disk errors
+            for folder in missing:  # leave no empty folders behind (deepest first)
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
             raise DataError(
                 f"{self.spec.title} is not under {self.root} and downloading it failed ({err}). Without network "
                 f"access, copy the data there by hand (source {self.spec.source}) or set --data.root / "
