@@ -78,6 +78,29 @@ def theirs(detector) -> np.ndarray:
     return detector.double().cpu().numpy() if torch.is_tensor(detector) else np.asarray(detector)
 
 
+# ============================================================================================ the paper's baselines
+def test_logit_baselines_agree_with_pytorch_ood(p):
+    """MSP, Energy (T = 1 and 2) and MaxLogit against pytorch-ood's, which return outlier scores (higher = OOD)."""
+    close(ours(p, "msp"), -theirs(pytorch_ood.MaxSoftmax.score(p.logits)))
+    close(ours(p, "energy"), -theirs(pytorch_ood.EnergyBased.score(p.logits)))
+    close(ours(p, "energy", temperature=2.0), -theirs(pytorch_ood.EnergyBased.score(p.logits, t=2.0)))
+    close(ours(p, "maxlogit"), -theirs(pytorch_ood.MaxLogit.score(p.logits)))
+
+
+@pytest.mark.parametrize("clip", [0.5, 1.5, 4.0])
+def test_react_agrees_with_pytorch_ood(p, clip):
+    reference = pytorch_ood.ReAct(None, p.head, threshold=clip).predict_feature_maps(p.test)
+    close(ours(p, "react", clip=clip), -theirs(reference))
+
+
+@pytest.mark.parametrize("percentile", [10, 70, 90])
+def test_dice_agrees_with_pytorch_ood(p, percentile):
+    """Same mean training activation, one threshold over all C x L contributions, strict '>' (pytorch-ood's p is a
+    fraction)."""
+    dice = pytorch_ood.DICE(None, p.head.weight, p.head.bias, p=percentile / 100).fit_features(p.train, p.labels)
+    close(ours(p, "dice", percentile=percentile), -theirs(dice.predict_features(p.test)), rtol=1e-5, atol=1e-5)
+
+
 # ============================================================================================ neighbours
 @pytest.mark.parametrize("k", [1, 7, 50])
 def test_knn(p, k):
