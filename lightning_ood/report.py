@@ -309,23 +309,26 @@ class OODReport:
         lines += [r"\bottomrule", r"\end{tabular}"]
         return "\n".join(lines) + "\n"
 
-    def rich_tables(self, width: int = 120) -> list[Table]:
+    def rich_tables(self, width: int = 120, colour: bool = True) -> list[Table]:
         """Console tables for ``width`` columns (120: six OOD sets, the near/far averages and the average fit): one
         for the FPR, one for the AUROC; a cell is ours, with the signed difference to the paper's figure where the
         paper reports it, unless the differences would not fit (then the legend points to the markdown file, which
-        always has them). Names and numbers are never cut (column headers wrap instead)."""
+        always has them). Names and numbers are never cut (column headers wrap instead). The best of a column is green,
+        or, for a console without colours (a log file), marked with ``*``."""
         notes = [f"skipped sets: {', '.join(self.skipped)}"] if self.skipped else []
         notes += [f"undecodable images left out: {self.skipped_images}"] if self.skipped_images else []
         tables = []
         for metric in ("fpr95", "auroc"):
             compared = any(self.paper_value(s, c, metric) is not None for s in self.scorers for c in self.columns)
             rows = self._console_rows(metric, compared)
-            if compared and self._console_width(rows) > width:
+            star = 0 if colour else 1  # the mark's character
+            if compared and self._console_width(rows) + star * len(self.columns) > width:
                 rows, compared = self._console_rows(metric, False), None
+            best = "green: the best" if colour else "*: the best"
             legend = {
-                True: "(+x.xx): ours minus the paper's figure; green: the best",
-                False: "green: the best",
-                None: "green: the best; ours minus the paper's figures: in ood_results.md (too wide here)",
+                True: f"(+x.xx): ours minus the paper's figure; {best}",
+                False: best,
+                None: f"{best}; ours minus the paper's figures: in ood_results.md (too wide here)",
             }[compared]
             table = Table(
                 title=f"{self.title(metric)} %: {self.id_name} / {self.backbone} (accuracy {100 * self.accuracy:.2f}%)",
@@ -335,12 +338,12 @@ class OODReport:
             )
             table.add_column("Method", no_wrap=True, style="bold", min_width=max(map(len, self.scorers), default=6))
             for i, column in enumerate(self.columns):
-                widest = max((len(cells[i]) for cells in rows.values()), default=1)
+                widest = max((len(cells[i]) for cells in rows.values()), default=1) + star
                 table.add_column(self.column_title(column), justify="right", min_width=widest)
             ranks = {c: self.ranks(c, metric) for c in self.columns}
             for scorer, cells in rows.items():
                 marked = [
-                    f"[green]{cell}[/]" if ranks[column][scorer] == 0 else cell
+                    (f"[green]{cell}[/]" if colour else f"{cell}*") if ranks[column][scorer] == 0 else cell
                     for cell, column in zip(cells, self.columns, strict=True)
                 ]
                 table.add_row(scorer, *marked)

@@ -178,3 +178,22 @@ def test_console_tables_with_near_and_far_averages_cut_no_number(monkeypatch):
     rows = [line.split() for line in text.splitlines() if line.strip().startswith("mds_ensemble")]
     assert rows[0][1:] == ["34.56"] * 9  # six sets, near, far, all: whole numbers, one line
     assert "near)" in text and "far)" in text
+
+
+def test_console_tables_without_colours_mark_the_best_with_a_star():
+    """A log file has no colours: the best of each column is marked ``*`` and the legend says so."""
+    from rich.console import Console
+
+    names = ["msp", "energy", "fmls"]
+    metrics = {n: {"svhn": {"fpr95": f, "auroc": 1 - f, "aupr_in": 0.9, "aupr_out": 0.8}} for n, f in
+               zip(names, [0.5, 0.4, 0.2], strict=True)}  # fmt: skip
+    report = make_report(metrics=metrics, backbone="resnet20", num_images={"cifar10": 100, "svhn": 100})  # no paper
+    recorder = Console(record=True, width=120, color_system=None)
+    for table in report.rich_tables(120, colour=False):
+        recorder.print(table)
+    text = recorder.export_text()
+    assert "*: the best" in text and "green" not in text
+    fmls_rows = [line.split() for line in text.splitlines() if line.strip().startswith("fmls")]
+    assert all(cell.endswith("*") for row in fmls_rows for cell in row[1:])  # best everywhere: 20.00*, 80.00*
+    msp_rows = [line.split() for line in text.splitlines() if line.strip().startswith("msp")]
+    assert not any("*" in cell for row in msp_rows for cell in row[1:])

@@ -46,7 +46,7 @@ class OODResultsTable(Callback):
             Console().print(f"ID accuracy on {report.id_name}: {100 * report.accuracy:.2f}% (no OOD sets configured)")
             return
         console = results_console()
-        for table in report.rich_tables(console.width):
+        for table in report.rich_tables(console.width, colour=console.color_system is not None):
             console.print(table)
         paths = report.write(folder)
         rank_zero_info(f"OOD results written to {paths[0]} ({', '.join(p.suffix for p in paths)}).")
