@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 from typing import IO
@@ -55,6 +55,14 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> None:
+    """Remove those of ``folders`` that exist and are empty, deepest first (what a failed step created and left
+    empty)."""
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def describe_write_failure(path: Path, err: BaseException) -> str:

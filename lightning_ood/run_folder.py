@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_ood.errors import OutputError
-from lightning_ood.io import check_writable_folder, process_alive
+from lightning_ood.io import check_writable_folder, process_alive, remove_empty_folders
 
 RESULT_FILES = ("ood_results.*", "selected.yaml", "tune_grid.csv", "sensitivity.csv", "normratio.csv",
                 "featurenorm.yaml")  # fmt: skip
@@ -94,6 +94,4 @@ class RunFolder:
         useful = holds_results(self.path) if self.path.is_dir() else []
         if self.created and not useful and self.path.is_dir():
             shutil.rmtree(self.path, ignore_errors=True)
-        for folder in sorted(self.extra, key=lambda f: len(f.parts), reverse=True):  # deepest first
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_empty_folders(self.extra)

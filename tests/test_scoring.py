@@ -525,6 +525,14 @@ def test_line_without_the_stored_masked_heads_scores_the_same(name):
     assert_scores(kept.double().numpy(), expected)
 
 
+def test_line_fitted_again_uses_the_new_head():
+    first, second = random_problem(3), random_problem(4)
+    refitted = build_scorer("line").fit(first.train, first.labels, first.head)
+    refitted.fit(second.train, second.labels, second.head)
+    fresh = build_scorer("line").fit(second.train, second.labels, second.head)
+    np.testing.assert_array_equal(refitted.score(second.test, second.logits), fresh.score(second.test, second.logits))
+
+
 def test_line_predicts_from_clipped_features_and_smooths_with_the_original_class():
     p0 = random_problem(1)
     test = p0.test64.copy()

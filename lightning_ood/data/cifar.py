@@ -18,6 +18,7 @@ from lightning_ood.data.folders import has_split_folders
 from lightning_ood.data.tensors import DECODER, DecodedImages, TrainingImages, decode_files
 from lightning_ood.data.transforms import NORMALIZATION, cifar_train_transform, eval_transform
 from lightning_ood.errors import ConfigError, DataError, unknown_name
+from lightning_ood.io import remove_empty_folders
 
 PIPELINES = ("tensor", "pil")
 
@@ -78,9 +79,7 @@ class CIFARDataModule(OODDataModule):
             self.spec.torchvision_class(str(self.root), train=True, download=True)
             self.spec.torchvision_class(str(self.root), train=False, download=True)
         except OSError as err:  # URLError, timeouts, disk errors
-            for folder in missing:  # leave no empty folders behind (deepest first)
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+            remove_empty_folders(missing)  # leave no empty folders behind
             raise DataError(
                 f"{self.spec.title} is not under {self.root} and downloading it failed ({err}). Without network "
                 f"access, copy the data there by hand (source {self.spec.source}) or set --data.root / "

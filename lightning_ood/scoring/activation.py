@@ -164,16 +164,14 @@ def rank1_removed_mean(matrix: Tensor, tol: float = 1e-12, max_iter: int = 300) 
     left = c <= s
     gram = x @ x.transpose(1, 2) if left else x.transpose(1, 2) @ x  # (N, k, k), k = min(C, S)
     v = torch.ones(n, gram.shape[1], 1, dtype=x.dtype, device=x.device) / gram.shape[1] ** 0.5
-    converged = False
     for step in range(max_iter):
         w = gram @ v
         w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(1e-300)
-        if step % 10 == 9 and bool(((w - v).abs().amax(dim=(1, 2)) < tol).all()):
-            converged = True
+        converged = step % 10 == 9 and bool(((w - v).abs().amax(dim=(1, 2)) < tol).all())
         v = w
         if converged:
             break
-    if not converged:  # a (near-)degenerate top singular value: the exact decomposition
+    else:  # a (near-)degenerate top singular value: the exact decomposition
         u, sv, vh = torch.linalg.svd(x, full_matrices=False)
         return (means - (sv[:, :1, None] * u[:, :, :1] @ vh[:, :1, :]).mean(dim=2)).to(matrix.dtype)
     v = v.squeeze(2)

@@ -59,13 +59,14 @@ class LINE(LogitScorer):
             [percentile(self.importance[c][None, :] * self.weight, self.weight_percentile) for c in range(len(contrib))]
         )  # (C,)
         classes, units = self.weight.shape
+        self.masked_weights = None  # a second fit must not read the heads of the first
         self.masked_weights = (
             torch.stack([self.masked_weight(c) for c in range(classes)]) if classes * classes * units <= 2**24 else None
         )
         return self
 
     def masked_weight(self, c: int) -> Tensor:  # (C, L): the head with the weight mask of predicted class c
-        if getattr(self, "masked_weights", None) is not None:
+        if self.masked_weights is not None:
             return self.masked_weights[c]
         return self.weight * (self.importance[c][None, :] * self.weight > self.weight_thresholds[c])
 
