@@ -426,3 +426,14 @@ def test_a_failed_download_leaves_no_folders_behind(tmp_path, capsys, monkeypatc
     one_line(err)
     assert "downloading it failed" in err
     assert sorted(tmp_path.iterdir()) == [], sorted(tmp_path.rglob("*"))
+
+
+def test_the_result_table_in_a_log_marks_the_best_without_colours(trained, tmp_path, capsys, monkeypatch):
+    """Output to a file (no terminal, no colours): the CLI's table marks the best of each column with '*'."""
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    data, ckpt = trained
+    run_cli("test", *args(tmp_path / "logs", data, "--ckpt_path", str(ckpt)))
+    out = capsys.readouterr().out
+    assert "*: the best" in out and "green" not in out
+    assert any(line.split()[0] in ("msp", "energy", "fmls") and line.rstrip().endswith("*") for line in
+               out.splitlines() if line.split())  # fmt: skip
