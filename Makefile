@@ -131,7 +131,7 @@ import-published: $(STAMP) ## Convert a published checkpoint + fit its statistic
 bench-train: $(STAMP) ## Training throughput on ../shared/data/cifar10-jpeg: fit vs a plain loop vs the PIL pipeline (ratios)
 	$(BIN)/python benchmarks/bench_train.py --data $(SHARED_DATA)/cifar10-jpeg $(ARGS)
 
-bench-eval: $(STAMP) ## Evaluation cost: plain forward vs full evaluation (every scorer) vs a forward per scorer
+bench-eval: $(STAMP) ## Evaluation cost (ResNet-18): one forward pass vs the full test with every scorer (ARGS: --backbone, --per-scorer)
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)
 
 bench-score: $(STAMP) ## Each scorer on 1M cached features (L=512, C=100) against the bare head matmul

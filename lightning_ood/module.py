@@ -179,9 +179,10 @@ class OODClassifier(LightningModule):
         )
         self.input_normalization: Normalization | None = self.configured_normalization or pretrained.normalization
         self.scorer_specs = scorer_specs(scorers)
-        # built once at construction, so a bad name or value fails now, not after a long fit
+        # built and bound once at construction, so a bad name, value or block fails now, not after a long fit
         self.scorer_prototypes = {
-            label: build_scorer(name, **params) for label, (name, params) in self.scorer_specs.items()
+            label: build_scorer(name, **params).bind(self.backbone)
+            for label, (name, params) in self.scorer_specs.items()
         }
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -344,8 +345,7 @@ class OODClassifier(LightningModule):
             scorers = {
                 label: build_scorer(name, **params).bind(self.backbone) for label, (name, params) in specs.items()
             }
-            for reference in sorted(set().union(*(s.references for s in scorers.values()))):
-                self.ood_statistics.reference[reference] = self.reference_set(reference, datamodule)
+            self.ensure_references(set().union(*(s.references for s in scorers.values())), datamodule)
             self.scorers = {
                 label: s.fit_statistics(self.ood_statistics, head).to(self.device) for label, s in scorers.items()
             }
@@ -392,6 +392,31 @@ class OODClassifier(LightningModule):
             )
         return self.ood_statistics
 
+    def ensure_references(self, references: set[str], datamodule) -> None:
+        """The reference image sets the scorers fit on (``ood_statistics.reference``): the ones measured before in
+        this process on the same images and weights are reused, the others measured now."""
+        if not references:
+            return
+        fingerprint = self.fingerprint()
+        for reference in sorted(references):
+            images = self.describe_reference(reference, datamodule)
+            found = self.ood_statistics.reference.get(reference)
+            if found is not None and (found.images, found.weights) == (images, fingerprint):
+                rank_zero_info(f"Reference {reference!r}: the {len(found.labels)} ID images measured before.")
+                continue
+            self.ood_statistics.reference[reference] = self.reference_set(reference, datamodule)
+
+    @staticmethod
+    def describe_reference(reference: str, datamodule) -> str:
+        """Which images a reference set is (see :meth:`reference_set`), for reusing a measured one."""
+        if reference == "val":
+            return f"{datamodule.val_split} held-out {datamodule.id_name} training images (seed {datamodule.val_seed})"
+        test_set = datamodule.describe_sets()[datamodule.id_name]
+        return (
+            f"{min(REFERENCE_IMAGES, test_set['images'])} of the {test_set['images']} {datamodule.id_name} test "
+            f"images (seed 0) from {test_set['source']}"
+        )
+
     def reference_set(self, reference: str, datamodule) -> ReferenceSet:
         """Features, logits and labels of an ID image set other than the training images, measured now:
         ``id_test`` = a seeded subset of ``REFERENCE_IMAGES`` ID test images (the ReAct authors' convention),
@@ -409,6 +434,8 @@ class OODClassifier(LightningModule):
         else:
             images = seeded_subset(datamodule.test_sets[datamodule.id_name], REFERENCE_IMAGES)
         found = reference_features(self, IndexedDataset(images), datamodule.eval_loader, self.trainer)
+        found.images = self.describe_reference(reference, datamodule)
+        found.weights = self.fingerprint()
         rank_zero_info(
             f"Reference {reference!r}: {len(found.labels)} ID images measured (90th activation percentile "
             f"{float(percentile(found.features.double(), 90.0)):.4f})."

@@ -167,3 +167,38 @@ def test_normratio_jigsaw_is_made_in_pixel_space_with_a_black_strip():
         tiles = sorted(pixels[i, :, r : r + 10, c : c + 10].sum().item() for r in (0, 10, 20) for c in (0, 10, 20))
         moved = sorted(scrambled[i, :, r : r + 10, c : c + 10].sum().item() for r in (0, 10, 20) for c in (0, 10, 20))
         np.testing.assert_allclose(moved, tiles, rtol=1e-5)
+
+
+def test_reference_images_are_reused_only_for_the_same_images_and_weights(caplog):
+    """A second ``trainer.test`` in the same process reuses the measured ID test images (same scores); other ID test
+    images or other weights measure them again."""
+    from lightning.pytorch import Trainer
+
+    from lightning_ood.data import SyntheticDataModule
+    from lightning_ood.module import OODClassifier
+
+    caplog.set_level(logging.INFO)
+    torch.manual_seed(0)
+    module = OODClassifier(backbone="resnet20", num_classes=3, scorers={"react": {"reference": "id_test"}})
+
+    def test(test_size):
+        dm = SyntheticDataModule(num_classes=3, train_size=30, test_size=test_size, ood_sizes={"noise": 10})
+        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          inference_mode=False)  # fmt: skip
+        caplog.clear()
+        trainer.test(module, datamodule=dm, verbose=False)
+        measured = re.search(r"Reference 'id_test': (\d+) ID images measured", caplog.text)
+        reused = re.search(r"Reference 'id_test': the (\d+) ID images measured before", caplog.text)
+        return measured, reused, module.ood_report.metrics["react"]["noise"]
+
+    first, _, metrics = test(25)
+    assert first and first[1] == "25"
+    again, reused, metrics_again = test(25)
+    assert again is None and reused[1] == "25" and metrics_again == metrics
+    other_images, _, _ = test(20)
+    assert other_images and other_images[1] == "20"
+    module.ood_statistics.weights = ""  # statistics of unknown weights (an older checkpoint) are kept...
+    with torch.no_grad():
+        next(module.backbone.parameters()).mul_(1.5)
+    other_weights, _, _ = test(20)  # ...but the reference images are measured again under the new weights
+    assert other_weights and other_weights[1] == "20"

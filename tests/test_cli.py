@@ -137,3 +137,11 @@ def test_console_script_exit_code_and_message():
     assert proc.returncode == 2
     assert "error: Unknown backbone 'vgg'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_unknown_featurenorm_block_fails_before_any_work(capsys, tmp_path):
+    """The block is checked when the model is built, not at the first test batch after the statistics pass."""
+    err = cli_error(capsys, "test", "--data", "SyntheticDataModule", "--model.backbone", "densenet100",
+                    "--model.scorers", '{"featurenorm": {"block": "layer3.0"}}', *quiet(tmp_path))  # fmt: skip
+    assert "featurenorm block 'layer3.0' is not a block of DenseNetBC: one of dense1, dense2, dense3" in err
+    assert not (tmp_path / "logs").exists()

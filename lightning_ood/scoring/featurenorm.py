@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from lightning_ood.errors import ConfigError
 from lightning_ood.featurenorm import feature_norm
 from lightning_ood.scoring.base import Scorer
 
@@ -18,6 +19,15 @@ class FeatureNorm(Scorer):
 
     def __init__(self, block: str | None = None) -> None:
         self.block = block
+
+    def bind(self, backbone: nn.Module) -> FeatureNorm:
+        blocks = backbone.blocks()
+        if self.block is not None and self.block not in blocks and self.block not in dict(backbone.named_modules()):
+            raise ConfigError(
+                f"featurenorm block {self.block!r} is not a block of {type(backbone).__name__}: one of "
+                f"{', '.join(blocks)}, or none (NormRatio chooses)."
+            )
+        return self
 
     @property
     def needs_blocks(self) -> tuple[str, ...]:
