@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from torchmetrics.aggregation import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -179,11 +180,13 @@ class OODClassifier(LightningModule):
         )
         self.input_normalization: Normalization | None = self.configured_normalization or pretrained.normalization
         self.scorer_specs = scorer_specs(scorers)
-        # built and bound once at construction, so a bad name, value or block fails now, not after a long fit
+        # built, and bound to the network once, at construction, so that a bad name, value or block fails now, not
+        # after a long fit; kept unbound (a bound scorer may hold hooks that cannot be pickled, as ddp_spawn does)
         self.scorer_prototypes = {
-            label: build_scorer(name, **params).bind(self.backbone)
-            for label, (name, params) in self.scorer_specs.items()
+            label: build_scorer(name, **params) for label, (name, params) in self.scorer_specs.items()
         }
+        for name, params in self.scorer_specs.values():
+            build_scorer(name, **params).bind(self.backbone)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -394,35 +397,29 @@ class OODClassifier(LightningModule):
 
     def ensure_references(self, references: set[str], datamodule) -> None:
         """The reference image sets the scorers fit on (``ood_statistics.reference``): the ones measured before in
-        this process on the same images and weights are reused, the others measured now."""
+        this process on the same images (content or files, and transform) and weights are reused, the others
+        measured now. Every DDP rank takes the same branch (same images, broadcast weights)."""
         if not references:
             return
+        from lightning_ood.features import dataset_fingerprint, transform_fingerprint
+
         fingerprint = self.fingerprint()
         for reference in sorted(references):
-            images = self.describe_reference(reference, datamodule)
+            images = self.reference_images(reference, datamodule)
+            described = f"{dataset_fingerprint(images)} | {transform_fingerprint(images)}"
             found = self.ood_statistics.reference.get(reference)
-            if found is not None and (found.images, found.weights) == (images, fingerprint):
+            if found is not None and (found.images, found.weights) == (described, fingerprint):
                 rank_zero_info(f"Reference {reference!r}: the {len(found.labels)} ID images measured before.")
                 continue
-            self.ood_statistics.reference[reference] = self.reference_set(reference, datamodule)
+            found = self.reference_set(reference, images, datamodule)
+            found.images, found.weights = described, fingerprint
+            self.ood_statistics.reference[reference] = found
 
     @staticmethod
-    def describe_reference(reference: str, datamodule) -> str:
-        """Which images a reference set is (see :meth:`reference_set`), for reusing a measured one."""
-        if reference == "val":
-            return f"{datamodule.val_split} held-out {datamodule.id_name} training images (seed {datamodule.val_seed})"
-        test_set = datamodule.describe_sets()[datamodule.id_name]
-        return (
-            f"{min(REFERENCE_IMAGES, test_set['images'])} of the {test_set['images']} {datamodule.id_name} test "
-            f"images (seed 0) from {test_set['source']}"
-        )
-
-    def reference_set(self, reference: str, datamodule) -> ReferenceSet:
-        """Features, logits and labels of an ID image set other than the training images, measured now:
-        ``id_test`` = a seeded subset of ``REFERENCE_IMAGES`` ID test images (the ReAct authors' convention),
+    def reference_images(reference: str, datamodule) -> Dataset:
+        """``id_test`` = a seeded subset of ``REFERENCE_IMAGES`` ID test images (the ReAct authors' convention),
         ``val`` = the held-out training images of ``data.val_split``."""
-        from lightning_ood.callbacks.statistics import reference_features
-        from lightning_ood.data.base import IndexedDataset, seeded_subset
+        from lightning_ood.data.base import seeded_subset
 
         if reference == "val":
             if not datamodule.val_split:
@@ -430,12 +427,16 @@ class OODClassifier(LightningModule):
                     "A scorer fits on held-out ID validation images (reference: val): set --data.init_args.val_split "
                     "N, or use reference: id_test."
                 )
-            images = datamodule.validation_set()
-        else:
-            images = seeded_subset(datamodule.test_sets[datamodule.id_name], REFERENCE_IMAGES)
+            return datamodule.validation_set()
+        return seeded_subset(datamodule.test_sets[datamodule.id_name], REFERENCE_IMAGES)
+
+    def reference_set(self, reference: str, images: Dataset, datamodule) -> ReferenceSet:
+        """Features, logits and labels of an ID image set other than the training images (see
+        :meth:`reference_images`), measured now."""
+        from lightning_ood.callbacks.statistics import reference_features
+        from lightning_ood.data.base import IndexedDataset
+
         found = reference_features(self, IndexedDataset(images), datamodule.eval_loader, self.trainer)
-        found.images = self.describe_reference(reference, datamodule)
-        found.weights = self.fingerprint()
         rank_zero_info(
             f"Reference {reference!r}: {len(found.labels)} ID images measured (90th activation percentile "
             f"{float(percentile(found.features.double(), 90.0)):.4f})."

@@ -46,10 +46,12 @@ def gram_features(block_output: Tensor, powers: int = GRAM_POWERS) -> Tensor:  #
     root. Row sums need no C x C matrix: ``(x^p)(x^p)^T 1 = (x^p) ((x^p)^T 1)``.
 
     In float32, as the authors, but without their overflow (x^20 exceeds float32 for activations above ~80, which OOD
-    inputs reach): each image's map is divided by its largest absolute value m first, so every power stays in
-    [-1, 1], and the root brings the scale back exactly, ``root_p(G_p(x)) = m^2 root_p(G_p(x / m))`` (agrees with
-    float64 to ~1e-6 relative, 2x faster). A few images at a time, so that the ten orders' passes stay in the CPU
-    cache (3x faster than the whole batch at once)."""
+    inputs reach): each image's map is scaled to a largest absolute value of t = 2^(48 // powers) (16 for ten orders)
+    first, so that no product of two powers exceeds 2^96 per term, and the root brings the scale back exactly,
+    ``root_p(G_p(x)) = (m / t)^2 root_p(G_p(x t / m))``. The result agrees with float64 to about 1e-5 m^2 (m: the
+    image's largest |activation|); channels far below m (under ~1e-3 m) lose their highest orders, as small
+    activations do in the authors' float32. 2x faster than float64. A few images at a time, so that the ten orders'
+    passes stay in the CPU cache (3x faster than the whole batch at once)."""
     per_image = block_output[0].numel() if len(block_output) else 1
     step = max(1, GRAM_CHUNK_ELEMENTS // per_image)
     return torch.cat([_gram_features(chunk, powers) for chunk in block_output.split(step)])
@@ -58,7 +60,8 @@ def gram_features(block_output: Tensor, powers: int = GRAM_POWERS) -> Tensor:  #
 def _gram_features(block_output: Tensor, powers: int) -> Tensor:
     x = block_output.float()
     x = x.flatten(2) if x.ndim == 4 else x.transpose(1, 2)  # (N, C, S)
-    scale = x.abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    largest = x.abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = largest / 2.0 ** (48 // powers)
     x = x / scale
     sums = []
     a = x
@@ -295,6 +298,7 @@ class StatisticsAccumulator:
         self.correct_counts = torch.zeros(c, dtype=f64)
         self.correct_sums = torch.zeros(c, feature_dim, dtype=f64)
         self.bank: list[tuple[Tensor, Tensor, Tensor]] = []  # (indices, features float32, labels)
+        self.bank_largest = 0.0  # the largest |feature| in the bank: float16 holds it or not
         # allocated at the first batch, when the channel counts are known
         self.stages: dict[str, dict[str, Tensor]] = {name: {} for name in stages or []}
         self.gram: dict[str, dict] = {name: {"held": []} for name in gram or []}
@@ -339,7 +343,9 @@ class StatisticsAccumulator:
         if self.bank_stride:
             index = indices.cpu() if indices is not None else torch.arange(len(labels))
             chosen = index % self.bank_stride == 0
-            self.bank.append((index[chosen], features.detach().cpu()[chosen].float(), labels[chosen]))
+            kept = features.detach().cpu()[chosen].float()
+            self.bank_largest = max(self.bank_largest, float(kept.abs().max()) if len(kept) else 0.0)
+            self.bank.append((index[chosen], kept, labels[chosen]))
         for name, stage in self.stages.items():
             s = stage_features[name].detach().to("cpu", torch.float64)  # (B, S)
             if not stage:
@@ -409,16 +415,17 @@ class StatisticsAccumulator:
             stats.correct_counts = correct.round().long()
             stats.correct_means = sum_across(self.correct_sums) / correct.clamp_min(1)[:, None]
         if self.bank_stride:
+            # float16 (half the bytes) unless a feature on some rank is beyond its range (it would become inf)
+            largest = float(max_across(torch.tensor(self.bank_largest)))
+            dtype = torch.float16 if largest <= torch.finfo(torch.float16).max else torch.float32
             indices, bank, labels = (torch.cat(parts) for parts in zip(*self.bank, strict=True)) if self.bank else (
                 torch.empty(0, dtype=torch.long), torch.empty(0, self.feature_dim),
                 torch.empty(0, dtype=torch.long),
             )  # fmt: skip
+            bank = bank.to(dtype)
             indices, bank, labels = gather_across(indices), gather_across(bank), gather_across(labels)
             order = indices.argsort()  # the same bank whatever the number of ranks
-            bank = bank[order]
-            if not len(bank) or bank.abs().max() <= torch.finfo(torch.float16).max:
-                bank = bank.half()  # half the bytes; features beyond float16's range would become inf: kept float32
-            stats.bank, stats.bank_labels, stats.bank_stride = bank, labels[order], self.bank_stride
+            stats.bank, stats.bank_labels, stats.bank_stride = bank[order], labels[order], self.bank_stride
         if self.stages:
             stats.stages = {}
             for name, stage in self.stages.items():

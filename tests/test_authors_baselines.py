@@ -171,7 +171,7 @@ def test_normratio_jigsaw_is_made_in_pixel_space_with_a_black_strip():
 
 def test_reference_images_are_reused_only_for_the_same_images_and_weights(caplog):
     """A second ``trainer.test`` in the same process reuses the measured ID test images (same scores); other ID test
-    images or other weights measure them again."""
+    images (count or content) or other weights measure them again."""
     from lightning.pytorch import Trainer
 
     from lightning_ood.data import SyntheticDataModule
@@ -181,8 +181,8 @@ def test_reference_images_are_reused_only_for_the_same_images_and_weights(caplog
     torch.manual_seed(0)
     module = OODClassifier(backbone="resnet20", num_classes=3, scorers={"react": {"reference": "id_test"}})
 
-    def test(test_size):
-        dm = SyntheticDataModule(num_classes=3, train_size=30, test_size=test_size, ood_sizes={"noise": 10})
+    def test(test_size, seed=0):
+        dm = SyntheticDataModule(num_classes=3, train_size=30, test_size=test_size, ood_sizes={"noise": 10}, seed=seed)
         trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                           inference_mode=False)  # fmt: skip
         caplog.clear()
@@ -197,6 +197,8 @@ def test_reference_images_are_reused_only_for_the_same_images_and_weights(caplog
     assert again is None and reused[1] == "25" and metrics_again == metrics
     other_images, _, _ = test(20)
     assert other_images and other_images[1] == "20"
+    other_content, _, _ = test(20, seed=1)  # as many images, other pixels
+    assert other_content and other_content[1] == "20"
     module.ood_statistics.weights = ""  # statistics of unknown weights (an older checkpoint) are kept...
     with torch.no_grad():
         next(module.backbone.parameters()).mul_(1.5)

@@ -404,3 +404,15 @@ def test_real_dice_cifar10_densenet_accuracy_on_the_jpeg_copy():
     accuracy = correct / len(images)
     print(f"DICE CIFAR-10 DenseNet on {test}: {100 * accuracy:.2f}% of {len(images)}")
     assert len(images) == 10000 and 0.78 < accuracy < 0.90
+
+
+def test_a_model_built_with_every_scorer_pickles():
+    """``ddp_spawn`` and ``torch.save(model)`` pickle the LightningModule: scorers bound to the network (BatchNorm
+    hooks with closures) must not be held by a freshly built model."""
+    import pickle
+
+    from lightning_ood.module import OODClassifier
+
+    for backbone in ("resnet20", "densenet100"):
+        model = OODClassifier(backbone=backbone, num_classes=3, scorers="all")
+        assert pickle.loads(pickle.dumps(model)).scorer_specs == model.scorer_specs

@@ -22,7 +22,8 @@ class FeatureNorm(Scorer):
 
     def bind(self, backbone: nn.Module) -> FeatureNorm:
         blocks = backbone.blocks()
-        if self.block is not None and self.block not in blocks and self.block not in dict(backbone.named_modules()):
+        modules = dict(backbone.named_modules())
+        if self.block is not None and self.block not in blocks and self.block.removesuffix(":input") not in modules:
             raise ConfigError(
                 f"featurenorm block {self.block!r} is not a block of {type(backbone).__name__}: one of "
                 f"{', '.join(blocks)}, or none (NormRatio chooses)."
