@@ -55,7 +55,7 @@ def calibrate_batchnorm(module: OODClassifier, loader, batches: int = 4) -> None
     """BatchNorm running statistics from a few training batches (cumulative average), so that the untrained
     network's activations have a trained network's scale (an untrained DenseNet-BC's grow to ~1e5 over its 100
     layers)."""
-    norms = [m for m in module.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = {m: m.momentum for m in module.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
@@ -63,8 +63,8 @@ def calibrate_batchnorm(module: OODClassifier, loader, batches: int = 4) -> None
     for x, *_ in itertools.islice(loader, batches):
         module.backbone(x)
     module.backbone.eval()
-    for norm in norms:
-        norm.momentum = 0.1
+    for norm, momentum in norms.items():
+        norm.momentum = momentum
 
 
 def full_evaluation(module: OODClassifier, datamodule: SyntheticDataModule) -> float:

@@ -18,7 +18,7 @@ forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -53,6 +53,14 @@ def jigsaw(images: Tensor, generators: Iterable[torch.Generator], grid: int = 3)
     return out
 
 
+def unknown_blocks(
+    names: Iterable[str], blocks: Mapping[str, nn.Module], modules: Mapping[str, nn.Module]
+) -> list[str]:
+    """The names that :func:`block_outputs` cannot capture: neither a block (``backbone.blocks()``) nor a submodule
+    (``"<module>"`` or ``"<module>:input"`` of ``dict(backbone.named_modules())``)."""
+    return [n for n in names if n not in blocks and n.removesuffix(":input") not in modules]
+
+
 @contextmanager
 def block_outputs(backbone: nn.Module, names: Iterable[str]):
     """Capture, during forward passes in the ``with`` body, the outputs of the named blocks (``backbone.blocks()``)
@@ -67,7 +75,7 @@ def block_outputs(backbone: nn.Module, names: Iterable[str]):
         return
     blocks = backbone.blocks()
     modules = dict(backbone.named_modules())
-    unknown = [n for n in names if n not in blocks and n.removesuffix(":input") not in modules]
+    unknown = unknown_blocks(names, blocks, modules)
     if unknown:
         raise ConfigError(f"Unknown block(s) {unknown} of {type(backbone).__name__}. Blocks: {', '.join(blocks)}.")
     captured: dict[str, Tensor] = {}

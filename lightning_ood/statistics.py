@@ -298,7 +298,6 @@ class StatisticsAccumulator:
         self.correct_counts = torch.zeros(c, dtype=f64)
         self.correct_sums = torch.zeros(c, feature_dim, dtype=f64)
         self.bank: list[tuple[Tensor, Tensor, Tensor]] = []  # (indices, features float32, labels)
-        self.bank_largest = 0.0  # the largest |feature| in the bank: float16 holds it or not
         # allocated at the first batch, when the channel counts are known
         self.stages: dict[str, dict[str, Tensor]] = {name: {} for name in stages or []}
         self.gram: dict[str, dict] = {name: {"held": []} for name in gram or []}
@@ -343,9 +342,7 @@ class StatisticsAccumulator:
         if self.bank_stride:
             index = indices.cpu() if indices is not None else torch.arange(len(labels))
             chosen = index % self.bank_stride == 0
-            kept = features.detach().cpu()[chosen].float()
-            self.bank_largest = max(self.bank_largest, float(kept.abs().max()) if len(kept) else 0.0)
-            self.bank.append((index[chosen], kept, labels[chosen]))
+            self.bank.append((index[chosen], features.detach().cpu()[chosen].float(), labels[chosen]))
         for name, stage in self.stages.items():
             s = stage_features[name].detach().to("cpu", torch.float64)  # (B, S)
             if not stage:
@@ -415,14 +412,13 @@ class StatisticsAccumulator:
             stats.correct_counts = correct.round().long()
             stats.correct_means = sum_across(self.correct_sums) / correct.clamp_min(1)[:, None]
         if self.bank_stride:
-            # float16 (half the bytes) unless a feature on some rank is beyond its range (it would become inf)
-            largest = float(max_across(torch.tensor(self.bank_largest)))
-            dtype = torch.float16 if largest <= torch.finfo(torch.float16).max else torch.float32
             indices, bank, labels = (torch.cat(parts) for parts in zip(*self.bank, strict=True)) if self.bank else (
                 torch.empty(0, dtype=torch.long), torch.empty(0, self.feature_dim),
                 torch.empty(0, dtype=torch.long),
             )  # fmt: skip
-            bank = bank.to(dtype)
+            # float16 (half the bytes) unless a feature on some rank is beyond its range (it would become inf)
+            largest = float(max_across(bank.abs().amax() if len(bank) else torch.tensor(0.0)))
+            bank = bank.to(torch.float16 if largest <= torch.finfo(torch.float16).max else torch.float32)
             indices, bank, labels = gather_across(indices), gather_across(bank), gather_across(labels)
             order = indices.argsort()  # the same bank whatever the number of ranks
             stats.bank, stats.bank_labels, stats.bank_stride = bank[order], labels[order], self.bank_stride

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
-from lightning_ood.featurenorm import feature_norm
+from lightning_ood.featurenorm import feature_norm, unknown_blocks
 from lightning_ood.scoring.base import Scorer
 
 
@@ -21,12 +21,10 @@ class FeatureNorm(Scorer):
         self.block = block
 
     def bind(self, backbone: nn.Module) -> FeatureNorm:
-        blocks = backbone.blocks()
-        modules = dict(backbone.named_modules())
-        if self.block is not None and self.block not in blocks and self.block.removesuffix(":input") not in modules:
+        if self.block is not None and unknown_blocks([self.block], backbone.blocks(), dict(backbone.named_modules())):
             raise ConfigError(
                 f"featurenorm block {self.block!r} is not a block of {type(backbone).__name__}: one of "
-                f"{', '.join(blocks)}, or none (NormRatio chooses)."
+                f"{', '.join(backbone.blocks())}, or none (NormRatio chooses)."
             )
         return self
 
