@@ -33,12 +33,13 @@ from lightning_ood.featurenorm import block_outputs
 from lightning_ood.models import build_backbone
 from lightning_ood.module import OODClassifier
 from lightning_ood.scoring import GROUPS, build_scorer
+from lightning_ood.scoring.base import Batch
 
 
 def feature_scorers(group: str = "all") -> list[str]:
     """Every scorer of ``group`` that needs no input gradients (ODIN-type scorers run their own passes), and
     FeatureNorm with a fixed block."""
-    return [name for name in GROUPS[group] if not build_scorer(name).needs_inputs]
+    return [name for name in GROUPS[group] if not build_scorer(name).needs.inputs]
 
 
 @torch.no_grad()
@@ -88,13 +89,9 @@ def forward_per_scorer(module: OODClassifier, loaders) -> float:
     for scorer in module.scorers.values():
         for loader in loaders:
             for x, _ in loader:
-                with block_outputs(module.backbone, scorer.needs_blocks) as blocks:
+                with block_outputs(module.backbone, scorer.needs.blocks) as blocks:
                     features = module.backbone.features(x)
-                logits = module.backbone.head(features)
-                if scorer.needs_blocks:
-                    scorer.score_blocks(blocks, features, logits)
-                else:
-                    scorer.score(features, logits)
+                scorer(Batch(features, module.backbone.head(features), blocks))
     return time.perf_counter() - start
 
 

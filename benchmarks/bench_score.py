@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_ood.scoring import GROUPS, build_scorer
+from lightning_ood.scoring.base import Batch
 from lightning_ood.statistics import FeatureStatistics, ReferenceSet
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     for name in names:
         scorer = build_scorer(name, **({"where": "pooled"} if name in ("ash_p", "ash_b", "ash_s", "scale") else {}))
         if (
-            scorer.needs_inputs
+            scorer.needs.inputs
             or name in ("featurenorm", "gram", "rankfeat", "mds_ensemble")
             or (name == "bats" and scorer.statistics == "bn")
         ):
@@ -82,7 +83,7 @@ def main() -> None:
         def run(scorer=scorer) -> None:
             with torch.no_grad():
                 for h, z in chunks:
-                    scorer.score(h, z)
+                    scorer(Batch(h, z))
 
         seconds = timed(run, args.repeats if name not in ("knn", "relation", "openmax") else 1)
         rows[name] = {"seconds": seconds, "ratio": seconds / baseline}

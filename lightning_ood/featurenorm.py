@@ -163,8 +163,9 @@ def norm_ratios(
     totals = torch.zeros(len(names), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
     with block_outputs(backbone, names) as captured:
+        weights = next(backbone.parameters(), None)  # the network's precision (a double() model takes float64)
         for images, _, indices in loader:
-            images = images.to(device)
+            images = images.to(device, weights.dtype if weights is not None else None)
             backbone.features(images)
             real = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()  # (N, B)
             generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_ood.errors import DataError
 from lightning_ood.io import atomic_write
-
-
-@dataclass
-class FeatureSet:
-    """Features (N, L), logits (N, C) and labels (N,) of one dataset."""
-
-    features: Tensor
-    logits: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
+from lightning_ood.statistics import FeatureSet
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints

@@ -28,45 +28,20 @@ from torch.utils.data import Dataset
 from torchmetrics.aggregation import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_ood.engine import Engine, ScorerSpec
 from lightning_ood.errors import CheckpointError, ConfigError, DataError, LightningOODError
-from lightning_ood.featurenorm import block_outputs
 from lightning_ood.features import weights_fingerprint
 from lightning_ood.metrics import OODMetrics
 from lightning_ood.models import Backbone, pretrained_backbone
 from lightning_ood.models.formats import mismatches
 from lightning_ood.normalization import Normalization
 from lightning_ood.report import OODReport
-from lightning_ood.scoring import DEFAULT_SCORERS, GROUPS, Scorer, build_scorer
-from lightning_ood.statistics import FeatureStatistics, ReferenceSet, percentile
+from lightning_ood.scoring import Scorer
+from lightning_ood.statistics import FeatureSet, FeatureStatistics, percentile
 
 STATISTICS_KEY = "ood_statistics"
 NORMALIZATION_KEY = "input_normalization"
 REFERENCE_IMAGES = 2000  # ID test images of the ReAct authors' threshold (reference: id_test)
-ScorerSpec = str | list[str] | dict[str, dict[str, Any]]
-
-
-def scorer_specs(scorers: ScorerSpec | None) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Normalise the ``scorers`` argument to ``{label: (registered name, hyperparameters)}``.
-
-    A list names registered scorers with their defaults; a mapping gives each label its hyperparameters, with the
-    registered name under ``scorer`` (defaulting to the label): ``{"ours_p30": {"scorer": "fmls", "percentile": 30}}``.
-    A group name (``paper``, ``openood``, ``all``), alone or in a list, stands for its scorers.
-    """
-    if scorers is None:
-        scorers = list(DEFAULT_SCORERS)
-    if isinstance(scorers, str):
-        scorers = [scorers]
-    if isinstance(scorers, list | tuple):
-        names = [member for name in scorers for member in GROUPS.get(name, [name])]
-        if len(set(names)) != len(names):
-            twice = sorted({n for n in names if names.count(n) > 1})
-            raise ConfigError(f"Scorers listed twice in {list(scorers)}: {', '.join(twice)}.")
-        return {name: (name, {}) for name in names}
-    specs = {}
-    for label, params in scorers.items():
-        params = dict(params or {})
-        specs[label] = (params.pop("scorer", label), params)
-    return specs
 
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
@@ -179,30 +154,21 @@ class OODClassifier(LightningModule):
             Normalization.from_dict(normalization, "model.normalization") if normalization else None
         )
         self.input_normalization: Normalization | None = self.configured_normalization or pretrained.normalization
-        self.scorer_specs = scorer_specs(scorers)
-        # built, and bound to the network once, at construction, so that a bad name, value or block fails now, not
-        # after a long fit; kept unbound (a bound scorer may hold hooks that cannot be pickled, as ddp_spawn does)
-        self.scorer_prototypes = {
-            label: build_scorer(name, **params) for label, (name, params) in self.scorer_specs.items()
-        }
-        for name, params in self.scorer_specs.values():
-            build_scorer(name, **params).bind(self.backbone)
+        # the evaluation engine: the scorers, their fitted tensors and the statistics, moved with this module (the
+        # backbone is ours, not the engine's: no parameter is registered twice)
+        self.engine = Engine(self.backbone, scorers, own_backbone=False)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.ood_statistics: FeatureStatistics | None = None
         self.checkpoint_loaded = False
         loaded = pretrained.loaded
         if loaded is not None:
             rank_zero_info(f"Loaded {loaded.describe()} into {backbone}.")
             if loaded.statistics is not None:  # this project's checkpoint: its statistics come along (checked later)
                 self.ood_statistics = FeatureStatistics.from_state_dict(loaded.statistics)
-        self.scorers: dict[str, Scorer] = {}
         self.ood_metrics = nn.ModuleDict()
         self.score_collectors = nn.ModuleDict()
         self.nonfinite = nn.ModuleDict()
-        self.hooked_blocks: list[str] = []
-        self.norm_ratios = None
         self.test_set_names: list[str] = []
         self.ood_report: OODReport | None = None
         self.memory_format = torch.contiguous_format  # channels-last during fit on CUDA (see on_fit_start)
@@ -210,6 +176,25 @@ class OODClassifier(LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:  # (N, 3, H, W) -> (N, C)
         return self.backbone(x)
+
+    @property
+    def scorer_specs(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """``{label: (registered name, hyperparameters)}`` of the configured scorers."""
+        return self.engine.specs
+
+    @property
+    def scorers(self) -> dict[str, Scorer]:
+        """The fitted scorers of the current test, ``{label: scorer}``."""
+        return self.engine.fitted()
+
+    @property
+    def ood_statistics(self) -> FeatureStatistics | None:
+        """The training statistics the scorers are fitted on; held by the engine, on the network's device."""
+        return self.engine.statistics
+
+    @ood_statistics.setter
+    def ood_statistics(self, value: FeatureStatistics | None) -> None:
+        self.engine.statistics = value
 
     # ---------------------------------------------------------------- training
     def fast_path(self) -> None:
@@ -291,7 +276,7 @@ class OODClassifier(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ood_statistics is not None:
-            checkpoint[STATISTICS_KEY] = self.ood_statistics.state_dict()
+            checkpoint[STATISTICS_KEY] = self.ood_statistics.cpu_state_dict()
         if self.input_normalization is not None:
             checkpoint[NORMALIZATION_KEY] = self.input_normalization.as_dict()
 
@@ -334,7 +319,7 @@ class OODClassifier(LightningModule):
 
     # ---------------------------------------------------------------- OOD test pass
     def on_test_start(self) -> None:
-        from lightning_ood.callbacks.statistics import broadcast_buffers
+        from lightning_ood.callbacks.statistics import broadcast_buffers, fit_context
 
         broadcast_buffers(self.backbone, self.trainer)  # every rank scores with the same network
         datamodule = self.trainer.datamodule
@@ -342,31 +327,24 @@ class OODClassifier(LightningModule):
         if len(self.test_set_names) < 2:
             rank_zero_info("No OOD sets configured (data.init_args.ood): testing ID accuracy only.")
         self.ensure_statistics(datamodule, self.trainer)
-        specs = self.resolve_blocks(self.scorer_specs, datamodule)
-        head = self.backbone.head
-        with torch.inference_mode(False):  # fitted tensors must be usable by ODIN's autograd pass
-            scorers = {
-                label: build_scorer(name, **params).bind(self.backbone) for label, (name, params) in specs.items()
-            }
-            self.ensure_references(set().union(*(s.references for s in scorers.values())), datamodule)
-            self.scorers = {
-                label: s.fit_statistics(self.ood_statistics, head).to(self.device) for label, s in scorers.items()
-            }
-        self.hooked_blocks = sorted({b for scorer in self.scorers.values() for b in scorer.needs_blocks})
+        self.ensure_references(set(self.engine.needs.references), datamodule)
+        self.engine.std = tuple(self.input_normalization.std) if self.input_normalization is not None else None
+        self.engine.fit(self.ood_statistics, fit_context(self, datamodule, self.trainer))
         oods = self.test_set_names[1:]
         hp = self.hparams
+        labels = self.engine.labels
         self.ood_metrics = nn.ModuleDict(
-            {self._key(s, o): OODMetrics(hp.tpr, hp.fpr_positive) for s in self.scorers for o in oods}
+            {self._key(s, o): OODMetrics(hp.tpr, hp.fpr_positive) for s in labels for o in oods}
         ).to(self.device)
         self.score_collectors = nn.ModuleDict(
-            {self._key(s, d): CatMetric(nan_strategy="disable") for s in self.scorers for d in self.test_set_names}
+            {self._key(s, d): CatMetric(nan_strategy="disable") for s in labels for d in self.test_set_names}
         ).to(self.device)
         self.nonfinite = nn.ModuleDict({d: SumMetric() for d in self.test_set_names}).to(self.device)
         self.test_acc.reset()
 
     def statistics_needs(self) -> frozenset[str]:
-        """The statistics beyond the core ones that the configured scorers need (``needs_statistics``)."""
-        return frozenset().union(*(type(s).needs_statistics for s in self.scorer_prototypes.values()))
+        """The statistics beyond the core ones that the configured scorers need (``Needs.statistics``)."""
+        return self.engine.needs.statistics
 
     def ensure_statistics(
         self, datamodule, trainer=None, cache_dir: str | None = None, extra_needs: frozenset[str] = frozenset()
@@ -430,7 +408,7 @@ class OODClassifier(LightningModule):
             return datamodule.validation_set()
         return seeded_subset(datamodule.test_sets[datamodule.id_name], REFERENCE_IMAGES)
 
-    def reference_set(self, reference: str, images: Dataset, datamodule) -> ReferenceSet:
+    def reference_set(self, reference: str, images: Dataset, datamodule) -> FeatureSet:
         """Features, logits and labels of an ID image set other than the training images (see
         :meth:`reference_images`), measured now."""
         from lightning_ood.callbacks.statistics import reference_features
@@ -442,20 +420,6 @@ class OODClassifier(LightningModule):
             f"{float(percentile(found.features.double(), 90.0)):.4f})."
         )
         return found
-
-    def resolve_blocks(self, specs: dict, datamodule) -> dict:
-        """Scorer specs with every ``featurenorm`` block left open chosen by NormRatio on ID training images."""
-        open_blocks = [
-            label for label, (name, params) in specs.items() if name == "featurenorm" and not params.get("block")
-        ]
-        if not open_blocks:
-            return specs
-        from lightning_ood.callbacks.statistics import normratio_selection
-
-        ratios = normratio_selection(self, datamodule, self.trainer)
-        self.norm_ratios = ratios
-        return {label: (name, {**params, "block": ratios.selected}) if label in open_blocks else (name, params)
-                for label, (name, params) in specs.items()}  # fmt: skip
 
     def provenance(self) -> dict[str, object]:
         """What produced this run's numbers, for the result files: weights, normalisation, statistics, scorers and
@@ -483,34 +447,17 @@ class OODClassifier(LightningModule):
         return f"{scorer}|{dataset}".replace(".", "_")  # ModuleDict keys cannot contain dots
 
     def score_batch(self, x: Tensor, dataset: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits and every scorer's scores for a batch of (normalised) images; one backbone pass for all
-        feature-space scorers. Images with NaN/inf features are counted per ``dataset`` (reported at the end).
-        In float32 (the network's own precision), also under a mixed-precision Trainer: scores are compared to the
-        published ones."""
-        with torch.autocast(x.device.type, enabled=False):
-            return self._score_batch(x.to(self.backbone_dtype()), dataset)
+        """Logits and every scorer's scores for a batch of (normalised) images, through the engine (one backbone
+        pass). Images whose logits are not finite (NaN/inf features) are counted per ``dataset`` and reported at the
+        end."""
+        logits, scores = self.engine(x)
+        if dataset is not None:
+            self.nonfinite[dataset].update((~torch.isfinite(logits).all(dim=1)).sum())
+        return logits, scores
 
     def backbone_dtype(self) -> torch.dtype:
         """The dtype of the network's weights: float32 unless the Trainer's precision is ``*-true`` below 32 bits."""
         return next(self.backbone.parameters()).dtype
-
-    def _score_batch(self, x: Tensor, dataset: str | None) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.no_grad(), block_outputs(self.backbone, self.hooked_blocks) as blocks:
-            features = self.backbone.features(x).float()
-            logits = self.backbone.head(features)
-        if dataset is not None:
-            self.nonfinite[dataset].update((~torch.isfinite(features).all(dim=1)).sum())
-        scores = {}
-        for label, scorer in self.scorers.items():
-            if scorer.needs_inputs:
-                scores[label] = scorer.score_inputs(x, self.backbone.features, self.input_normalization.std)
-            elif scorer.needs_blocks:
-                with torch.no_grad():
-                    scores[label] = scorer.score_blocks(blocks, features, logits)
-            else:
-                with torch.no_grad():
-                    scores[label] = scorer.score(features, logits)
-        return logits, scores
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch

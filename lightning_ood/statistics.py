@@ -117,17 +117,28 @@ def percentile(values: Tensor, p: float | Tensor, dim: int | None = None) -> Ten
 
 
 @dataclass
-class ReferenceSet:
-    """Features, logits and labels of a small set of ID images other than the training images (``id_test``: a
-    seeded subset of the ID test set; ``val``: the held-out training images), measured when a run first needs them.
-    ``images`` says which images and ``weights`` under which network (its fingerprint): a later run in the same
-    process with the same images and weights reuses the set instead of measuring it again."""
+class FeatureSet:
+    """Features (N, L), logits (N, C) and labels (N,) of a set of images: the one record of what the network
+    produced for them (cached features, reference images). ``images`` says which images and ``weights`` under which
+    network (its fingerprint), where known: a reference set measured before on the same images and weights is reused
+    instead of measured again."""
 
     features: Tensor
     logits: Tensor
     labels: Tensor
     images: str = ""
     weights: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> FeatureSet:
+        return FeatureSet(
+            self.features.to(device), self.logits.to(device), self.labels.to(device), self.images, self.weights
+        )
+
+
+ReferenceSet = FeatureSet  # the name checkpoints and scripts of earlier versions use
 
 
 @dataclass
@@ -158,7 +169,7 @@ class FeatureStatistics:
         gram: per block name, ``{"mins": (C, P, S), "maxs": (C, P, S), "normalizer": ()}``: the bounds of its Gram
             features per predicted class and its mean deviation on held-out training images.
         reference: ID image sets measured at run time (kept in memory for the next run, not stored), e.g.
-            ``{"id_test": ReferenceSet}``.
+            ``{"id_test": FeatureSet}``.
     """
 
     counts: Tensor
@@ -178,11 +189,37 @@ class FeatureStatistics:
     bank_stride: int = 0
     stages: dict[str, dict[str, Tensor]] | None = None
     gram: dict[str, dict[str, Tensor]] | None = None
-    reference: dict[str, ReferenceSet] = field(default_factory=dict, repr=False)
+    reference: dict[str, FeatureSet] = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
         return self.class_means.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.class_means.device
+
+    def to(self, device: torch.device | str) -> FeatureStatistics:
+        """The same statistics on ``device``, every tensor (extras and reference sets too) in its own dtype: the
+        sums are float64 by design, whatever the network's precision (a scorer casts what it fits to the head's)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+
+        def move(value):
+            if isinstance(value, Tensor):
+                return value.to(device)
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            if isinstance(value, FeatureSet):
+                return value.to(device)
+            return value
+
+        return FeatureStatistics(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def cpu_state_dict(self) -> dict:
+        """:meth:`state_dict` with every tensor on the CPU (what checkpoints and caches store)."""
+        return FeatureStatistics.to(self, "cpu").state_dict()
 
     @property
     def feature_dim(self) -> int:

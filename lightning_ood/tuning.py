@@ -24,10 +24,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from torch import nn
 
-from lightning_ood.features import FeatureSet
 from lightning_ood.metrics import ood_metrics
 from lightning_ood.scoring import build_scorer
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.scoring.base import Batch
+from lightning_ood.statistics import FeatureSet, FeatureStatistics
 
 DEFAULT_PERCENTILES = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)  # the paper's grid for p
 DEFAULT_CLIP_PERCENTILES = (50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0, 99.0)  # lambda grid, as activation percentiles
@@ -51,7 +51,9 @@ def selection_key(candidate: Candidate) -> tuple[float, float, float, float]:
 
 
 def score(name: str, stats: FeatureStatistics, head: nn.Linear, data: FeatureSet, **params):
-    return build_scorer(name, **params).fit_statistics(stats, head).score(data.features, data.logits)
+    """Scores of cached features and logits by ``name`` fitted on ``stats`` and ``head`` (on the head's device)."""
+    scorer = build_scorer(name, **params).fit_statistics(stats.to(head.weight.device), head)
+    return scorer.to(data.features.device)(Batch(data.features, data.logits))
 
 
 def select_fmls(

@@ -17,6 +17,7 @@ from lightning_ood.models import build_backbone, pretrained_backbone
 from lightning_ood.models.base import Backbone
 from lightning_ood.normalization import Normalization
 from lightning_ood.scoring import build_scorer
+from lightning_ood.scoring.base import Batch
 from lightning_ood.statistics import FeatureStatistics
 from tests.test_cli import run_cli
 from tests.test_published import bn, densenet3_forward, densenet3_state, openood_resnet18_state
@@ -29,15 +30,13 @@ def energy(logits: torch.Tensor) -> np.ndarray:
 
 
 def bats_scores(net: Backbone, x: torch.Tensor, **params) -> np.ndarray:
-    """What the one-pass test does: one forward pass with the scorer's hooks, then score_blocks or score."""
+    """What the one-pass test does: one forward pass with the scorer's hooks, then the scorer on that Batch."""
     stats = FeatureStatistics.from_features(net.features(x).detach(), torch.arange(len(x)) % net.num_classes,
                                             net.num_classes)  # fmt: skip
     scorer = build_scorer("bats", **params).bind(net).fit_statistics(stats, net.head)
     with torch.no_grad(), block_outputs(net, scorer.needs_blocks) as blocks:
         features = net.features(x)
-        if scorer.needs_blocks:
-            return scorer.score_blocks(blocks).double().numpy()
-        return scorer.score(features, net.head(features)).double().numpy()
+        return scorer(Batch(features, net.head(features), blocks)).double().numpy()
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from lightning_ood.metrics import ood_metrics
 from lightning_ood.models import build_backbone
 from lightning_ood.scoring import build_scorer
 from lightning_ood.scoring.activation import rank1_removed_mean
+from lightning_ood.scoring.base import Batch
 from lightning_ood.statistics import FeatureStatistics, ReferenceSet, gram_features
 
 pytorch_ood = pytest.importorskip("pytorch_ood.detector")
@@ -341,7 +342,7 @@ def map_scores(network, name, **kwargs):
     scorer = build_scorer(name, **kwargs).bind(network.net).fit_statistics(stats, network.net.head)
     with torch.no_grad(), block_outputs(network.net, scorer.needs_blocks) as blocks:
         features = network.net.features(network.x)
-        return scorer.score_blocks(blocks, features, network.net.head(features)).double().numpy()
+        return scorer(Batch(features, network.net.head(features), blocks)).double().numpy()
 
 
 def final_map(network) -> np.ndarray:
@@ -486,7 +487,7 @@ def test_gram_statistics_and_score(network):
     scorer = build_scorer("gram").bind(network.net).fit_statistics(stats, network.net.head)
     with torch.no_grad(), block_outputs(network.net, scorer.needs_blocks) as out:
         features = network.net.features(probe)
-        scores = scorer.score_blocks(out, features, network.net.head(features))
+        scores = scorer(Batch(features, network.net.head(features), out))
     assert (total[3:] > 1).all()  # the scaled images leave the bounds
     close(scores.double().numpy(), -total, rtol=1e-5)
 
@@ -566,7 +567,9 @@ def test_mahalanobis_ensemble_against_autograd(network):
         with torch.no_grad():
             expected -= closest(stage_means(moved)[name], name)
     scorer = build_scorer("mds_ensemble", epsilon=eps).bind(network.net).fit_statistics(stats, network.net.head)
-    scores = scorer.score_inputs(x, network.net.features, std)
+    with torch.no_grad():
+        h = network.net.features(x)
+    scores = scorer(Batch(h, network.net.head(h), inputs=x, features_of=network.net.features, std=std))
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-4)
 
 

@@ -11,6 +11,7 @@ from lightning_ood.featurenorm import block_outputs, feature_norm, jigsaw, norm_
 from lightning_ood.models import build_backbone
 from lightning_ood.models.base import Backbone
 from lightning_ood.scoring import build_scorer
+from lightning_ood.scoring.base import Batch
 
 
 def test_feature_norm_by_hand():
@@ -103,8 +104,8 @@ def test_block_hooks_read_outputs_without_changing_the_backbone():
 
 def test_featurenorm_scorer():
     scorer = build_scorer("featurenorm", block="layer4.0")
-    assert scorer.needs_blocks == ("layer4.0",)
+    assert scorer.needs.blocks == ("layer4.0",)
     outputs = {"layer4.0": torch.tensor([[[[1.0, -2.0], [2.0, 0.0]], [[3.0, 4.0], [0.0, -1.0]]]])}
-    assert scorer.score_blocks(outputs).item() == pytest.approx((math.sqrt(5) + 5) / 2)
-    with pytest.raises(TypeError, match="score_blocks"):
+    assert scorer(Batch(torch.ones(1, 3), torch.ones(1, 2), outputs)).item() == pytest.approx((math.sqrt(5) + 5) / 2)
+    with pytest.raises(NotImplementedError, match="Batch"):
         scorer.score(torch.ones(1, 3), torch.ones(1, 2))

@@ -15,6 +15,7 @@ from lightning_ood.callbacks import FitOODStatistics, OODResultsTable, ScoreHist
 from lightning_ood.data import SyntheticDataModule
 from lightning_ood.module import OODClassifier
 from lightning_ood.scoring import build_scorer
+from lightning_ood.scoring.base import Batch
 from lightning_ood.statistics import FeatureStatistics
 
 SCORERS = ["msp", "energy", "react", "fmls", "mahalanobis", "odin", "line_ls"]
@@ -100,9 +101,8 @@ def test_one_pass_metrics_match_an_independent_computation(fitted, tmp_path):
         scorer = build_scorer(name).fit_statistics(fresh.ood_statistics, fresh.backbone.head)
 
         def score(x, h, logits, scorer=scorer):
-            if scorer.needs_inputs:
-                return scorer.score_inputs(x, fresh.backbone.features, dm.std).double().numpy()
-            return scorer.score(h, logits).double().numpy()
+            batch = Batch(h, logits, inputs=x, features_of=fresh.backbone.features, std=dm.std)
+            return scorer(batch).double().numpy()
 
         id_scores = score(*data["synthetic"])
         for ood in ("shifted", "noise"):

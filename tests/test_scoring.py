@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_ood.errors import ConfigError
 from lightning_ood.scoring import SCORERS, build_scorer, class_weight_mask
+from lightning_ood.scoring.base import Batch
 from lightning_ood.statistics import FeatureStatistics, StatisticsAccumulator, percentile
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 paths against float64 references
@@ -603,7 +604,11 @@ def odin_setup():
     with torch.no_grad():
         train_h = net.features(train_x)
     test_x = torch.randn(6, 3, 8, 8)
-    return SimpleNamespace(net=net, train_x=train_x, train_h=train_h, labels=labels, x=test_x)
+    with torch.no_grad():
+        test_h = net.features(test_x)
+        features_logits = (test_h, net.head(test_h))  # what the engine's Batch carries beside the inputs
+    return SimpleNamespace(net=net, train_x=train_x, train_h=train_h, labels=labels, x=test_x,
+                           features_logits=features_logits)  # fmt: skip
 
 
 def ref_odin(x, features_fn, logits_fn, temperature, epsilon, std):
@@ -644,7 +649,7 @@ def test_odin_matches_manual_autograd(odin_setup, temperature, epsilon, scale_by
     odin = build_scorer("odin", temperature=temperature, epsilon=epsilon, scale_by_std=scale_by_std)
     odin.fit(s.train_h, s.labels, s.net.head)
     recorder = Recorder(s.net.features)
-    scores = odin.score_inputs(s.x, recorder, STD)
+    scores = odin(Batch(*s.features_logits, inputs=s.x, features_of=recorder, std=STD))
     std = STD if scale_by_std else None
     perturbed, expected = ref_odin(s.x, s.net.features, plain_logits(s.net), temperature, epsilon, std)
     assert scores.shape == (6,) and scores.dtype == torch.float64
@@ -663,10 +668,11 @@ def test_odin_std_scaling_changes_the_score(odin_setup):
     scores = {}
     for flag in (True, False):
         odin = build_scorer("odin", epsilon=0.05, scale_by_std=flag).fit(s.train_h, s.labels, s.net.head)
-        scores[flag] = odin.score_inputs(s.x, s.net.features, STD)
+        scores[flag] = odin(Batch(*s.features_logits, inputs=s.x, features_of=s.net.features, std=STD))
     assert (scores[True] - scores[False]).abs().max() > 1e-7
     with pytest.raises(ValueError, match="std"):
-        build_scorer("odin").fit(s.train_h, s.labels, s.net.head).score_inputs(s.x, s.net.features)
+        odin = build_scorer("odin").fit(s.train_h, s.labels, s.net.head)
+        odin(Batch(*s.features_logits, inputs=s.x, features_of=s.net.features))
 
 
 def torch_fmls_logits(W, b, prototypes, p, clip):
@@ -698,7 +704,7 @@ def test_odin_on_a_base_scorer_uses_its_logits_in_both_passes(odin_setup, name):
         logits_fn = torch_fmls_logits(W, b, ref_class_means(train64, s.labels.numpy(), 4), 50, 0.5)
     odin = build_scorer(name, epsilon=0.05, **kwargs).fit(s.train_h, s.labels, s.net.head)
     recorder = Recorder(s.net.features)
-    scores = odin.score_inputs(s.x, recorder, STD)
+    scores = odin(Batch(*s.features_logits, inputs=s.x, features_of=recorder, std=STD))
     perturbed, expected = ref_odin(s.x, s.net.features, logits_fn, 1000.0, 0.05, STD)
     torch.testing.assert_close(recorder.inputs[-1], perturbed, rtol=0, atol=1e-6)
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-9)
@@ -713,19 +719,22 @@ def test_odin_on_a_base_scorer_uses_its_logits_in_both_passes(odin_setup, name):
 def test_odin_under_inference_mode(odin_setup):
     s = odin_setup
     odin = build_scorer("odin_fmls", epsilon=0.05).fit(s.train_h, s.labels, s.net.head)
-    outside = odin.score_inputs(s.x, s.net.features, STD)
+    outside = odin(Batch(*s.features_logits, inputs=s.x, features_of=s.net.features, std=STD))
     with torch.inference_mode():
         x = s.x.clone()
         assert x.is_inference()
-        inside = odin.score_inputs(x, s.net.features, STD)
+        inside = odin(Batch(*s.features_logits, inputs=x, features_of=s.net.features, std=STD))
     torch.testing.assert_close(inside, outside, rtol=0, atol=0)
 
 
-def test_odin_score_raises_type_error(odin_setup):
+def test_odin_score_without_inputs_is_refused(odin_setup):
+    """ODIN reads the inputs: scoring features alone, or a Batch without inputs, says so."""
     s = odin_setup
     odin = build_scorer("odin").fit(s.train_h, s.labels, s.net.head)
-    with pytest.raises(TypeError, match="score_inputs"):
+    with pytest.raises(NotImplementedError, match="Batch"):
         odin.score(s.train_h, s.net.head(s.train_h))
+    with pytest.raises(ValueError, match="inputs"):
+        odin(Batch(s.train_h, s.net.head(s.train_h)))
 
 
 # ============================================================================================ registry
@@ -781,34 +790,25 @@ def resnet():
 
 @pytest.mark.parametrize("name", list(SCORERS))
 def test_every_registered_scorer_builds_fits_and_scores(name, resnet):
-    """Each registered scorer through what the test pass does: bind the network, fit the statistics it declares
-    (and its reference images), then score by features, block outputs or inputs; finite (N,) scores."""
-    from lightning_ood.callbacks.statistics import compute_feature_statistics
+    """Each registered scorer through the evaluation engine, as the test pass runs it: the statistics it declares
+    (composed scorers: their parts' too) and its reference images, fitted, then one engine call; finite (N,)
+    scores."""
     from lightning_ood.data.base import IndexedDataset
-    from lightning_ood.featurenorm import block_outputs
-    from lightning_ood.statistics import ReferenceSet
+    from lightning_ood.engine import Engine, accumulate_statistics
+    from lightning_ood.statistics import FeatureSet
 
     net = resnet.net
-    scorer = build_scorer(name, **({"block": "layer1.0"} if name == "featurenorm" else {})).bind(net)
-    module = SimpleNamespace(backbone=net, device=torch.device("cpu"))
+    engine = Engine(net, {name: {"scorer": name, **({"block": "layer1.0"} if name == "featurenorm" else {})}},
+                    std=(0.25, 0.25, 0.25))  # fmt: skip
     dataset = IndexedDataset(torch.utils.data.TensorDataset(resnet.images, resnet.labels))
-    needs = set(type(scorer).needs_statistics) | set(getattr(getattr(scorer, "base", None), "needs_statistics", ()))
     loader = torch.utils.data.DataLoader(dataset, batch_size=16)
-    stats = compute_feature_statistics(module, loader, needs=needs, progress=False, log=False)
+    stats = accumulate_statistics(net, loader, engine.needs.statistics, progress=False)
     with torch.no_grad():
         reference = net.features(resnet.images[:20])
-    for ref in scorer.references:
-        stats.reference[ref] = ReferenceSet(reference, net.head(reference), resnet.labels[:20])
-    scorer.fit_statistics(stats, net.head)
-    if scorer.needs_inputs:
-        scores = scorer.score_inputs(resnet.x, net.features, (0.25, 0.25, 0.25))
-    else:
-        with torch.no_grad(), block_outputs(net, scorer.needs_blocks) as blocks:
-            features = net.features(resnet.x)
-            logits = net.head(features)
-            scores = (
-                scorer.score_blocks(blocks, features, logits) if scorer.needs_blocks else scorer.score(features, logits)
-            )
+    for ref in engine.needs.references:
+        stats.reference[ref] = FeatureSet(reference, net.head(reference), resnet.labels[:20])
+    _, scores = engine.fit(stats)(resnet.x)
+    scores = scores[name]
     assert scores.shape == (6,) and scores.dtype.is_floating_point and torch.isfinite(scores).all()
 
 

@@ -15,26 +15,22 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lightning_ood.errors import DataError
-from lightning_ood.featurenorm import block_outputs
-from lightning_ood.features import weights_fingerprint
-from lightning_ood.statistics import (
-    FeatureStatistics,
-    ReferenceSet,
-    StatisticsAccumulator,
-    bank_stride,
-    quantile_stride,
+from lightning_ood.engine import (
+    DEFAULT_BANK_IMAGES,
+    DEFAULT_MAX_ACTIVATIONS,
+    FitContext,
+    accumulate_statistics,
+    measure,
 )
+from lightning_ood.errors import DataError
+from lightning_ood.features import weights_fingerprint
+from lightning_ood.statistics import FeatureSet, FeatureStatistics, quantile_stride
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_ACTIVATIONS = 64_000_000  # activation values kept for exact percentiles (256 MB of float32)
-DEFAULT_BANK_IMAGES = 50_000  # training features kept for KNN & co. (all of CIFAR; ImageNet configs take 1%)
 
 
 def broadcast_buffers(module: torch.nn.Module, trainer: Trainer | None) -> None:
@@ -70,8 +66,6 @@ def _reducers(trainer: Trainer | None, device: torch.device):
     return sum_across, gather_across, extreme(torch.distributed.ReduceOp.MIN), extreme(torch.distributed.ReduceOp.MAX)
 
 
-@torch.inference_mode(False)  # statistics must stay usable in autograd (ODIN) even when called in inference mode
-@torch.no_grad()
 def compute_feature_statistics(
     module: LightningModule,
     loader: DataLoader,
@@ -83,48 +77,26 @@ def compute_feature_statistics(
     needs: frozenset[str] | set[str] = frozenset(),
     bank_images: int = DEFAULT_BANK_IMAGES,
 ) -> FeatureStatistics:
-    """One pass of ``module.backbone`` over ``loader`` (items ``(image, label, index)``); ``described_as`` says which
-    images they are (stored with the statistics); ``needs`` the extras to accumulate beyond the core statistics
-    (``bank``: at most about ``bank_images`` features; ``stages``; ``gram``; see :mod:`lightning_ood.statistics`)."""
+    """The engine's statistics pass (:func:`lightning_ood.engine.accumulate_statistics`) of ``module.backbone`` over
+    ``loader`` (items ``(image, label, index)``), exact under DDP (every rank takes rank 0's buffers; sums are
+    all-reduced, activations gathered); ``described_as`` says which images they are (stored with the statistics);
+    ``needs`` the extras to accumulate beyond the core statistics."""
     backbone = module.backbone
     broadcast_buffers(backbone, trainer)
-    was_training = backbone.training
-    backbone.eval()
-    num_samples = len(loader.dataset)
-    stride = quantile_stride(num_samples, backbone.feature_dim, max_activations)
-    stages = list(backbone.stages()) if "stages" in needs else []
-    gram = list(backbone.blocks()) if "gram" in needs else []
-    acc = StatisticsAccumulator(
-        backbone.num_classes, backbone.feature_dim, stride,
-        bank_stride=bank_stride(num_samples, bank_images) if "bank" in needs else 0, stages=stages, gram=gram,
-    )  # fmt: skip
-    show = progress and (trainer is None or trainer.is_global_zero)
     start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show, transient=True) as bar, block_outputs(backbone, [*stages, *gram]) as out:
-        task = bar.add_task("Fitting OOD statistics on the training set", total=len(loader))
-        for images, labels, indices in loader:
-            features = backbone.features(images.to(module.device))
-            if not torch.isfinite(features).all():
-                raise DataError(
-                    f"NaN or infinite penultimate features on training images {indices[:5].tolist()}...: "
-                    "the weights or the inputs are broken; statistics cannot be fitted."
-                )
-            pooled = {name: out[name].flatten(2).mean(dim=2) if out[name].ndim == 4 else out[name].mean(dim=1)
-                      for name in stages}  # fmt: skip
-            acc.update(features, labels, indices, backbone.head(features), pooled, out)
-            bar.advance(task)
-    stats = acc.compute(*_reducers(trainer, module.device))
+    show = progress and (trainer is None or trainer.is_global_zero)
+    stats = accumulate_statistics(
+        backbone, loader, needs, bank_images, max_activations, _reducers(trainer, module.device), progress=show
+    )
     stats.weights = module.fingerprint() if hasattr(module, "fingerprint") else weights_fingerprint(backbone)
     stats.images = described_as
-    backbone.train(was_training)
+    stride = quantile_stride(len(loader.dataset), backbone.feature_dim, max_activations)
     note = "" if stride == 1 else f", activation percentiles from 1 image in {stride}"
-    if not log:
-        return stats
-    rank_zero_info(
-        f"Fitted OOD statistics on {stats.num_samples} training images in {time.perf_counter() - start:.1f}s "
-        f"({stats.num_classes} classes, {stats.feature_dim}-d features{note})."
-    )
+    if log:
+        rank_zero_info(
+            f"Fitted OOD statistics on {stats.num_samples} training images in {time.perf_counter() - start:.1f}s "
+            f"({stats.num_classes} classes, {stats.feature_dim}-d features{note})."
+        )
     return stats
 
 
@@ -162,7 +134,7 @@ class FitOODStatistics(Callback):
                 rank_zero_info(f"Saved {path} with the OOD statistics.")
 
 
-NORMRATIO_IMAGES = 2000  # ID training images used to choose the FeatureNorm block (a seeded subset)
+from lightning_ood.scoring.featurenorm import NORMRATIO_IMAGES  # noqa: E402
 
 
 def normratio_selection(
@@ -222,7 +194,7 @@ def statistics_on_demand(
         described_as=datamodule.describe_statistics_images(), needs=needs, bank_images=bank_images,
     )  # fmt: skip
     if cache is not None and (trainer is None or trainer.is_global_zero):
-        cache.store(name, key, stats.state_dict())
+        cache.store(name, key, stats.cpu_state_dict())
     return stats
 
 
@@ -233,27 +205,37 @@ def statistics_needs(module) -> tuple[frozenset[str], int]:
     return frozenset(needs), int(bank_images)
 
 
-@torch.inference_mode(False)
-@torch.no_grad()
-def reference_features(module: LightningModule, dataset, loader_for, trainer: Trainer | None) -> ReferenceSet:
+def reference_features(module: LightningModule, dataset, loader_for, trainer: Trainer | None) -> FeatureSet:
     """Features, logits and labels of ``dataset`` (items ``(image, label, index)``) under the module's backbone, in
-    dataset order whatever the number of DDP ranks (each rank scores its share; the shares are gathered)."""
+    dataset order whatever the number of DDP ranks (each rank measures its share; the shares are gathered)."""
     backbone = module.backbone
     broadcast_buffers(backbone, trainer)
-    was_training = backbone.training
-    backbone.eval()
-    indices, features, labels = [], [], []
-    for images, targets, index in loader_for(dataset):
-        features.append(backbone.features(images.to(module.device)).float().cpu())
-        labels.append(torch.as_tensor(targets).cpu())
-        indices.append(index.cpu())
-    backbone.train(was_training)
-    index, h, y = torch.cat(indices), torch.cat(features), torch.cat(labels)
+    index = []
+
+    def indexed(loader):
+        for images, targets, indices in loader:
+            index.append(indices.cpu())
+            yield images, targets, indices
+
+    found = measure(backbone, indexed(loader_for(dataset)), "Measuring reference images", progress=False)
+    index = torch.cat(index)
     _, gather_across, *_ = _reducers(trainer, module.device)
+    h, z, y = found.features, found.logits, found.labels
     if gather_across is not None:
-        index, h, y = gather_across(index), gather_across(h), gather_across(y)
+        index, h, z, y = gather_across(index), gather_across(h), gather_across(z), gather_across(y)
     order = index.argsort()
-    h, y = h[order], y[order]
-    with torch.no_grad():
-        logits = backbone.head(h.to(module.device)).float().cpu()
-    return ReferenceSet(h, logits, y)
+    return FeatureSet(h[order], z[order], y[order])
+
+
+def fit_context(module: LightningModule, datamodule, trainer: Trainer | None) -> FitContext:
+    """What the scorers' ``prepare`` hooks may use in a Lightning run: seeded subsets of the ID training images (test
+    transform), the normalisation, the sum across DDP ranks (every rank gets rank 0's buffers first)."""
+    from lightning_ood.data.base import IndexedDataset, seeded_subset
+
+    broadcast_buffers(module.backbone, trainer)
+
+    def training_images(count: int, seed: int):
+        return datamodule.eval_loader(IndexedDataset(seeded_subset(datamodule.statistics_images, count, seed)))
+
+    sum_across, *_ = _reducers(trainer, module.device)
+    return FitContext(module.backbone, training_images, module.input_normalization, sum_across, log=rank_zero_info)

@@ -58,7 +58,7 @@ def sweep(
     device = load_with_statistics(self, model, datamodule, ckpt_path, cache)
     if len(datamodule.test_sets) < 2:
         raise ConfigError("sweep needs OOD sets: set data.init_args.ood.")
-    stats = model.ood_statistics
+    stats = model.ood_statistics.to("cpu")  # the cached features are on the CPU
     weights = weights_fingerprint(model.backbone)
     batch = datamodule.eval_batch_size
     sets = {name: cached_features(cache, model, name, dataset, device, weights, batch)

@@ -171,7 +171,9 @@ def validation_set(validation: str | dict, datamodule: OODDataModule, noise_size
 
 def tune_fmls(model, head, id_val: FeatureSet, ood_val: FeatureSet, percentiles, clips, clip_percentiles) -> dict:
     """The paper's procedure: fmls over p and lambda, the grid printed as a table."""
-    best, grid = select_fmls(model.ood_statistics, head, id_val, ood_val, percentiles, clips, clip_percentiles)
+    best, grid = select_fmls(
+        model.ood_statistics.to("cpu"), head, id_val, ood_val, percentiles, clips, clip_percentiles
+    )
     print_fmls_grid(grid, best)
     lam = f"lambda = {best.clip:.6g}" + (
         f" (the {best.clip_percentile:g}th percentile of training activations)" if best.clip_percentile else ""
@@ -186,7 +188,7 @@ def tune_fmls(model, head, id_val: FeatureSet, ood_val: FeatureSet, percentiles,
 
 def tune_scorer(name: str, model, head, id_val: FeatureSet, ood_val: FeatureSet, grid: dict) -> dict:
     """Any other scorer over its grid, printed as a table."""
-    best, settings = select_scorer(name, model.ood_statistics, head, id_val, ood_val, grid)
+    best, settings = select_scorer(name, model.ood_statistics.to("cpu"), head, id_val, ood_val, grid)
     table = Table(title=f"tune: validation FPR95 % (AUROC %) of {name}")
     keys = list(grid)
     for key in keys:

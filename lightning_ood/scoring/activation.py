@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_ood.errors import ConfigError
 from lightning_ood.models.base import Backbone, BatchNormTail, pool
-from lightning_ood.scoring.base import OUTPUTS, Scorer, check_percentile, check_positive
+from lightning_ood.scoring.base import OUTPUTS, Batch, Scorer, as_float, check_percentile, check_positive
 from lightning_ood.scoring.logits import check_choice
 
 
@@ -52,6 +52,7 @@ class MapShaping(Scorer):
     WHERE = ("map", "pooled")
 
     def __init__(self, where: str = "map", output: str = "energy") -> None:
+        super().__init__()
         self.where = check_choice("where", where, self.WHERE)
         self.output = check_choice("output", output, tuple(OUTPUTS))
         self.point: BatchNormTail | None = None
@@ -73,17 +74,20 @@ class MapShaping(Scorer):
     def shape(self, x: Tensor) -> Tensor:  # (N, n) -> (N, n)
         raise NotImplementedError
 
-    def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        if self.where == "map":
-            raise TypeError(f"{type(self).__name__} on the feature map reads block outputs: call score_blocks")
-        return OUTPUTS[self.output](self.head_logits(self.shape(features.float())))
+    def score(self, features: Tensor, logits: Tensor) -> Tensor:  # where="pooled"
+        return OUTPUTS[self.output](self.head_logits(self.shape(as_float(features))))
 
-    def score_blocks(self, outputs: dict[str, Tensor], features=None, logits=None) -> Tensor:
-        if self.point is None:
-            raise ConfigError(f"{type(self).__name__} on the feature map needs the network: call bind(backbone).")
-        feature_map = self.point.feature_map(outputs).float()  # (N, C, H, W)
+    def forward(self, batch: Batch) -> Tensor:
+        if self.where == "pooled":
+            return self.score(batch.features, batch.logits)
+        feature_map = as_float(self.final_map(batch))  # (N, C, H, W)
         shaped = self.shape(feature_map.flatten(1)).view_as(feature_map)
         return OUTPUTS[self.output](self.head_logits(pool(shaped)))
+
+    def final_map(self, batch: Batch) -> Tensor:
+        if self.point is None:
+            raise ConfigError(f"{type(self).__name__} on the feature map needs the network: call bind(backbone).")
+        return self.point.feature_map(batch.blocks)
 
 
 class ASH(MapShaping):
@@ -140,10 +144,8 @@ class RankFeat(MapShaping):
         check_positive("temperature", temperature)
         self.temperature = temperature
 
-    def score_blocks(self, outputs: dict[str, Tensor], features=None, logits=None) -> Tensor:
-        if self.point is None:
-            raise ConfigError("RankFeat needs the network: call bind(backbone).")
-        feature_map = self.point.feature_map(outputs).float()  # (N, C, H, W)
+    def forward(self, batch: Batch) -> Tensor:
+        feature_map = as_float(self.final_map(batch))  # (N, C, H, W)
         pooled = rank1_removed_mean(feature_map.flatten(2))  # (N, C)
         logits = self.head_logits(pooled.to(feature_map.dtype))
         return self.temperature * torch.logsumexp(logits / self.temperature, dim=1)

@@ -1,12 +1,21 @@
-"""The scorer contract: ``fit`` on training features once, then ``score(features, logits) -> (N,)``.
+"""The scorer contract: one call, ``scorer(batch) -> (N,)`` scores, higher = more in-distribution.
 
-Higher score = more in-distribution, for every scorer. Scorers are plain objects (no config objects, no devices baked
-in): hyperparameters are fixed at construction; ``fit`` stores what the training data and the head determine.
+A scorer is a small ``nn.Module``. It declares what it reads in one place (:attr:`Scorer.needs`: block outputs,
+the input images, statistics beyond the core ones, reference images), is fitted once (``fit_statistics(stats,
+head)``) and then scores a :class:`Batch`, the one view of a batch every scorer gets from the evaluation engine.
+Every tensor it fits is a buffer (assigning a tensor attribute registers it), so it moves with the model it belongs
+to (``.to(device)``, ``.double()``, Lightning's placement) and nothing is moved by hand. The buffers are not
+persistent: checkpoints store the statistics, and a scorer is fitted from them again.
+
+Feature scorers implement ``score(features, logits)``, the pure form their tests call; scorers that read block
+outputs or the inputs override ``forward(batch)``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,23 +30,137 @@ except ImportError:  # pragma: no cover
     from typing_extensions import Self
 
 
-class Scorer:
-    """Base class. Subclasses implement :meth:`fit_statistics` and :meth:`score`.
+@dataclass(frozen=True)
+class Needs:
+    """What a scorer reads beyond the penultimate features and the logits.
 
     Attributes:
-        needs_inputs: the scorer works on input images (see :class:`~lightning_ood.scoring.odin.ODIN`) rather than on
-            precomputed features and logits.
-        needs_blocks: names of intermediate blocks whose outputs the scorer reads through ``score_blocks`` (see
-            :class:`~lightning_ood.scoring.featurenorm.FeatureNorm`).
-        needs_statistics: statistics beyond the core ones that the training pass must accumulate for this scorer
-            (``"logits"``, ``"bank"``, ``"stages"``, ``"gram"``; see :mod:`lightning_ood.statistics`).
+        blocks: block outputs (names of the network's modules, ``<module>:input`` for a module's input) captured by
+            forward hooks during the one backbone pass.
+        inputs: the input images and a way to run the network again on perturbed ones (ODIN-type methods; they
+            need input gradients).
+        statistics: extras of the statistics pass beyond the core ones (``logits``, ``bank``, ``stages``, ``gram``).
+        references: ID image sets other than the training images the scorer fits on (``id_test``, ``val``).
+    """
+
+    blocks: tuple[str, ...] = ()
+    inputs: bool = False
+    statistics: frozenset[str] = frozenset()
+    references: frozenset[str] = frozenset()
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            blocks=tuple(dict.fromkeys((*self.blocks, *other.blocks))),
+            inputs=self.inputs or other.inputs,
+            statistics=self.statistics | other.statistics,
+            references=self.references | other.references,
+        )
+
+
+@dataclass
+class Batch:
+    """The one view of a batch that every scorer gets.
+
+    Attributes:
+        features: (N, L) penultimate features h(x).
+        logits: (N, C) the head's logits.
+        blocks: block outputs of the same forward pass, for the names some scorer declared (:attr:`Needs.blocks`).
+        inputs: (N, 3, H, W) the normalised input images (``None`` when scoring cached features).
+        features_of: the network from inputs to penultimate features, to run again on perturbed inputs.
+        std: the per-channel normalisation std of the inputs (ODIN divides its gradient step by it).
+    """
+
+    features: Tensor
+    logits: Tensor
+    blocks: Mapping[str, Tensor] = field(default_factory=dict)
+    inputs: Tensor | None = None
+    features_of: Callable[[Tensor], Tensor] | None = None
+    std: Sequence[float] | None = None
+
+
+class FittedTensors(nn.Module):
+    """Fitted tensors keyed by name (block names hold dots, which buffer names cannot), a tuple of tensors per name,
+    held as non-persistent buffers so that they move with the scorer that owns them."""
+
+    def __init__(self, groups: Mapping[str, Sequence[Tensor]]) -> None:
+        super().__init__()
+        self.names = list(groups)
+        self.sizes = [len(groups[name]) for name in self.names]
+        for i, name in enumerate(self.names):
+            for j, tensor in enumerate(groups[name]):
+                self.register_buffer(f"t{i}_{j}", tensor, persistent=False)
+
+    def __getitem__(self, name: str) -> tuple[Tensor, ...]:
+        i = self.names.index(name)
+        return tuple(getattr(self, f"t{i}_{j}") for j in range(self.sizes[i]))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def items(self):
+        return [(name, self[name]) for name in self.names]
+
+
+class FittedTuple(nn.Module):
+    """A tuple of fitted tensors (``a, b = scorer.terms``) held as non-persistent buffers, so that they move with the
+    scorer; a scorer's tuple attribute of tensors becomes one by assignment."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.size = len(tensors)
+        for i, tensor in enumerate(tensors):
+            self.register_buffer(f"t{i}", tensor, persistent=False)
+
+    def __getitem__(self, index: int) -> Tensor:
+        if not -self.size <= index < self.size:
+            raise IndexError(index)
+        return getattr(self, f"t{index % self.size}")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        return (self[i] for i in range(self.size))
+
+
+class Scorer(nn.Module):
+    """Base class. Feature scorers implement :meth:`fit_statistics` (when they fit anything) and :meth:`score`;
+    scorers that read more override :meth:`forward` and declare it in :attr:`needs`.
+
+    Class attributes (the declarations :attr:`needs` reads):
+        needs_inputs: the scorer perturbs the input images (see :class:`~lightning_ood.scoring.odin.ODIN`).
+        needs_statistics: statistics beyond the core ones that the statistics pass must accumulate for it.
         search_space: the hyperparameter grid ``lightning-ood tune`` searches for this scorer (its authors' grid).
+        tie_break: for ``tune``: among settings with equal validation FPR95 and AUROC, prefer the one whose
+            hyperparameters sort first under this key (``None``: the grid's first).
     """
 
     needs_inputs: ClassVar[bool] = False
-    needs_blocks: tuple[str, ...] = ()
     needs_statistics: ClassVar[frozenset[str]] = frozenset()
     search_space: ClassVar[dict[str, tuple]] = {}
+    tie_break: ClassVar[Callable[[dict[str, Any]], Any] | None] = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A fitted tensor is a (non-persistent) buffer, so that it follows the module's device and dtype; a network
+        # part a scorer reads (a BatchNorm of the backbone) stays a plain reference, never a submodule: it belongs to
+        # the backbone, which moves it, and the scorer must not add its parameters to anyone's state.
+        if isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value):
+            value = FittedTuple(value)
+        if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and "_buffers" in self.__dict__:
+            if name not in self._buffers:
+                self.__dict__.pop(name, None)
+                self.register_buffer(name, value, persistent=False)
+                return
+        elif isinstance(value, nn.Module) and not isinstance(value, Scorer | FittedTensors | FittedTuple):
+            self._modules.pop(name, None)
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def needs_blocks(self) -> tuple[str, ...]:
+        """Block outputs this scorer reads (after :meth:`bind`)."""
+        return ()
 
     @property
     def references(self) -> set[str]:
@@ -45,9 +168,24 @@ class Scorer:
         reference = getattr(self, "reference", "train")
         return set() if reference == "train" else {reference}
 
+    @property
+    def needs(self) -> Needs:
+        """Everything the scorer reads beyond features and logits, in one place (composed scorers combine theirs)."""
+        return Needs(
+            blocks=tuple(self.needs_blocks),
+            inputs=type(self).needs_inputs,
+            statistics=frozenset(type(self).needs_statistics),
+            references=frozenset(self.references),
+        )
+
     def bind(self, backbone: nn.Module) -> Self:
         """Give the scorer the network, for methods that read more than the features and the head (BATS reads its
         last BatchNorm); called before fitting. Most scorers need nothing."""
+        return self
+
+    def prepare(self, context: Any) -> Self:
+        """Choose what depends on data before fitting (FeatureNorm's block by NormRatio), through ``context``
+        (:class:`lightning_ood.engine.FitContext`). Most scorers need nothing."""
         return self
 
     def fit(self, features: Tensor, labels: Tensor, head: nn.Linear) -> Self:
@@ -55,32 +193,34 @@ class Scorer:
         return self.fit_statistics(FeatureStatistics.from_features(features, labels, head.out_features, head), head)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Self:
-        """Fit from precomputed :class:`FeatureStatistics` (what the Lightning pipeline does)."""
+        """Fit from precomputed :class:`FeatureStatistics` (what the evaluation engine does)."""
         self.weight = head.weight.detach().clone()  # (C, L)
-        self.bias = head.bias.detach().clone() if head.bias is not None else torch.zeros(head.out_features)
+        self.bias = head.bias.detach().clone() if head.bias is not None else head.weight.new_zeros(head.out_features)
         return self
+
+    def forward(self, batch: Batch) -> Tensor:  # -> (N,)
+        return self.score(batch.features, batch.logits)
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:  # (N, L), (N, C) -> (N,)
-        raise NotImplementedError
-
-    def to(self, device: torch.device | str) -> Self:
-        """Move every fitted tensor to ``device``."""
-        for name, value in vars(self).items():
-            if isinstance(value, Tensor):
-                setattr(self, name, value.to(device))
-            elif isinstance(value, Scorer):
-                value.to(device)
-        return self
+        raise NotImplementedError(
+            f"{type(self).__name__} reads more than features and logits ({self.needs}): call it on a Batch."
+        )
 
     def head_logits(self, features: Tensor) -> Tensor:  # (N, L) -> (N, C)
         return torch.addmm(self.bias.to(features.dtype), features, self.weight.T.to(features.dtype))
 
-    def __repr__(self) -> str:
-        params = {k: v for k, v in vars(self).items() if isinstance(v, str | int | float | bool | tuple | type(None))}
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
+    def extra_repr(self) -> str:
+        plain = str | int | float | bool | tuple | type(None)
+        params = {k: v for k, v in vars(self).items() if k[0] != "_" and k != "training" and isinstance(v, plain)}
+        return ", ".join(f"{k}={v!r}" for k, v in params.items())
 
 
 # ------------------------------------------------------------------------------------------------ score functions
+def as_float(x: Tensor) -> Tensor:
+    """``x`` in at least float32: half-precision activations are widened, float64 ones (a ``double()`` model) kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:  # (N, C) -> (N,)
     """Negative free energy ``T * logsumexp(f / T)`` (Liu et al., 2020)."""
     return temperature * torch.logsumexp(logits / temperature, dim=1)
@@ -154,6 +294,7 @@ class LogitScorer(Scorer):
     """
 
     def __init__(self, output: str = "energy") -> None:
+        super().__init__()
         self.output = check_output(output)
 
     def logits(self, features: Tensor, logits: Tensor) -> Tensor:  # (N, L), (N, C) -> (N, C)

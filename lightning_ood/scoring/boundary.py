@@ -24,6 +24,7 @@ class FDBD(Scorer):
     search_space: ClassVar[dict[str, tuple]] = {"normalizer": ("mean", "norm")}
 
     def __init__(self, normalizer: str = "mean") -> None:
+        super().__init__()
         from lightning_ood.scoring.logits import check_choice
 
         self.normalizer = check_choice("normalizer", normalizer, ("mean", "norm"))
@@ -52,6 +53,7 @@ class NCI(Scorer):
     search_space: ClassVar[dict[str, tuple]] = {"alpha": (0.0001, 0.001, 0.01, 0.1)}
 
     def __init__(self, alpha: float = 1e-4) -> None:
+        super().__init__()
         check_nonnegative("alpha", alpha)
         self.alpha = alpha
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
 from lightning_ood.featurenorm import block_outputs
-from lightning_ood.scoring.base import Scorer, check_nonnegative
+from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_nonnegative
 from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
 from lightning_ood.statistics import FeatureStatistics
 
@@ -37,6 +37,7 @@ class MahalanobisEnsemble(Scorer):
     search_space: ClassVar[dict[str, tuple]] = {"epsilon": (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)}
 
     def __init__(self, epsilon: float = 0.0014, weights: Sequence[float] | None = None, scale_by_std: bool = True):
+        super().__init__()
         check_nonnegative("epsilon", epsilon)
         self.epsilon = epsilon
         self.weights = tuple(weights) if weights is not None else None
@@ -56,15 +57,10 @@ class MahalanobisEnsemble(Scorer):
         super().fit_statistics(stats, head)
         if self.backbone is None:
             raise ConfigError("mds_ensemble needs the network: call bind(backbone).")
-        self.terms = {name: mahalanobis_terms(s["class_means"], s["covariance"]) for name, s in stats.stages.items()}
+        self.terms = FittedTensors(
+            {name: mahalanobis_terms(s["class_means"], s["covariance"]) for name, s in stats.stages.items()}
+        )
         return self
-
-    def to(self, device):
-        self.terms = {name: tuple(t.to(device) for t in terms) for name, terms in self.terms.items()}
-        return super().to(device)
-
-    def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        raise TypeError("mds_ensemble perturbs the input images: call score_inputs(images, features_fn, std)")
 
     def closest(self, name: str, inputs: Tensor, features_fn: Callable[[Tensor], Tensor]) -> Tensor:
         """(N,) smallest squared distance of the stage's channel means to a class mean."""
@@ -74,7 +70,10 @@ class MahalanobisEnsemble(Scorer):
         pooled = stage.flatten(2).mean(dim=2) if stage.ndim == 4 else stage.mean(dim=1)
         return squared_distances(pooled.double(), *self.terms[name]).min(dim=1).values
 
-    def score_inputs(self, inputs: Tensor, features_fn: Callable[[Tensor], Tensor], std=None) -> Tensor:
+    def forward(self, batch: Batch) -> Tensor:
+        inputs, features_fn, std = batch.inputs, batch.features_of, batch.std
+        if inputs is None or features_fn is None:
+            raise ValueError("mds_ensemble perturbs the input images: its Batch needs inputs and features_of")
         weights = self.weights or (1.0,) * len(self.stage_names)
         total = torch.zeros(len(inputs), dtype=torch.float64, device=inputs.device)
         for name, weight in zip(self.stage_names, weights, strict=True):

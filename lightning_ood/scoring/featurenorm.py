@@ -5,8 +5,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
-from lightning_ood.featurenorm import feature_norm, unknown_blocks
-from lightning_ood.scoring.base import Scorer
+from lightning_ood.featurenorm import NormRatios, feature_norm, norm_ratios, unknown_blocks
+from lightning_ood.scoring.base import Batch, Scorer
+
+NORMRATIO_IMAGES = 2000  # ID training images used to choose the block (a seeded subset)
 
 
 class FeatureNorm(Scorer):
@@ -18,6 +20,7 @@ class FeatureNorm(Scorer):
     """
 
     def __init__(self, block: str | None = None) -> None:
+        super().__init__()
         self.block = block
 
     def bind(self, backbone: nn.Module) -> FeatureNorm:
@@ -28,12 +31,36 @@ class FeatureNorm(Scorer):
             )
         return self
 
+    def prepare(self, context) -> FeatureNorm:
+        """With no block configured, choose it by NormRatio on a seeded subset of ``NORMRATIO_IMAGES`` ID training
+        images (one measurement per run, shared by every FeatureNorm scorer of the run)."""
+        if self.block is not None:
+            return self
+        if context is None or context.training_images is None:
+            raise ConfigError(
+                "featurenorm without a block chooses one by NormRatio on ID training images, which this run does not "
+                "have: name the block ({scorer: featurenorm, block: <name>}, or run `lightning-ood normratio`)."
+            )
+
+        def measure() -> NormRatios:
+            result = norm_ratios(
+                context.backbone, context.training_images(NORMRATIO_IMAGES, 0), seed=0, device=context.device,
+                sum_across=context.sum_across, normalization=context.normalization,
+            )  # fmt: skip
+            table = ", ".join(f"{name} {ratio:.3f}" for name, ratio in result.ratios.items())
+            context.log(
+                f"NormRatio on {result.images} ID training images: {table}. FeatureNorm block: {result.selected}."
+            )
+            return result
+
+        self.block = context.shared("normratio", measure).selected
+        return self
+
     @property
     def needs_blocks(self) -> tuple[str, ...]:
         return (self.block,) if self.block is not None else ()
 
-    def score_blocks(self, outputs: dict[str, Tensor], features=None, logits=None) -> Tensor:  # {block: map} -> (N,)
-        return feature_norm(outputs[self.block])
-
-    def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        raise TypeError("FeatureNorm scores a block's output: call score_blocks(outputs, features, logits)")
+    def forward(self, batch: Batch) -> Tensor:  # {block: map} -> (N,)
+        if self.block is None:
+            raise ConfigError("featurenorm has no block: name one, or let NormRatio choose it (prepare).")
+        return feature_norm(batch.blocks[self.block])

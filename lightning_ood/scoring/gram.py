@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
-from lightning_ood.scoring.base import Scorer
+from lightning_ood.scoring.base import Batch, FittedTensors, Scorer
 from lightning_ood.statistics import FeatureStatistics, gram_deviation, gram_features
 
 
@@ -32,17 +32,11 @@ class Gram(Scorer):
         super().fit_statistics(stats, head)
         if not hasattr(self, "blocks"):
             raise ConfigError("gram reads the block outputs: call bind(backbone).")
-        self.bounds = {name: (b["mins"], b["maxs"], b["normalizer"]) for name, b in stats.gram.items()}
+        self.bounds = FittedTensors({name: (b["mins"], b["maxs"], b["normalizer"]) for name, b in stats.gram.items()})
         return self
 
-    def to(self, device):
-        self.bounds = {name: tuple(t.to(device) for t in b) for name, b in self.bounds.items()}
-        return super().to(device)
-
-    def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        raise TypeError("gram reads the block outputs: call score_blocks(outputs, features, logits)")
-
-    def score_blocks(self, outputs: dict[str, Tensor], features: Tensor, logits: Tensor) -> Tensor:
+    def forward(self, batch: Batch) -> Tensor:
+        outputs, logits = batch.blocks, batch.logits
         classes = logits.argmax(dim=1)
         total = torch.zeros(len(logits), dtype=torch.float64, device=logits.device)
         for name in self.blocks:

@@ -44,6 +44,7 @@ class GEN(Scorer):
     }
 
     def __init__(self, gamma: float = 0.1, top: int = 100) -> None:
+        super().__init__()
         check_positive("gamma", gamma)
         check_positive("top", top)
         self.gamma = gamma
@@ -66,6 +67,7 @@ class TemperatureScaling(Scorer):
     """
 
     def __init__(self, reference: str = "id_test") -> None:
+        super().__init__()
         self.reference = check_reference(reference, ("id_test", "val"))
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> TemperatureScaling:
@@ -108,6 +110,7 @@ class KLMatching(Scorer):
     needs_statistics = frozenset({"logits"})
 
     def __init__(self, reference: str = "train") -> None:
+        super().__init__()
         self.reference = check_reference(reference)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> KLMatching:
@@ -143,6 +146,7 @@ class GradNorm(Scorer):
     """
 
     def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
         check_positive("temperature", temperature)
         self.temperature = temperature
 

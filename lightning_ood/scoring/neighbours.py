@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import Scorer, check_nonnegative, check_positive, energy
+from lightning_ood.scoring.base import Scorer, as_float, check_nonnegative, check_positive, energy
 from lightning_ood.statistics import FeatureStatistics
 
 CHUNK = 8192  # bank rows per matrix product
@@ -46,16 +46,17 @@ class KNN(Scorer):
     search_space: ClassVar[dict[str, tuple]] = {"k": (1, 10, 20, 50, 100, 200, 500, 1000)}
 
     def __init__(self, k: int = 50) -> None:
+        super().__init__()
         check_positive("k", k)
         self.k = int(k)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> KNN:
         super().fit_statistics(stats, head)
-        self.bank = unit(stats.bank.float())  # (M, L)
+        self.bank = unit(stats.bank.to(self.weight.dtype))  # (M, L)
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        return -kth_smallest_squared_distance(unit(features.float()), self.bank, self.k).sqrt()
+        return -kth_smallest_squared_distance(unit(as_float(features)), self.bank, self.k).sqrt()
 
 
 class NNGuide(Scorer):
@@ -70,6 +71,7 @@ class NNGuide(Scorer):
     search_space: ClassVar[dict[str, tuple]] = {"k": (1, 10, 50, 100, 200), "fraction": (0.01, 0.05, 0.1, 1.0)}
 
     def __init__(self, k: int = 100, fraction: float = 0.01) -> None:
+        super().__init__()
         check_positive("k", k)
         check_positive("fraction", fraction)
         self.k = int(k)
@@ -78,18 +80,18 @@ class NNGuide(Scorer):
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> NNGuide:
         super().fit_statistics(stats, head)
         step = max(1, round(1 / self.fraction))
-        bank = stats.bank[::step].float()
+        bank = stats.bank[::step].to(self.weight.dtype)
         self.guided = unit(bank) * energy(self.head_logits(bank))[:, None]  # (M', L)
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        queries = unit(features.float())
+        queries = unit(as_float(features))
         best = None
         for start in range(0, len(self.guided), CHUNK):
             sims = queries @ self.guided[start : start + CHUNK].T
             candidates = sims if best is None else torch.cat([best, sims], dim=1)
             best = candidates.topk(min(self.k, candidates.shape[1]), dim=1).values
-        return best.mean(dim=1) * energy(logits.float())
+        return best.mean(dim=1) * energy(as_float(logits))
 
 
 class Relation(Scorer):
@@ -101,6 +103,7 @@ class Relation(Scorer):
     search_space: ClassVar[dict[str, tuple]] = {"power": (1, 2, 4, 6, 8)}
 
     def __init__(self, power: float = 1.0, threshold: float = 0.03) -> None:
+        super().__init__()
         check_positive("power", power)
         check_nonnegative("threshold", threshold)
         self.power = power
@@ -108,15 +111,15 @@ class Relation(Scorer):
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Relation:
         super().fit_statistics(stats, head)
-        bank = stats.bank.float()
+        bank = stats.bank.to(self.weight.dtype)
         self.bank_units = bank / (bank.pow(2).sum(dim=1, keepdim=True) + 1e-10).sqrt()
         self.bank_probs = self.head_logits(bank).softmax(dim=1)
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        h = features.float()
+        h = as_float(features)
         h = h / (h.pow(2).sum(dim=1, keepdim=True) + 1e-10).sqrt()
-        p = logits.float().softmax(dim=1)
+        p = as_float(logits).softmax(dim=1)
         total = torch.zeros(len(h), dtype=torch.float64, device=h.device)
         for start in range(0, len(self.bank_units), CHUNK):
             r = (h @ self.bank_units[start : start + CHUNK].T).clamp_min(0)

@@ -1,9 +1,10 @@
 """ODIN: temperature scaling and input perturbation (Liang et al., ICLR 2018).
 
-ODIN needs the network and the input images, not just features, so it has its own call::
+ODIN needs the network and the input images, not just features: its :class:`~lightning_ood.scoring.base.Batch` carries
+the inputs and the network from inputs to features::
 
     odin = build_scorer("odin").fit(train_features, train_labels, model.head)
-    scores = odin.score_inputs(images, model.features, std=(0.2470, 0.2435, 0.2616))
+    scores = odin(Batch(features, logits, inputs=images, features_of=model.features, std=(0.2470, 0.2435, 0.2616)))
 
 Steps: ``y = argmax f(x)``; ``g = sign(grad_x CE(f(x) / T, y))`` (a zero gradient counts as +1), divided per channel
 by the normalisation std when given (OpenOOD; the step is then ``epsilon`` in pixel units); ``x' = x - epsilon * g``;
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import LogitScorer, Scorer, check_nonnegative, check_positive, max_softmax
+from lightning_ood.scoring.base import Batch, LogitScorer, Needs, Scorer, check_nonnegative, check_positive, max_softmax
 from lightning_ood.statistics import FeatureStatistics
 
 
@@ -42,6 +43,7 @@ class ODIN(Scorer):
         scale_by_std: bool = True,
         base: LogitScorer | None = None,
     ) -> None:
+        super().__init__()
         check_positive("temperature", temperature)
         check_nonnegative("epsilon", epsilon)
         self.temperature = temperature
@@ -68,13 +70,19 @@ class ODIN(Scorer):
         logits = self.head_logits(features)
         return logits if self.base is None else self.base.logits(features, logits)
 
-    def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        raise TypeError("ODIN perturbs the input images: call score_inputs(images, features_fn, std) instead of score")
+    @property
+    def needs(self) -> Needs:
+        return super().needs | (self.base.needs if self.base is not None else Needs())
 
-    def score_inputs(
+    def forward(self, batch: Batch) -> Tensor:  # (N, 3, H, W) -> (N,)
+        """Perturb the (normalised) inputs against the loss of their predicted class and score them again."""
+        if batch.inputs is None or batch.features_of is None:
+            raise ValueError("ODIN perturbs the input images: its Batch needs inputs and features_of")
+        return self.perturbed_score(batch.inputs, batch.features_of, batch.std)
+
+    def perturbed_score(
         self, inputs: Tensor, features_fn: Callable[[Tensor], Tensor], std: Sequence[float] | None = None
     ) -> Tensor:  # (N, 3, H, W) -> (N,)
-        """Perturb the (normalised) inputs against the loss of their predicted class and score them again."""
         with torch.inference_mode(False), torch.enable_grad():
             x = inputs.detach().clone().requires_grad_(True)
             logits = self.modified_logits(features_fn(x)) / self.temperature

@@ -45,6 +45,7 @@ class OpenMax(Scorer):
     search_space: ClassVar[dict[str, tuple]] = {"tail": (10, 20, 50, 100), "alpha": (1, 2, 3, 5, 10)}
 
     def __init__(self, tail: int = 20, alpha: int = 3) -> None:
+        super().__init__()
         check_positive("tail", tail)
         check_positive("alpha", alpha)
         self.tail = int(tail)

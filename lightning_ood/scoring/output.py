@@ -18,6 +18,7 @@ class Energy(Scorer):
     """Energy score ``T * logsumexp(f / T)`` (Liu et al., NeurIPS 2020); the paper uses T = 1."""
 
     def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
         check_positive("temperature", temperature)
         self.temperature = temperature
 

@@ -6,7 +6,15 @@ from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
 from lightning_ood.models.base import Backbone, BatchNormTail
-from lightning_ood.scoring.base import OUTPUTS, LogitScorer, check_nonnegative, check_percentile, check_reference
+from lightning_ood.scoring.base import (
+    OUTPUTS,
+    Batch,
+    LogitScorer,
+    as_float,
+    check_nonnegative,
+    check_percentile,
+    check_reference,
+)
 from lightning_ood.statistics import FeatureStatistics
 
 
@@ -93,21 +101,24 @@ class BATS(LogitScorer):
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> BATS:
         super().fit_statistics(stats, head)
         if self.statistics == "empirical":
-            centre, spread = stats.mean.float(), stats.std.float()
+            centre, spread = stats.mean.to(self.weight.dtype), stats.std.to(self.weight.dtype)
         else:
             if self.point is None:
                 raise ConfigError(f"BATS with statistics {self.statistics!r} needs the network: call bind(backbone).")
-            centre, spread = self.point.bn.bias.detach().float(), self.point.bn.weight.detach().float().abs()
+            bn = self.point.bn
+            centre, spread = bn.bias.detach().to(self.weight.dtype), bn.weight.detach().to(self.weight.dtype).abs()
         self.lower = centre - self.lam * spread  # (L,) or (channels,)
         self.upper = centre + self.lam * spread
         return self
 
     def logits(self, features: Tensor, logits: Tensor) -> Tensor:
         if self.statistics == "bn":
-            raise TypeError("BATS on the BatchNorm output reads the block outputs: call score_blocks(outputs)")
+            raise TypeError("BATS on the BatchNorm output reads the block outputs: call it on a Batch")
         return self.head_logits(features.clamp(min=self.lower, max=self.upper))
 
-    def score_blocks(self, outputs: dict[str, Tensor], features=None, logits=None) -> Tensor:  # {BN out, ...} -> (N,)
-        z = outputs[self.point.name].float()
-        z = z.clamp(min=self.lower.view(1, -1, 1, 1), max=self.upper.view(1, -1, 1, 1))
-        return OUTPUTS[self.output](self.head_logits(self.point.tail(z, outputs).float()))
+    def forward(self, batch: Batch) -> Tensor:  # {BN out, ...} -> (N,)
+        if self.statistics != "bn":
+            return self.score(batch.features, batch.logits)
+        z = as_float(batch.blocks[self.point.name])
+        z = z.clamp(min=self.lower.view(1, -1, 1, 1).to(z.dtype), max=self.upper.view(1, -1, 1, 1).to(z.dtype))
+        return OUTPUTS[self.output](self.head_logits(as_float(self.point.tail(z, batch.blocks))))

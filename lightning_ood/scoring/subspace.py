@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
-from lightning_ood.scoring.base import Scorer, check_positive, energy
+from lightning_ood.scoring.base import Scorer, as_float, check_positive, energy
 from lightning_ood.statistics import FeatureStatistics
 
 
@@ -52,6 +52,7 @@ class ViM(Scorer):
     search_space: ClassVar[dict[str, tuple]] = {"dim": (64, 128, 256, 512, 1000)}
 
     def __init__(self, dim: int | None = None) -> None:
+        super().__init__()
         if dim is not None:
             check_positive("dim", dim)
         self.dim = dim
@@ -60,16 +61,16 @@ class ViM(Scorer):
         super().fit_statistics(stats, head)
         dim = self.dim or default_dim(head.in_features)
         u, ns = residual_space(stats, head, dim)
-        self.origin, self.null_space = u.float(), ns.float()
-        bank = stats.bank.double()
+        self.origin, self.null_space = u.to(self.weight.dtype), ns.to(self.weight.dtype)
+        bank = stats.bank.double().cpu()
         residual = ((bank - u) @ ns).norm(dim=1)
         max_logit = (bank @ head.weight.detach().double().T.cpu() + head.bias.detach().double().cpu()).amax(dim=1)
         self.alpha = float(max_logit.mean() / residual.mean())
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        residual = ((features.float() - self.origin) @ self.null_space).norm(dim=1)
-        return energy(logits.float()) - self.alpha * residual
+        residual = ((as_float(features) - self.origin) @ self.null_space).norm(dim=1)
+        return energy(as_float(logits)) - self.alpha * residual
 
 
 class Residual(Scorer):
@@ -79,6 +80,7 @@ class Residual(Scorer):
     search_space: ClassVar[dict[str, tuple]] = {"dim": (64, 128, 256, 512, 1000)}
 
     def __init__(self, dim: int | None = None) -> None:
+        super().__init__()
         if dim is not None:
             check_positive("dim", dim)
         self.dim = dim
@@ -86,8 +88,8 @@ class Residual(Scorer):
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Residual:
         super().fit_statistics(stats, head)
         u, ns = residual_space(stats, head, self.dim or default_dim(head.in_features))
-        self.origin, self.null_space = u.float(), ns.float()
+        self.origin, self.null_space = u.to(self.weight.dtype), ns.to(self.weight.dtype)
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        return -((features.float() - self.origin) @ self.null_space).norm(dim=1)
+        return -((as_float(features) - self.origin) @ self.null_space).norm(dim=1)
