@@ -31,7 +31,14 @@ from lightning_ood.featurenorm import block_outputs
 from lightning_ood.normalization import Normalization
 from lightning_ood.scoring import DEFAULT_SCORERS, GROUPS, Scorer, build_scorer
 from lightning_ood.scoring.base import Batch, Needs, as_float
-from lightning_ood.statistics import FeatureSet, FeatureStatistics, StatisticsAccumulator, bank_stride, quantile_stride
+from lightning_ood.statistics import (
+    FeatureSet,
+    FeatureStatistics,
+    StatisticsAccumulator,
+    StatisticsSetup,
+    build_statistics,
+    quantile_stride,
+)
 
 ScorerSpec = str | list[str] | dict[str, dict[str, Any]]
 Reduce = Callable[[Tensor], Tensor]
@@ -298,21 +305,14 @@ def accumulate_statistics(
     ``reducers``: sum, gather, min and max across DDP ranks (identity in one process); ``num_samples``: the number
     of training images (default ``len(loader.dataset)``), which sets the strides by dataset index, so that the
     result is the same whatever the batching and the number of ranks."""
-    needs = frozenset(needs)
     num_samples = num_samples if num_samples is not None else len(loader.dataset)  # type: ignore[attr-defined]
     stride = quantile_stride(num_samples, backbone.feature_dim, max_activations)
-    stages = list(backbone.stages()) if "stages" in needs else []
-    gram = list(backbone.blocks()) if "gram" in needs else []
-    acc = StatisticsAccumulator(
-        backbone.num_classes, backbone.feature_dim, stride,
-        bank_stride=bank_stride(num_samples, bank_images) if "bank" in needs else 0, stages=stages, gram=gram,
-    )  # fmt: skip
-    passes = network_pass(backbone, loader, [*stages, *gram], "Fitting OOD statistics on the training set", progress,
+    setup = StatisticsSetup(backbone.num_classes, backbone.feature_dim, num_samples, backbone, bank_images)
+    acc = StatisticsAccumulator(backbone.num_classes, backbone.feature_dim, stride, build_statistics(needs, setup))
+    passes = network_pass(backbone, loader, acc.blocks(), "Fitting OOD statistics on the training set", progress,
                           subject="training images")  # fmt: skip
-    for features, logits, out, (_, labels, indices) in passes:
-        pooled = {name: out[name].flatten(2).mean(dim=2) if out[name].ndim == 4 else out[name].mean(dim=1)
-                  for name in stages}  # fmt: skip
-        acc.update(features, labels, indices, logits, pooled, out)
+    for features, logits, blocks, (_, labels, indices) in passes:
+        acc.update(features, labels, indices, logits, blocks)
     return acc.compute(*reducers)
 
 

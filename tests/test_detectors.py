@@ -24,7 +24,8 @@ from lightning_ood.models import build_backbone
 from lightning_ood.scoring import build_scorer
 from lightning_ood.scoring.activation import rank1_removed_mean
 from lightning_ood.scoring.base import Batch
-from lightning_ood.statistics import FeatureStatistics, ReferenceSet, gram_features
+from lightning_ood.scoring.gram import gram_features
+from lightning_ood.statistics import FeatureStatistics, ReferenceSet
 
 pytorch_ood = pytest.importorskip("pytorch_ood.detector")
 
@@ -431,7 +432,7 @@ def test_gram_statistics_and_score(network):
     """Bounds, held-out normaliser and score against numpy on the Gram features of every block."""
     from lightning_ood.callbacks.statistics import compute_feature_statistics
     from lightning_ood.data.base import IndexedDataset
-    from lightning_ood.statistics import GRAM_HOLDOUT
+    from lightning_ood.scoring.gram import GRAM_HOLDOUT
 
     torch.manual_seed(1)
     images = torch.randn(120, 3, 32, 32)

@@ -50,3 +50,57 @@ def test_an_engine_scores_only_once_fitted():
     engine = Engine(net, ["msp"])
     with pytest.raises(RuntimeError, match="fit"):
         engine(torch.rand(2, 3, 32, 32))
+
+
+def test_a_detector_with_a_new_statistic_is_one_class_and_one_registry_line(monkeypatch):
+    """What a newcomer writes for a detector that needs a statistic nobody accumulates yet: a Statistic registered
+    by name beside a Scorer that lists it; the engine accumulates it in the same pass, fits and scores, and the
+    checkpoint layout carries it."""
+    from torch import Tensor
+
+    from lightning_ood.data.base import IndexedDataset
+    from lightning_ood.engine import accumulate_statistics
+    from lightning_ood.scoring.base import Scorer
+    from lightning_ood.scoring.registry import SCORERS, Entry
+    from lightning_ood.statistics import STATISTICS, FeatureStatistics, Statistic
+
+    class UnitMaxima(Statistic):
+        name = "unit_maxima"
+        fields = ("unit_maxima",)
+
+        def __init__(self, setup):
+            super().__init__(setup)
+            self.maxima = torch.full((setup.feature_dim,), -torch.inf, dtype=torch.float64)
+
+        def update(self, batch):
+            self.maxima = torch.maximum(self.maxima, batch.features.double().cpu().amax(dim=0))
+
+        def compute(self, core, reduce):
+            return {"unit_maxima": reduce.max(self.maxima)}
+
+    class AboveMaxima(Scorer):
+        needs_statistics = frozenset({"unit_maxima"})
+
+        def fit_statistics(self, stats, head):
+            self.maxima = stats.unit_maxima.to(head.weight.dtype)
+            return self
+
+        def score(self, features: Tensor, logits: Tensor) -> Tensor:
+            return -(features - self.maxima).clamp_min(0).sum(dim=1)
+
+    monkeypatch.setitem(STATISTICS, "unit_maxima", UnitMaxima)  # the one registry line: @statistic
+    monkeypatch.setitem(SCORERS, "above_maxima", Entry(AboveMaxima))  # and the scorer's
+    torch.manual_seed(0)
+    net = build_backbone("resnet20", 4).eval()
+    engine = Engine(net, ["above_maxima", "msp"])
+    assert engine.needs.statistics == {"unit_maxima"}
+    images = torch.rand(24, 3, 32, 32)
+    loader = DataLoader(IndexedDataset(TensorDataset(images, torch.arange(24) % 4)), batch_size=10)
+    stats = accumulate_statistics(net, loader, engine.needs.statistics, progress=False)
+    with torch.no_grad():
+        features = net.features(images)
+    torch.testing.assert_close(stats.unit_maxima, features.double().amax(dim=0))
+    restored = FeatureStatistics.from_state_dict(stats.cpu_state_dict())
+    assert restored.provides({"unit_maxima"}) == set() and restored.provides({"bank"}) == {"bank"}
+    _, scores = engine.fit(restored)(torch.cat([images[:2], 10 * images[:2]]))
+    assert (scores["above_maxima"][:2] == 0).all() and (scores["above_maxima"][2:] < 0).all()

@@ -11,7 +11,7 @@ the closest squared distance of the moved input; the score is their weighted sum
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,14 @@ from lightning_ood.errors import ConfigError
 from lightning_ood.featurenorm import block_outputs
 from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_nonnegative
 from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import (
+    FeatureStatistics,
+    Reducers,
+    Statistic,
+    StatisticsBatch,
+    StatisticsSetup,
+    statistic,
+)
 
 
 class MahalanobisEnsemble(Scorer):
@@ -91,3 +98,45 @@ class MahalanobisEnsemble(Scorer):
             with torch.no_grad():
                 total -= weight * self.closest(name, moved, features_fn)
         return total.to(inputs.dtype)
+
+
+@statistic
+class StageGaussians(Statistic):
+    """``stages``: per stage output of the backbone (``backbone.stages()``), the class means and the shared
+    covariance of its channel means (Lee et al.'s layer ensemble)."""
+
+    name = "stages"
+    fields = ("stages",)
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        self.names = list(setup.backbone.stages()) if setup.backbone is not None else []
+        self.sums: dict[str, Tensor] = {}
+        self.outer: dict[str, Tensor] = {}
+
+    def blocks(self) -> list[str]:
+        return self.names
+
+    def update(self, batch: StatisticsBatch) -> None:
+        for name in self.names:
+            out = batch.blocks[name]
+            pooled = out.flatten(2).mean(dim=2) if out.ndim == 4 else out.mean(dim=1)
+            s = pooled.detach().to("cpu", torch.float64)  # (B, S)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(self.setup.num_classes, s.shape[1], dtype=torch.float64)
+                self.outer[name] = torch.zeros(s.shape[1], s.shape[1], dtype=torch.float64)
+            self.sums[name].index_add_(0, batch.labels, s)
+            self.outer[name] += s.T @ s
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
+        counts, n = core["counts"], core["n"]
+        stages = {}
+        for name in self.names:
+            sums, outer = reduce.sum(self.sums[name]), reduce.sum(self.outer[name])
+            means = sums / counts[:, None]
+            stages[name] = {
+                "counts": counts.round().long(),
+                "class_means": means,
+                "covariance": (outer - (means.T * counts) @ means) / n,
+            }
+        return {"stages": stages}
