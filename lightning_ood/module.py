@@ -11,12 +11,9 @@ logic lives in :mod:`lightning_ood.scoring`, metrics in :mod:`lightning_ood.metr
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import subprocess
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,10 +21,10 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 from torchmetrics.aggregation import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_ood import fitting
 from lightning_ood.engine import Engine, ScorerSpec
 from lightning_ood.errors import CheckpointError, ConfigError, DataError, LightningOODError
 from lightning_ood.features import weights_fingerprint
@@ -35,13 +32,13 @@ from lightning_ood.metrics import OODMetrics
 from lightning_ood.models import Backbone, pretrained_backbone
 from lightning_ood.models.formats import mismatches
 from lightning_ood.normalization import Normalization
+from lightning_ood.provenance import git_commit, package_version
 from lightning_ood.report import OODReport
 from lightning_ood.scoring import Scorer
-from lightning_ood.statistics import FeatureSet, FeatureStatistics, percentile
+from lightning_ood.statistics import FeatureStatistics
 
 STATISTICS_KEY = "ood_statistics"
 NORMALIZATION_KEY = "input_normalization"
-REFERENCE_IMAGES = 2000  # ID test images of the ReAct authors' threshold (reference: id_test)
 
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
@@ -54,27 +51,6 @@ def check_compile(compile: bool | str) -> None:
         raise ConfigError(
             f"compile must be true, false or a torch.compile backend ({', '.join(COMPILE_BACKENDS)}), got {compile!r}."
         )
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("lightning-ood")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def git_commit() -> str:
-    """The commit of the package's checkout (with ``+changes`` when the tree differs from it), or ""."""
-    folder = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, timeout=5)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    if commit.returncode:
-        return ""
-    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 class OODClassifier(LightningModule):
@@ -319,17 +295,15 @@ class OODClassifier(LightningModule):
 
     # ---------------------------------------------------------------- OOD test pass
     def on_test_start(self) -> None:
-        from lightning_ood.callbacks.statistics import broadcast_buffers, fit_context
-
-        broadcast_buffers(self.backbone, self.trainer)  # every rank scores with the same network
+        fitting.broadcast_buffers(self.backbone, self.trainer)  # every rank scores with the same network
         datamodule = self.trainer.datamodule
         self.test_set_names = list(datamodule.test_set_names)
         if len(self.test_set_names) < 2:
             rank_zero_info("No OOD sets configured (data.init_args.ood): testing ID accuracy only.")
         self.ensure_statistics(datamodule, self.trainer)
-        self.ensure_references(set(self.engine.needs.references), datamodule)
+        fitting.ensure_references(self, set(self.engine.needs.references), datamodule, self.trainer)
         self.engine.std = tuple(self.input_normalization.std) if self.input_normalization is not None else None
-        self.engine.fit(self.ood_statistics, fit_context(self, datamodule, self.trainer))
+        self.engine.fit(self.ood_statistics, fitting.fit_context(self, datamodule, self.trainer))
         oods = self.test_set_names[1:]
         hp = self.hparams
         labels = self.engine.labels
@@ -349,77 +323,8 @@ class OODClassifier(LightningModule):
     def ensure_statistics(
         self, datamodule, trainer=None, cache_dir: str | None = None, extra_needs: frozenset[str] = frozenset()
     ) -> FeatureStatistics:
-        """The OOD statistics of these weights and inputs: the loaded ones when they match, else computed over the
-        training images (or taken from ``cache_dir``, default ``statistics_cache``), with one log line saying why.
-        ``extra_needs``: extras beyond the configured scorers' (a scorer tune is asked to tune)."""
-        from lightning_ood.callbacks.statistics import statistics_on_demand
-
-        stats = self.ood_statistics
-        wanted_images = datamodule.describe_statistics_images()
-        other_weights = stats is not None and stats.weights not in ("", self.fingerprint())
-        other_images = stats is not None and stats.images not in ("", wanted_images)
-        needs = self.statistics_needs() | extra_needs
-        lacking = stats.provides(set(needs)) if stats is not None else set()
-        if stats is None or other_weights or other_images or lacking:
-            reason = (
-                "were fitted on other weights or inputs" if other_weights
-                else f"were fitted on other images ({stats.images}; this run: {wanted_images})" if other_images
-                else f"do not include what the configured scorers need ({', '.join(sorted(lacking))})" if lacking
-                else "are not in this checkpoint" if self.checkpoint_loaded
-                else "are not stored with these weights"
-            )  # fmt: skip
-            self.ood_statistics = statistics_on_demand(
-                self, datamodule, trainer, reason, cache_dir or self.hparams.statistics_cache, needs
-            )
-        return self.ood_statistics
-
-    def ensure_references(self, references: set[str], datamodule) -> None:
-        """The reference image sets the scorers fit on (``ood_statistics.reference``): the ones measured before in
-        this process on the same images (content or files, and transform) and weights are reused, the others
-        measured now. Every DDP rank takes the same branch (same images, broadcast weights)."""
-        if not references:
-            return
-        from lightning_ood.features import dataset_fingerprint, transform_fingerprint
-
-        fingerprint = self.fingerprint()
-        for reference in sorted(references):
-            images = self.reference_images(reference, datamodule)
-            described = f"{dataset_fingerprint(images)} | {transform_fingerprint(images)}"
-            found = self.ood_statistics.reference.get(reference)
-            if found is not None and (found.images, found.weights) == (described, fingerprint):
-                rank_zero_info(f"Reference {reference!r}: the {len(found.labels)} ID images measured before.")
-                continue
-            found = self.reference_set(reference, images, datamodule)
-            found.images, found.weights = described, fingerprint
-            self.ood_statistics.reference[reference] = found
-
-    @staticmethod
-    def reference_images(reference: str, datamodule) -> Dataset:
-        """``id_test`` = a seeded subset of ``REFERENCE_IMAGES`` ID test images (the ReAct authors' convention),
-        ``val`` = the held-out training images of ``data.val_split``."""
-        from lightning_ood.data.base import seeded_subset
-
-        if reference == "val":
-            if not datamodule.val_split:
-                raise ConfigError(
-                    "A scorer fits on held-out ID validation images (reference: val): set --data.init_args.val_split "
-                    "N, or use reference: id_test."
-                )
-            return datamodule.validation_set()
-        return seeded_subset(datamodule.test_sets[datamodule.id_name], REFERENCE_IMAGES)
-
-    def reference_set(self, reference: str, images: Dataset, datamodule) -> FeatureSet:
-        """Features, logits and labels of an ID image set other than the training images (see
-        :meth:`reference_images`), measured now."""
-        from lightning_ood.callbacks.statistics import reference_features
-        from lightning_ood.data.base import IndexedDataset
-
-        found = reference_features(self, IndexedDataset(images), datamodule.eval_loader, self.trainer)
-        rank_zero_info(
-            f"Reference {reference!r}: {len(found.labels)} ID images measured (90th activation percentile "
-            f"{float(percentile(found.features.double(), 90.0)):.4f})."
-        )
-        return found
+        """The OOD statistics of these weights and inputs (:func:`lightning_ood.fitting.ensure_statistics`)."""
+        return fitting.ensure_statistics(self, datamodule, trainer, cache_dir, extra_needs)
 
     def provenance(self) -> dict[str, object]:
         """What produced this run's numbers, for the result files: weights, normalisation, statistics, scorers and

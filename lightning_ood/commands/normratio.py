@@ -8,10 +8,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from rich.table import Table
 
-from lightning_ood.callbacks.statistics import normratio_selection
 from lightning_ood.commands.common import check_output_file, load_model, run_folder, tensorboard
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.errors import ConfigError
+from lightning_ood.fitting import normratio_selection
 from lightning_ood.io import atomic_write_text
 from lightning_ood.module import OODClassifier
 from lightning_ood.report import results_console
