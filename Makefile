@@ -28,7 +28,7 @@ DATA ?= data
 OOD_ROOT ?= $(DATA)
 
 .PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared tune-shared sweep-shared normratio-shared \
-	reproduce reproduce-shared import-published bench-train bench-eval bench-score clean
+	reproduce reproduce-shared import-published bench-train bench-eval bench-score gpu-check clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -131,11 +131,19 @@ import-published: $(STAMP) ## Convert a published checkpoint + fit its statistic
 bench-train: $(STAMP) ## Training throughput on ../shared/data/cifar10-jpeg: fit vs a plain loop vs the PIL pipeline (ratios)
 	$(BIN)/python benchmarks/bench_train.py --data $(SHARED_DATA)/cifar10-jpeg $(ARGS)
 
-bench-eval: $(STAMP) ## Evaluation cost (ResNet-18): one forward pass vs the full test with every scorer (ARGS: --backbone, --per-scorer)
+bench-eval: $(STAMP) ## Evaluation cost (ResNet-18): one forward pass vs the full test with every scorer (ARGS: --backbone, --per-scorer, --device)
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)
 
 bench-score: $(STAMP) ## Each scorer on 1M cached features (L=512, C=100) against the bare head matmul
 	$(BIN)/python benchmarks/bench_score.py $(ARGS)
+
+# The GPU check runs without the venv where there is none (a bare CUDA machine: see benchmarks/gpu_remote.sh). DATA and
+# OOD_ROOT not given: ../shared/data's CIFAR-10 JPEG copy, MNIST and Fashion-MNIST.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_DATA = $(if $(filter file,$(origin DATA)),$(SHARED_DATA)/cifar10-jpeg,$(DATA))
+GPU_OOD_ROOT = $(if $(filter file,$(origin OOD_ROOT)),$(SHARED_DATA),$(OOD_ROOT))
+gpu-check: ## One CUDA GPU, a few minutes: fit, test, tune/sweep/normratio, benchmarks (DATA=, OOD_ROOT=; ARGS=--allow-cpu)
+	$(GPU_PYTHON) benchmarks/gpu_check.py --data $(GPU_DATA) --ood-root $(GPU_OOD_ROOT) $(ARGS)
 
 clean: ## Remove logs, checkpoints, the feature cache and tool caches (keeps .venv; `rm -rf .venv` for a full reset)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info logs lightning_logs checkpoints cache .bench

@@ -11,7 +11,8 @@
 
 Reports b/a (target <= 1.3) and c/b. Images are generated in memory so that every mode sees the same tensors and
 no decoding cost hides the overhead; the timing does not depend on image content. The default network is the
-paper's CIFAR ResNet-18; ``--scorers paper`` measures the paper's methods only.
+paper's CIFAR ResNet-18; ``--scorers paper`` measures the paper's methods only. ``--device`` (default: CUDA when
+available, else the CPU) runs all three there.
 
     python benchmarks/bench_eval.py --backbone resnet18 --id-size 1000 --ood-size 1000 --ood-sets 3 --repeats 3
 """
@@ -42,17 +43,26 @@ def feature_scorers(group: str = "all") -> list[str]:
     return [name for name in GROUPS[group] if not build_scorer(name).needs.inputs]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that the clock reads what was done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
-def plain_forward(module: OODClassifier, loaders) -> float:
+def plain_forward(module: OODClassifier, loaders, device: torch.device) -> float:
+    module.to(device)  # the Trainer of (b) leaves the module on the CPU
+    synchronize(device)
     start = time.perf_counter()
     for loader in loaders:
         for x, _ in loader:
-            module.backbone(x)
+            module.backbone(x.to(device))
+    synchronize(device)
     return time.perf_counter() - start
 
 
 @torch.no_grad()
-def calibrate_batchnorm(module: OODClassifier, loader, batches: int = 4) -> None:
+def calibrate_batchnorm(module: OODClassifier, loader, device: torch.device, batches: int = 4) -> None:
     """BatchNorm running statistics from a few training batches (cumulative average), so that the untrained
     network's activations have a trained network's scale (an untrained DenseNet-BC's grow to ~1e5 over its 100
     layers)."""
@@ -62,15 +72,16 @@ def calibrate_batchnorm(module: OODClassifier, loader, batches: int = 4) -> None
         norm.momentum = None
     module.backbone.train()
     for x, *_ in itertools.islice(loader, batches):
-        module.backbone(x)
+        module.backbone(x.to(device))
     module.backbone.eval()
     for norm, momentum in norms.items():
         norm.momentum = momentum
 
 
-def full_evaluation(module: OODClassifier, datamodule: SyntheticDataModule) -> float:
+def full_evaluation(module: OODClassifier, datamodule: SyntheticDataModule, device: torch.device) -> float:
     trainer = Trainer(
-        accelerator="cpu",
+        accelerator=device.type,
+        devices=[device.index] if device.index is not None else 1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -83,15 +94,19 @@ def full_evaluation(module: OODClassifier, datamodule: SyntheticDataModule) -> f
 
 
 @torch.no_grad()
-def forward_per_scorer(module: OODClassifier, loaders) -> float:
+def forward_per_scorer(module: OODClassifier, loaders, device: torch.device) -> float:
     """Each scorer of the module with its own forward pass (the references fitted by (b) are reused)."""
+    module.to(device)
+    synchronize(device)
     start = time.perf_counter()
     for scorer in module.scorers.values():
         for loader in loaders:
             for x, _ in loader:
+                x = x.to(device)
                 with block_outputs(module.backbone, scorer.needs.blocks) as blocks:
                     features = module.backbone.features(x)
                 scorer(Batch(features, module.backbone.head(features), blocks))
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -106,8 +121,10 @@ def main() -> None:
     parser.add_argument("--per-scorer", action="store_true", help="also (c), a forward pass per scorer (slow)")
     parser.add_argument("--scorers", default="all", choices=sorted(GROUPS), help="which scorers (group)")
     parser.add_argument("--without", nargs="*", default=[], metavar="SCORER", help="leave these scorers out")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--out", default=".bench/eval.json")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     torch.manual_seed(0)
     names = feature_scorers(args.scorers)
@@ -127,23 +144,24 @@ def main() -> None:
     blocks = list(build_backbone(args.backbone, 10).blocks())
     block = "layer3.0" if "layer3.0" in blocks else blocks[-2]  # FeatureNorm's block, fixed (NormRatio costs passes)
     specs = {name: ({"block": block} if name == "featurenorm" else {}) for name in names}
-    module = OODClassifier(backbone=args.backbone, num_classes=10, scorers=specs).eval()
-    calibrate_batchnorm(module, datamodule.statistics_dataloader())
+    module = OODClassifier(backbone=args.backbone, num_classes=10, scorers=specs).eval().to(device)
+    calibrate_batchnorm(module, datamodule.statistics_dataloader(), device)
     loaders = datamodule.test_dataloader()
     images = sum(len(loader.dataset) for loader in loaders)
 
-    first = full_evaluation(module, datamodule)
+    first = full_evaluation(module, datamodule, device)
     print(f"first evaluation (fits the statistics, measures the reference images): {first:.2f}s")
     runs = {"a_forward": [], "b_full": [], "c_per_scorer": []}
     for repeat in range(args.repeats):
-        runs["a_forward"].append(plain_forward(module, loaders))
-        runs["b_full"].append(full_evaluation(module, datamodule))
+        runs["a_forward"].append(plain_forward(module, loaders, device))
+        runs["b_full"].append(full_evaluation(module, datamodule, device))
         if args.per_scorer:
-            runs["c_per_scorer"].append(forward_per_scorer(module, loaders))
+            runs["c_per_scorer"].append(forward_per_scorer(module, loaders, device))
         print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in runs.items() if v))
     median = {k: statistics.median(v) for k, v in runs.items() if v}
     summary = {
         "backbone": args.backbone,
+        "device": str(device),
         "images": images,
         "scorers": names,
         "threads": torch.get_num_threads(),
@@ -155,7 +173,7 @@ def main() -> None:
     if "c_per_scorer" in median:
         summary["c_over_b"] = median["c_per_scorer"] / median["b_full"]
     print(
-        f"\n{len(names)} scorers, {images} images, {args.backbone}, {torch.get_num_threads()} threads "
+        f"\n{len(names)} scorers, {images} images, {args.backbone}, {device}, {torch.get_num_threads()} threads "
         f"(median of {args.repeats}):\n"
         f"  (a) plain forward       {median['a_forward']:.2f}s\n"
         f"  (b) full evaluation     {median['b_full']:.2f}s   b/a = {summary['b_over_a']:.3f} (target <= 1.3)"
