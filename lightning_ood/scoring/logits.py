@@ -130,10 +130,10 @@ class KLMatching(Scorer):
             p = ref.logits.double().softmax(dim=1)
             predicted = p.argmax(dim=1)
             counts = torch.bincount(predicted, minlength=classes)
-            templates = torch.zeros(classes, classes, dtype=torch.float64).index_add_(0, predicted, p)
+            templates = p.new_zeros(classes, classes).index_add_(0, predicted, p)
             templates = templates / counts.clamp_min(1)[:, None]
         unseen = counts == 0
-        templates[unseen] = torch.eye(classes, dtype=torch.float64)[unseen]
+        templates[unseen] = torch.eye(classes, dtype=torch.float64, device=templates.device)[unseen]
         self.log_templates = templates.clamp_min(1e-12).log()  # (C, C)
         return self
 

@@ -53,8 +53,9 @@ class OpenMax(Scorer):
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> OpenMax:
         super().fit_statistics(stats, head)
-        logits = self.head_logits(stats.bank.to(self.weight.dtype)).double()  # (M, C)
-        labels = stats.bank_labels
+        # the Weibull fits are scipy's: on the host, in float64
+        logits = self.head_logits(stats.bank.to(self.weight.dtype)).double().cpu()  # (M, C)
+        labels = stats.bank_labels.cpu()
         right = logits.argmax(dim=1) == labels
         classes = logits.shape[1]
         self.centres = torch.zeros(classes, classes, dtype=torch.float64)
