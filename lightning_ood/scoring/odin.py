@@ -30,7 +30,7 @@ class ODIN(Scorer):
     Args:
         temperature: softmax temperature T (1000).
         epsilon: perturbation magnitude (0.0014 in OpenOOD; the paper's code uses 0.004 without std division).
-        scale_by_std: divide the gradient sign by the per-channel normalisation std passed to ``score_inputs``.
+        scale_by_std: divide the gradient sign by the per-channel normalisation std of the Batch (``std``).
         base: a :class:`LogitScorer` whose modified logits replace the head's.
     """
 
