@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from lightning_ood.errors import ConfigError, DataError
+from lightning_ood.errors import ConfigError
 from lightning_ood.featurenorm import block_outputs
+from lightning_ood.features import network_pass
 from lightning_ood.normalization import Normalization
+from lightning_ood.precision import as_float, network_device, network_dtype
 from lightning_ood.scoring import DEFAULT_SCORERS, GROUPS, Scorer, build_scorer
-from lightning_ood.scoring.base import Batch, Needs, as_float
+from lightning_ood.scoring.base import Batch, Needs
 from lightning_ood.statistics import (
     FeatureSet,
     FeatureStatistics,
@@ -100,15 +101,6 @@ class FitContext:
         if key not in self.notes:
             self.notes[key] = compute()
         return self.notes[key]
-
-
-def network_device(network: nn.Module) -> torch.device:
-    return next(network.parameters()).device
-
-
-def network_dtype(network: nn.Module) -> torch.dtype:
-    """The dtype of the network's weights: float32 unless the network was cast (``double()``, ``*-true``)."""
-    return next(network.parameters()).dtype
 
 
 class Engine(nn.Module):
@@ -236,56 +228,7 @@ def module_key(label: str) -> str:
     return label.replace(".", "_")  # ModuleDict keys cannot contain dots
 
 
-# ------------------------------------------------------------------------------------------------ network passes
-@torch.inference_mode(False)
-@torch.no_grad()
-def network_pass(
-    backbone: nn.Module,
-    loader: Iterable,
-    blocks: Sequence[str] = (),
-    description: str = "",
-    progress: bool = True,
-    total: int | None = None,
-    subject: str = "images",
-) -> Iterable[tuple[Tensor, Tensor, dict[str, Tensor], tuple]]:
-    """The one forward loop over ``loader``: the network in eval mode (restored afterwards), each batch moved to the
-    network's device, NaN/inf features refused. Yields ``(features, logits, block outputs, batch)`` with the
-    features at least float32 and ``batch`` the loader's items (``(images, labels[, indices])``).
-
-    Outside inference mode, so that what is computed from the features can serve an autograd pass later (ODIN).
-    """
-    was_training = backbone.training
-    backbone.eval()
-    device, dtype = network_device(backbone), network_dtype(backbone)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns, disable=not progress, transient=True) as bar, block_outputs(backbone, blocks) as out:
-            task = bar.add_task(description or "Network pass", total=total if total is not None else _length(loader))
-            for batch in loader:
-                images = batch[0].to(device, dtype, non_blocking=True)
-                features = as_float(backbone.features(images))
-                if not torch.isfinite(features).all():
-                    broken = int((~torch.isfinite(features).all(dim=1)).sum())
-                    where = f" {batch[2][:5].tolist()}..." if len(batch) > 2 else ""
-                    raise DataError(
-                        f"{description or 'Network pass'}: NaN or infinite penultimate features on {subject}{where} "
-                        f"({broken} of {len(features)} images of a batch): the weights or the inputs are broken, and "
-                        f"every statistic and score would be meaningless."
-                    )
-                logits = as_float(backbone.head(features.to(dtype)))
-                yield features, logits, out, batch
-                bar.advance(task)
-    finally:
-        backbone.train(was_training)
-
-
-def _length(loader: Iterable) -> int | None:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
+# ------------------------------------------------------------------------------------------------ statistics pass
 @torch.inference_mode(False)  # statistics must stay usable in autograd (ODIN) even when called in inference mode
 @torch.no_grad()
 def accumulate_statistics(
@@ -314,17 +257,3 @@ def accumulate_statistics(
     for features, logits, blocks, (_, labels, indices) in passes:
         acc.update(features, labels, indices, logits, blocks)
     return acc.compute(*reducers)
-
-
-@torch.inference_mode(False)
-@torch.no_grad()
-def measure(backbone: nn.Module, loader: Iterable, description: str = "", progress: bool = True) -> FeatureSet:
-    """Features, logits and labels of every item of ``loader``, in the loader's order (on the CPU)."""
-    features, logits, labels = [], [], []
-    for h, z, _, batch in network_pass(backbone, loader, description=description, progress=progress):
-        features.append(h.cpu())
-        logits.append(z.cpu())
-        labels.append(torch.as_tensor(batch[1]).cpu())
-    if not features:
-        raise DataError(f"{description or 'Network pass'}: no images.")
-    return FeatureSet(torch.cat(features), torch.cat(logits), torch.cat(labels))

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_ood.errors import DataError
+from lightning_ood.featurenorm import block_outputs
 from lightning_ood.io import atomic_write
+from lightning_ood.precision import as_float, network_device, network_dtype
 from lightning_ood.statistics import FeatureSet
 
 
@@ -88,38 +91,80 @@ def transform_fingerprint(dataset: Dataset) -> str:
 # ------------------------------------------------------------------------------------------------ extraction
 @torch.inference_mode(False)
 @torch.no_grad()
+def network_pass(
+    backbone: nn.Module,
+    loader: Iterable,
+    blocks: Sequence[str] = (),
+    description: str = "",
+    progress: bool = True,
+    total: int | None = None,
+    subject: str = "images",
+) -> Iterable[tuple[Tensor, Tensor, dict[str, Tensor], tuple]]:
+    """The one forward loop over ``loader``: the network in eval mode (restored afterwards), each batch moved to the
+    network's device, NaN/inf features refused. Yields ``(features, logits, block outputs, batch)`` with the
+    features at least float32 and ``batch`` the loader's items (``(images, labels[, indices])``).
+
+    Outside inference mode, so that what is computed from the features can serve an autograd pass later (ODIN).
+    """
+    was_training = backbone.training
+    backbone.eval()
+    device, dtype = network_device(backbone), network_dtype(backbone)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, disable=not progress, transient=True) as bar, block_outputs(backbone, blocks) as out:
+            task = bar.add_task(description or "Network pass", total=total if total is not None else _length(loader))
+            for batch in loader:
+                images = batch[0].to(device, dtype, non_blocking=True)
+                features = as_float(backbone.features(images))
+                if not torch.isfinite(features).all():
+                    broken = int((~torch.isfinite(features).all(dim=1)).sum())
+                    where = f" {batch[2][:5].tolist()}..." if len(batch) > 2 else ""
+                    raise DataError(
+                        f"{description or 'Network pass'}: NaN or infinite penultimate features on {subject}{where} "
+                        f"({broken} of {len(features)} images of a batch): the weights or the inputs are broken, and "
+                        f"every statistic and score would be meaningless."
+                    )
+                logits = as_float(backbone.head(features.to(dtype)))
+                yield features, logits, out, batch
+                bar.advance(task)
+    finally:
+        backbone.train(was_training)
+
+
+def _length(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+@torch.inference_mode(False)
+@torch.no_grad()
+def measure(backbone: nn.Module, loader: Iterable, description: str = "", progress: bool = True) -> FeatureSet:
+    """Features, logits and labels of every item of ``loader``, in the loader's order (on the CPU)."""
+    features, logits, labels = [], [], []
+    for h, z, _, batch in network_pass(backbone, loader, description=description, progress=progress):
+        features.append(h.cpu())
+        logits.append(z.cpu())
+        labels.append(torch.as_tensor(batch[1]).cpu())
+    if not features:
+        raise DataError(f"{description or 'Network pass'}: no images.")
+    return FeatureSet(torch.cat(features), torch.cat(logits), torch.cat(labels))
+
+
 def extract_features(
     backbone: nn.Module,
     dataset: Dataset,
     batch_size: int = 256,
     num_workers: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     description: str = "Extracting features",
     progress: bool = True,
 ) -> FeatureSet:
-    """Penultimate features, logits and labels of every item of ``dataset`` (in order), the model in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
+    """Penultimate features, logits and labels of every item of ``dataset`` (in order), the model in eval mode, on
+    the network's own device (``device`` is where it is: the pass never moves it)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    features, logits, labels = [], [], []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task(description, total=len(loader))
-        for batch in loader:
-            x, y = batch[0], batch[1]
-            h = backbone.features(x.to(device)).float()
-            if not torch.isfinite(h).all():
-                broken = int((~torch.isfinite(h).all(dim=1)).sum())
-                raise DataError(
-                    f"{description}: NaN or infinite penultimate features for {broken} of {len(h)} images of a batch: "
-                    f"the weights or the inputs are broken, and every score would be meaningless."
-                )
-            features.append(h.cpu())
-            logits.append(backbone.head(h).cpu())
-            labels.append(torch.as_tensor(y))
-            bar.advance(task)
-    backbone.train(was_training)
-    return FeatureSet(torch.cat(features), torch.cat(logits), torch.cat(labels))
+    return measure(backbone, loader, description, progress)
 
 
 class FeatureCache:

@@ -26,10 +26,15 @@ from lightning_ood.engine import (
     DEFAULT_MAX_ACTIVATIONS,
     FitContext,
     accumulate_statistics,
-    measure,
 )
 from lightning_ood.errors import ConfigError, DataError
-from lightning_ood.features import FeatureCache, dataset_fingerprint, transform_fingerprint, weights_fingerprint
+from lightning_ood.features import (
+    FeatureCache,
+    dataset_fingerprint,
+    measure,
+    transform_fingerprint,
+    weights_fingerprint,
+)
 from lightning_ood.scoring.featurenorm import NORMRATIO_IMAGES
 from lightning_ood.statistics import FeatureSet, FeatureStatistics, percentile, quantile_stride
 

@@ -22,7 +22,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
+from lightning_ood.precision import as_float
 from lightning_ood.statistics import FeatureStatistics
+
+__all__ = [
+    "Batch",
+    "FittedTensors",
+    "FittedTuple",
+    "LogitScorer",
+    "Needs",
+    "Scorer",
+    "as_float",
+    "energy",
+    "max_softmax",
+]
 
 try:  # Python 3.11+
     from typing import Self
@@ -216,9 +229,6 @@ class Scorer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ score functions
-def as_float(x: Tensor) -> Tensor:
-    """``x`` in at least float32: half-precision activations are widened, float64 ones (a ``double()`` model) kept."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:  # (N, C) -> (N,)
