@@ -33,7 +33,6 @@ from lightning_ood.precision import as_float, network_device, network_dtype
 from lightning_ood.scoring import DEFAULT_SCORERS, GROUPS, Scorer, build_scorer
 from lightning_ood.scoring.base import Batch, Needs
 from lightning_ood.statistics import (
-    FeatureSet,
     FeatureStatistics,
     StatisticsAccumulator,
     StatisticsSetup,
@@ -216,12 +215,6 @@ class Engine(nn.Module):
                     with torch.no_grad():
                         scores[label] = scorer(batch)
         return logits, scores
-
-    def score_features(self, data: FeatureSet) -> dict[str, Tensor]:
-        """Scores of cached features and logits (``tune``, ``sweep``): for the scorers that read nothing else."""
-        batch = Batch(data.features, data.logits)
-        with torch.no_grad():
-            return {label: scorer(batch) for label, scorer in self.fitted().items()}
 
 
 def module_key(label: str) -> str:

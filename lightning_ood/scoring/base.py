@@ -144,14 +144,11 @@ class Scorer(nn.Module):
         needs_inputs: the scorer perturbs the input images (see :class:`~lightning_ood.scoring.odin.ODIN`).
         needs_statistics: statistics beyond the core ones that the statistics pass must accumulate for it.
         search_space: the hyperparameter grid ``lightning-ood tune`` searches for this scorer (its authors' grid).
-        tie_break: for ``tune``: among settings with equal validation FPR95 and AUROC, prefer the one whose
-            hyperparameters sort first under this key (``None``: the grid's first).
     """
 
     needs_inputs: ClassVar[bool] = False
     needs_statistics: ClassVar[frozenset[str]] = frozenset()
     search_space: ClassVar[dict[str, tuple]] = {}
-    tie_break: ClassVar[Callable[[dict[str, Any]], Any] | None] = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A fitted tensor is a (non-persistent) buffer, so that it follows the module's device and dtype; a network
