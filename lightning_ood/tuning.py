@@ -22,16 +22,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from rich.table import Table
 from torch import nn
 
+from lightning_ood.errors import ConfigError
 from lightning_ood.metrics import ood_metrics
-from lightning_ood.scoring import build_scorer
+from lightning_ood.scoring import Scorer, build_scorer
 from lightning_ood.scoring.base import Batch
+from lightning_ood.scoring.registry import family, presets
 from lightning_ood.statistics import FeatureSet, FeatureStatistics
 
 DEFAULT_PERCENTILES = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)  # the paper's grid for p
 DEFAULT_CLIP_PERCENTILES = (50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0, 99.0)  # lambda grid, as activation percentiles
-FMLS_FAMILY = ("fmls", "energy_fmls", "react_fm", "react_ls", "fm_ls", "msp_fmls", "odin_fmls")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ def select_fmls(
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
     clips: Sequence[float] | None = None,
     clip_percentiles: Sequence[float] = DEFAULT_CLIP_PERCENTILES,
+    name: str = "fmls",
 ) -> tuple[Candidate, list[Candidate]]:
     """Grid search of (p, lambda) for ``fmls`` on ID validation vs noise; returns the choice and the whole grid.
 
@@ -77,8 +80,8 @@ def select_fmls(
     candidates = []
     for p in percentiles:
         for clip, q in grid:
-            id_scores = score("fmls", stats, head, id_val, percentile=p, clip=clip)
-            noise_scores = score("fmls", stats, head, noise, percentile=p, clip=clip)
+            id_scores = score(name, stats, head, id_val, percentile=p, clip=clip)
+            noise_scores = score(name, stats, head, noise, percentile=p, clip=clip)
             m = ood_metrics(id_scores, noise_scores)
             candidates.append(Candidate(float(p), float(clip), q, m["fpr95"], m["auroc"]))
     best = min(candidates, key=selection_key)
@@ -133,18 +136,110 @@ def with_params(specs: dict[str, tuple[str, dict]], name: str, params: dict[str,
     return out
 
 
-def selected_scorers(specs: dict[str, tuple[str, dict]], best: Candidate) -> dict[str, dict]:
-    """The model's scorer mapping with the chosen p and lambda applied to the paper's method and its variants."""
+def selected_scorers(specs: dict[str, tuple[str, dict]], best: Candidate, name: str = "fmls") -> dict[str, dict]:
+    """The model's scorer mapping with the chosen p and lambda applied to the tuned method and its registered
+    variants (every configured scorer of its :func:`~lightning_ood.scoring.registry.family`); a variant whose
+    registration switches clipping off (``fm_ls``: ``clip: None``) keeps it off."""
+    kind = family(name)
     out = {}
-    for label, (name, params) in specs.items():
+    for label, (scorer, params) in specs.items():
         params = dict(params)
-        if name in FMLS_FAMILY:
+        if kind is not None and family(scorer) is kind:
             params["percentile"] = best.percentile
-            if name != "fm_ls":  # the ablation without ReAct keeps no clipping
+            if presets(scorer).get("clip", 0.0) is not None:
                 params.pop("clip_percentile", None)  # the chosen lambda replaces a percentile rule
                 params["clip"] = best.clip
-        out[label] = {"scorer": name, **params}
+        out[label] = {"scorer": scorer, **params}
     return out
+
+
+# ------------------------------------------------------------------------------------------------ selections
+@dataclass
+class Selected:
+    """What a selection procedure chose, for ``lightning-ood tune`` to report and write."""
+
+    params: dict[str, Any]
+    summary: str
+    fpr95: float
+    auroc: float
+    size: int
+    csv: str
+    scorers: dict[str, dict]  # the model's scorer mapping with the choice applied (the overlay)
+    table: Table
+
+
+class GridSelection:
+    """A scorer's declared ``search_space`` (or ``--grid``): every setting of the Cartesian product scored on cached
+    features; the lowest FPR95, then the highest AUROC, then the grid's first setting."""
+
+    def check(self, name: str, scorer: type[Scorer], grid: dict | None) -> None:
+        space = grid or scorer.search_space
+        if not space:
+            raise ConfigError(f"Scorer {name!r} declares no search space: give one with --grid '{{name: [values]}}'.")
+        for key, values in space.items():
+            if not isinstance(values, list | tuple) or not values:
+                raise ConfigError(f"--grid: {key} needs a non-empty list of values, got {values!r}.")
+        build_scorer(name, **{k: v[0] for k, v in space.items()})  # unknown or invalid hyperparameters: now
+
+    def run(self, name, stats, head, id_val, ood_val, specs, grid=None, **_) -> Selected:
+        grid = grid or dict(build_scorer(name).search_space)
+        best, settings = select_scorer(name, stats, head, id_val, ood_val, grid)
+        table = Table(title=f"tune: validation FPR95 % (AUROC %) of {name}")
+        for key in grid:
+            table.add_column(key)
+        table.add_column("FPR95", justify="right")
+        table.add_column("AUROC", justify="right")
+        for setting in settings:
+            style = "bold green" if setting == best else ""
+            cells = [*(str(v) for _, v in setting.params), f"{100 * setting.fpr95:.2f}", f"{100 * setting.auroc:.2f}"]
+            table.add_row(*(f"[{style}]{c}[/]" if style else c for c in cells))
+        params = dict(best.params)
+        return Selected(
+            params, ", ".join(f"{k} = {v}" for k, v in params.items()), best.fpr95, best.auroc, len(settings),
+            settings_csv(settings), with_params(specs, name, params), table,
+        )  # fmt: skip
+
+
+class PaperSelection:
+    """The paper's procedure (Section V-F): masking percentile p x clipping threshold lambda (absolute ``clips``, or
+    ``clip_percentiles`` of the training activations), the lowest FPR95, then the highest AUROC, then the least
+    intrusive setting (largest lambda, smallest p); the choice applies to the method's registered variants."""
+
+    def check(self, name: str, scorer: type[Scorer], grid: dict | None) -> None:
+        pass  # its grid comes from --percentiles and --clips / --clip_percentiles, checked by the command
+
+    def run(self, name, stats, head, id_val, ood_val, specs, percentiles=DEFAULT_PERCENTILES, clips=None,
+            clip_percentiles=DEFAULT_CLIP_PERCENTILES, **_) -> Selected:  # fmt: skip
+        best, grid = select_fmls(stats, head, id_val, ood_val, percentiles, clips, clip_percentiles, name)
+        lam = f"lambda = {best.clip:.6g}" + (
+            f" (the {best.clip_percentile:g}th percentile of training activations)" if best.clip_percentile else ""
+        )
+        return Selected(
+            {"percentile": best.percentile, "clip": best.clip}, f"p = {best.percentile:g}, {lam}", best.fpr95,
+            best.auroc, len(grid), to_csv(grid), selected_scorers(specs, best, name),
+            paper_grid_table(name, grid, best),
+        )  # fmt: skip
+
+
+def paper_grid_table(name: str, grid: list[Candidate], best: Candidate) -> Table:
+    clips = sorted({c.clip for c in grid})
+    table = Table(title=f"tune: validation FPR95 % (AUROC %) of {name}, ID validation vs validation OOD images")
+    table.add_column("p \\ lambda")
+    for clip in clips:
+        q = next(c.clip_percentile for c in grid if c.clip == clip)
+        table.add_column(f"{clip:.3g}" + (f"\n(q{q:g})" if q is not None else ""), justify="right")
+    for p in sorted({c.percentile for c in grid}):
+        cells = []
+        for clip in clips:
+            c = next(c for c in grid if c.percentile == p and c.clip == clip)
+            cell = f"{100 * c.fpr95:.1f} ({100 * c.auroc:.1f})"
+            cells.append(f"[bold green]{cell}[/]" if c == best else cell)
+        table.add_row(f"{p:g}", *cells)
+    return table
+
+
+# how `lightning-ood tune` selects, by the name a scorer class declares in its `selection`
+SELECTIONS = {"grid": GridSelection(), "paper": PaperSelection()}
 
 
 # ------------------------------------------------------------------------------------------------ sweeps

@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from rich.table import Table
 
 from lightning_ood.commands.common import (
     cached_features,
@@ -29,21 +28,12 @@ from lightning_ood.data.base import OODDataModule
 from lightning_ood.data.ood import build_ood_set, ood_entry
 from lightning_ood.data.sets import NoiseImages
 from lightning_ood.errors import ConfigError
-from lightning_ood.features import FeatureCache, FeatureSet, weights_fingerprint
+from lightning_ood.features import FeatureCache, weights_fingerprint
 from lightning_ood.io import atomic_write_text
 from lightning_ood.module import OODClassifier
 from lightning_ood.report import results_console
 from lightning_ood.scoring import SCORERS, build_scorer
-from lightning_ood.tuning import (
-    DEFAULT_CLIP_PERCENTILES,
-    DEFAULT_PERCENTILES,
-    select_fmls,
-    select_scorer,
-    selected_scorers,
-    settings_csv,
-    to_csv,
-    with_params,
-)
+from lightning_ood.tuning import DEFAULT_CLIP_PERCENTILES, DEFAULT_PERCENTILES, SELECTIONS
 
 
 def tune(
@@ -69,12 +59,13 @@ def tune(
         model: the model (from the config).
         datamodule: the data (from the config); its training images provide the ID validation images.
         ckpt_path: the checkpoint to tune (or the config's ``model.weights``).
-        scorer: the registered scorer to tune: ``fmls`` (the paper: p and lambda) or any scorer with a search space
+        scorer: the registered scorer to tune, by the selection its class declares (``Scorer.selection``): ``fmls``
+            (the paper's procedure: p and lambda) or any scorer with a search space
             that scores features (``knn``, ``vim``, ``gen``, ``react``, ``dice``, ``nnguide``, ...).
-        grid: the grid for a scorer other than ``fmls``, ``{hyperparameter: [values]}``; default its authors' grid.
-        percentiles: fmls: masking percentiles p to try (the paper: 10, 20, ..., 90).
-        clips: fmls: absolute lambdas to try; when unset, lambda runs over ``clip_percentiles``.
-        clip_percentiles: fmls: lambdas as percentiles of the training activations.
+        grid: the grid of a scorer selected by grid, ``{hyperparameter: [values]}``; default its authors' grid.
+        percentiles: the paper's procedure: masking percentiles p to try (10, 20, ..., 90).
+        clips: the paper's procedure: absolute lambdas to try; when unset, lambda runs over ``clip_percentiles``.
+        clip_percentiles: the paper's procedure: lambdas as percentiles of the training activations.
         validation: the validation OOD images: ``noise`` (Gaussian N(0, 1) per input value, the paper's) or an OOD set
             entry as in ``data.ood`` (e.g. ``{name: tin, image_list: cifar10_val_tin.txt}``, OpenOOD's).
         val_size: ID validation images when ``data.val_split`` is 0: that many training images (test transform,
@@ -112,29 +103,31 @@ def tune(
     ood_name, ood_set = validation_set(validation, datamodule, noise_size, seed)
     ood_val = cached_features(cache, model, f"{ood_name}_val", ood_set, device, weights, batch)
     head = copy.deepcopy(model.backbone.head).cpu()  # cached features live on the CPU
+    stats = model.ood_statistics.to("cpu")
     start = time.perf_counter()
-    if scorer == "fmls":
-        result = tune_fmls(model, head, id_val, ood_val, percentiles, clips, clip_percentiles)
-    else:
-        result = tune_scorer(scorer, model, head, id_val, ood_val, grid or dict(type(tuned).search_space))
+    result = SELECTIONS[type(tuned).selection].run(
+        scorer, stats, head, id_val, ood_val, model.scorer_specs, grid=grid, percentiles=percentiles, clips=clips,
+        clip_percentiles=clip_percentiles,
+    )  # fmt: skip
+    results_console().print(result.table)
     elapsed = time.perf_counter() - start
     folder = run_folder(self)
-    atomic_write_text(folder / "tune_grid.csv", result["csv"])  # the grid first: an overlay never stands alone
+    atomic_write_text(folder / "tune_grid.csv", result.csv)  # the grid first: an overlay never stands alone
     text = (
         f"# Selected by `lightning-ood tune --scorer {scorer}` on {len(id_val)} ID validation images vs "
-        f"{len(ood_val)} {ood_name} images:\n# {result['summary']}; validation FPR95 {100 * result['fpr95']:.2f}%, "
-        f"AUROC {100 * result['auroc']:.2f}%.\n"
-        + yaml.safe_dump({"model": {"scorers": result["scorers"]}}, sort_keys=False)
+        f"{len(ood_val)} {ood_name} images:\n# {result.summary}; validation FPR95 {100 * result.fpr95:.2f}%, "
+        f"AUROC {100 * result.auroc:.2f}%.\n"
+        + yaml.safe_dump({"model": {"scorers": result.scorers}}, sort_keys=False)
     )
     paths = [atomic_write_text(folder / "selected.yaml", text)]
     if output:
         paths.append(atomic_write_text(output, text))
     rank_zero_info(
-        f"Selected {result['summary']} (grid of {result['size']} in {elapsed:.2f}s). Overlay: "
+        f"Selected {result.summary} (grid of {result.size} in {elapsed:.2f}s). Overlay: "
         f"{', '.join(map(str, paths))}; grid: {folder / 'tune_grid.csv'}. Test with: lightning-ood test -c <config> "
         f"-c {paths[-1]}" + (f" --ckpt_path {ckpt_path}" if ckpt_path else "")
     )
-    return {"scorer": scorer, "params": result["params"], "fpr95": result["fpr95"], "auroc": result["auroc"],
+    return {"scorer": scorer, "params": result.params, "fpr95": result.fpr95, "auroc": result.auroc,
             "overlay": str(paths[-1])}  # fmt: skip
 
 
@@ -148,14 +141,7 @@ def check_tunable(name: str, grid: dict | None, model: OODClassifier):
             f"tune works on cached penultimate features, and {name!r} reads the input images, block outputs or "
             f"reference images; choose its hyperparameters with a sweep of `test` runs instead."
         )
-    if name != "fmls":
-        space = grid or type(scorer).search_space
-        if not space:
-            raise ConfigError(f"Scorer {name!r} declares no search space: give one with --grid '{{name: [values]}}'.")
-        for key, values in space.items():
-            if not isinstance(values, list | tuple) or not values:
-                raise ConfigError(f"--grid: {key} needs a non-empty list of values, got {values!r}.")
-        build_scorer(name, **{k: v[0] for k, v in space.items()})  # unknown or invalid hyperparameters: now
+    SELECTIONS[type(scorer).selection].check(name, type(scorer), grid)
     return scorer
 
 
@@ -167,59 +153,3 @@ def validation_set(validation: str | dict, datamodule: OODDataModule, noise_size
     label, name, options = ood_entry(validation)
     dataset = build_ood_set(name, datamodule.ood_transform(), shape, datamodule.ood_root, **options)
     return label, dataset
-
-
-def tune_fmls(model, head, id_val: FeatureSet, ood_val: FeatureSet, percentiles, clips, clip_percentiles) -> dict:
-    """The paper's procedure: fmls over p and lambda, the grid printed as a table."""
-    best, grid = select_fmls(
-        model.ood_statistics.to("cpu"), head, id_val, ood_val, percentiles, clips, clip_percentiles
-    )
-    print_fmls_grid(grid, best)
-    lam = f"lambda = {best.clip:.6g}" + (
-        f" (the {best.clip_percentile:g}th percentile of training activations)" if best.clip_percentile else ""
-    )
-    return {
-        "params": {"percentile": best.percentile, "clip": best.clip},
-        "summary": f"p = {best.percentile:g}, {lam}",
-        "fpr95": best.fpr95, "auroc": best.auroc, "size": len(grid), "csv": to_csv(grid),
-        "scorers": selected_scorers(model.scorer_specs, best),
-    }  # fmt: skip
-
-
-def tune_scorer(name: str, model, head, id_val: FeatureSet, ood_val: FeatureSet, grid: dict) -> dict:
-    """Any other scorer over its grid, printed as a table."""
-    best, settings = select_scorer(name, model.ood_statistics.to("cpu"), head, id_val, ood_val, grid)
-    table = Table(title=f"tune: validation FPR95 % (AUROC %) of {name}")
-    keys = list(grid)
-    for key in keys:
-        table.add_column(key)
-    table.add_column("FPR95", justify="right")
-    table.add_column("AUROC", justify="right")
-    for setting in settings:
-        style = "bold green" if setting == best else ""
-        cells = [*(str(v) for _, v in setting.params), f"{100 * setting.fpr95:.2f}", f"{100 * setting.auroc:.2f}"]
-        table.add_row(*(f"[{style}]{c}[/]" if style else c for c in cells))
-    results_console().print(table)
-    params = dict(best.params)
-    return {
-        "params": params, "summary": ", ".join(f"{k} = {v}" for k, v in params.items()),
-        "fpr95": best.fpr95, "auroc": best.auroc, "size": len(settings), "csv": settings_csv(settings),
-        "scorers": with_params(model.scorer_specs, name, params),
-    }  # fmt: skip
-
-
-def print_fmls_grid(grid, best) -> None:
-    clips = sorted({c.clip for c in grid})
-    table = Table(title="tune: validation FPR95 % (AUROC %) of fmls, ID validation vs validation OOD images")
-    table.add_column("p \\ lambda")
-    for clip in clips:
-        q = next(c.clip_percentile for c in grid if c.clip == clip)
-        table.add_column(f"{clip:.3g}" + (f"\n(q{q:g})" if q is not None else ""), justify="right")
-    for p in sorted({c.percentile for c in grid}):
-        cells = []
-        for clip in clips:
-            c = next(c for c in grid if c.percentile == p and c.clip == clip)
-            cell = f"{100 * c.fpr95:.1f} ({100 * c.auroc:.1f})"
-            cells.append(f"[bold green]{cell}[/]" if c == best else cell)
-        table.add_row(f"{p:g}", *cells)
-    results_console().print(table)

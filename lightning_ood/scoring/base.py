@@ -144,11 +144,15 @@ class Scorer(nn.Module):
         needs_inputs: the scorer perturbs the input images (see :class:`~lightning_ood.scoring.odin.ODIN`).
         needs_statistics: statistics beyond the core ones that the statistics pass must accumulate for it.
         search_space: the hyperparameter grid ``lightning-ood tune`` searches for this scorer (its authors' grid).
+        selection: how ``lightning-ood tune`` selects its hyperparameters: ``grid`` (its ``search_space``, lowest
+            FPR95, then highest AUROC, then the grid's first) or another procedure of
+            :data:`lightning_ood.tuning.SELECTIONS` (``paper``: the paper's p x lambda procedure, Section V-F).
     """
 
     needs_inputs: ClassVar[bool] = False
     needs_statistics: ClassVar[frozenset[str]] = frozenset()
     search_space: ClassVar[dict[str, tuple]] = {}
+    selection: ClassVar[str] = "grid"
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A fitted tensor is a (non-persistent) buffer, so that it follows the module's device and dtype; a network

@@ -16,6 +16,8 @@ the combinations of Table IV.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -50,6 +52,8 @@ class FMLS(LogitScorer):
         smooth: apply logit smoothing.
         output: ``energy`` (the paper) or ``msp``.
     """
+
+    selection: ClassVar[str] = "paper"  # tune: p x lambda on validation noise, the paper's Section V-F
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ def odin_on(base: type[Scorer], **base_presets: Any) -> Callable[..., ODIN]:
         return ODIN(base=construct(base, base_kwargs), **odin_kwargs)
 
     build.accepted = odin_params | set(inspect.signature(base).parameters)  # type: ignore[attr-defined]
+    build.base = base  # type: ignore[attr-defined]  (the method it combines with: its family)
     return build
 
 
@@ -158,6 +159,21 @@ def build_scorer(name: str, **kwargs: Any) -> Scorer:
         raise unknown_name("scorer", name, SCORERS)
     entry = SCORERS[name]
     return construct(entry.build, {**entry.presets, **kwargs}, name)
+
+
+def family(name: str) -> type[Scorer] | None:
+    """The scorer class a registered name builds (for ODIN on a base method: the base's), so that a choice made for
+    one method applies to its registered variants (``fmls``, ``react_fm``, ``msp_fmls``, ``odin_fmls``, ...)."""
+    entry = SCORERS.get(name)
+    if entry is None:
+        return None
+    return entry.build if isinstance(entry.build, type) else getattr(entry.build, "base", None)
+
+
+def presets(name: str) -> dict[str, Any]:
+    """The hyperparameters a registered name fixes (``fm_ls``: ``clip: None``, no ReAct)."""
+    entry = SCORERS.get(name)
+    return dict(entry.presets) if entry is not None else {}
 
 
 def paper_name(name: str) -> str | None:
