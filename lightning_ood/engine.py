@@ -33,6 +33,7 @@ from lightning_ood.precision import as_float, network_device, network_dtype
 from lightning_ood.scoring import DEFAULT_SCORERS, GROUPS, Scorer, build_scorer
 from lightning_ood.scoring.base import Batch, Needs
 from lightning_ood.statistics import (
+    FeatureSet,
     FeatureStatistics,
     StatisticsAccumulator,
     StatisticsSetup,
@@ -215,6 +216,31 @@ class Engine(nn.Module):
                     with torch.no_grad():
                         scores[label] = scorer(batch)
         return logits, scores
+
+    def score_cached(self, data: FeatureSet) -> dict[str, Tensor]:
+        """Every scorer's scores of cached features and logits (``tune``, ``sweep``: no pass over the images); for
+        scorers that read nothing but features and logits."""
+        unsupported = [label for label, s in self.fitted().items() if s.needs.blocks or s.needs.inputs]
+        if unsupported:
+            raise ConfigError(
+                f"{', '.join(unsupported)} read block outputs or the inputs: cached features cannot serve."
+            )
+        batch = Batch(data.features, data.logits)
+        with torch.no_grad():
+            return {label: scorer(batch) for label, scorer in self.fitted().items()}
+
+
+class HeadOnly(nn.Module):
+    """The network of cached features: its head alone (what scorers fit on besides the statistics)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+
+def cached_engine(head: nn.Module, scorers: ScorerSpec, statistics: FeatureStatistics) -> Engine:
+    """An engine fitted on ``statistics`` and ``head`` for scoring cached features (:meth:`Engine.score_cached`)."""
+    return Engine(HeadOnly(head), scorers).fit(statistics)
 
 
 def module_key(label: str) -> str:

@@ -25,10 +25,10 @@ import matplotlib.pyplot as plt
 from rich.table import Table
 from torch import nn
 
+from lightning_ood.engine import cached_engine
 from lightning_ood.errors import ConfigError
 from lightning_ood.metrics import ood_metrics
 from lightning_ood.scoring import Scorer, build_scorer
-from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.registry import family, presets
 from lightning_ood.statistics import FeatureSet, FeatureStatistics
 
@@ -53,9 +53,9 @@ def selection_key(candidate: Candidate) -> tuple[float, float, float, float]:
 
 
 def score(name: str, stats: FeatureStatistics, head: nn.Linear, data: FeatureSet, **params):
-    """Scores of cached features and logits by ``name`` fitted on ``stats`` and ``head`` (on the head's device)."""
-    scorer = build_scorer(name, **params).fit_statistics(stats.to(head.weight.device), head)
-    return scorer.to(data.features.device)(Batch(data.features, data.logits))
+    """Scores of cached features and logits by ``name`` with ``params``, through the evaluation engine fitted on
+    ``stats`` and ``head`` (the cached features and the head on one device)."""
+    return cached_engine(head, {name: {"scorer": name, **params}}, stats).score_cached(data)[name]
 
 
 def select_fmls(
@@ -270,10 +270,10 @@ def sensitivity_sweeps(
     points: list[SweepPoint] = []
 
     def evaluate(sweep: str, label: str, value: float, name: str, **params) -> None:
-        scorer = build_scorer(name, **params).fit_statistics(stats, head)
-        id_scores = scorer.score(id_test.features, id_test.logits)
+        engine = cached_engine(head, {name: {"scorer": name, **params}}, stats)
+        id_scores = engine.score_cached(id_test)[name]
         for ood, data in oods.items():
-            m = ood_metrics(id_scores, scorer.score(data.features, data.logits))
+            m = ood_metrics(id_scores, engine.score_cached(data)[name])
             points.append(SweepPoint(sweep, label, float(value), ood, m["fpr95"], m["auroc"]))
 
     for lam in lambdas:

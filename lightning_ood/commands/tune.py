@@ -116,8 +116,7 @@ def tune(
     text = (
         f"# Selected by `lightning-ood tune --scorer {scorer}` on {len(id_val)} ID validation images vs "
         f"{len(ood_val)} {ood_name} images:\n# {result.summary}; validation FPR95 {100 * result.fpr95:.2f}%, "
-        f"AUROC {100 * result.auroc:.2f}%.\n"
-        + yaml.safe_dump({"model": {"scorers": result.scorers}}, sort_keys=False)
+        f"AUROC {100 * result.auroc:.2f}%.\n" + yaml.safe_dump({"model": {"scorers": result.scorers}}, sort_keys=False)
     )
     paths = [atomic_write_text(folder / "selected.yaml", text)]
     if output:
