@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_ood.data import SyntheticDataModule
-from lightning_ood.featurenorm import block_outputs
+from lightning_ood.hooks import block_outputs
 from lightning_ood.models import build_backbone
 from lightning_ood.module import OODClassifier
 from lightning_ood.scoring import GROUPS, build_scorer

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
-from lightning_ood.featurenorm import block_outputs
 from lightning_ood.features import network_pass
+from lightning_ood.hooks import block_outputs
 from lightning_ood.normalization import Normalization
 from lightning_ood.precision import as_float, network_device, network_dtype
 from lightning_ood.scoring import DEFAULT_SCORERS, GROUPS, Scorer, build_scorer

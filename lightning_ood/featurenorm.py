@@ -18,15 +18,15 @@ forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.errors import ConfigError
+from lightning_ood.features import network_pass
 from lightning_ood.normalization import Normalization
+from lightning_ood.precision import network_device, network_dtype
 
 
 def feature_norm(output: Tensor) -> Tensor:  # (N, C, H, W) or (N, T, D) -> (N,)
@@ -51,61 +51,6 @@ def jigsaw(images: Tensor, generators: Iterable[torch.Generator], grid: int = 3)
             r, c = divmod(position, grid)
             out[i, :, r * th : (r + 1) * th, c * tw : (c + 1) * tw] = tiles[source]
     return out
-
-
-def unknown_blocks(
-    names: Iterable[str], blocks: Mapping[str, nn.Module], modules: Mapping[str, nn.Module]
-) -> list[str]:
-    """The names that :func:`block_outputs` cannot capture: neither a block (``backbone.blocks()``) nor a submodule
-    (``"<module>"`` or ``"<module>:input"`` of ``dict(backbone.named_modules())``)."""
-    return [n for n in names if n not in blocks and n.removesuffix(":input") not in modules]
-
-
-@contextmanager
-def block_outputs(backbone: nn.Module, names: Iterable[str]):
-    """Capture, during forward passes in the ``with`` body, the outputs of the named blocks (``backbone.blocks()``)
-    or submodules (``backbone.named_modules()``; ``"<module>:input"`` captures a module's input instead).
-
-    Yields a dict that maps each name to the tensor of its latest call. Submodule outputs and inputs are copied,
-    since the network may change them in place afterwards (torchvision's ``out += identity``).
-    """
-    names = list(dict.fromkeys(names))
-    if not names:  # nothing to capture: no hooks, no cost
-        yield {}
-        return
-    blocks = backbone.blocks()
-    modules = dict(backbone.named_modules())
-    unknown = unknown_blocks(names, blocks, modules)
-    if unknown:
-        raise ConfigError(f"Unknown block(s) {unknown} of {type(backbone).__name__}. Blocks: {', '.join(blocks)}.")
-    captured: dict[str, Tensor] = {}
-
-    def store_output(name: str, copy: bool) -> Callable:
-        def hook(module, inputs, output) -> None:
-            output = output[0] if isinstance(output, tuple) else output
-            captured[name] = output.clone() if copy else output
-
-        return hook
-
-    def store_input(name: str) -> Callable:
-        def hook(module, inputs) -> None:
-            captured[name] = inputs[0].clone()
-
-        return hook
-
-    handles = []
-    for name in names:
-        if name in blocks:
-            handles.append(blocks[name].register_forward_hook(store_output(name, copy=False)))
-        elif name.endswith(":input"):
-            handles.append(modules[name.removesuffix(":input")].register_forward_pre_hook(store_input(name)))
-        else:
-            handles.append(modules[name].register_forward_hook(store_output(name, copy=True)))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -148,7 +93,6 @@ def norm_ratios(
     loader: Iterable,
     blocks: Iterable[str] | None = None,
     seed: int = 0,
-    device: torch.device | str = "cpu",
     sum_across: Callable[[Tensor], Tensor] | None = None,
     normalization: Normalization | None = None,
 ) -> NormRatios:
@@ -156,28 +100,23 @@ def norm_ratios(
     batches of normalised images. Each image's jigsaw is seeded by ``seed`` and its dataset index, so the result
     does not depend on batching or on the number of DDP ranks (``sum_across`` adds the per-rank sums). With the
     images' ``normalization`` the jigsaw is made in pixel space with a black strip (the authors' way); without, in
-    the network's input space with a 0 strip."""
+    the network's input space with a 0 strip. On the network's device and in its precision (the one forward loop,
+    :func:`~lightning_ood.features.network_pass`, with the jigsaw images run through the same hooks)."""
     names = list(blocks) if blocks is not None else list(backbone.blocks())
-    was_training = backbone.training
-    backbone.eval()
     totals = torch.zeros(len(names), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
-    with block_outputs(backbone, names) as captured:
-        weights = next(backbone.parameters(), None)  # the network's precision (a double() model takes float64)
-        for images, _, indices in loader:
-            images = images.to(device, weights.dtype if weights is not None else None)
-            backbone.features(images)
-            real = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()  # (N, B)
-            generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
-            if normalization is None:
-                scrambled_images = jigsaw(images, generators)
-            else:
-                scrambled_images = normalization.normalize(jigsaw(normalization.unnormalize(images), generators))
-            backbone.features(scrambled_images)
-            scrambled = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()
-            totals += (real / scrambled.clamp_min(1e-12)).sum(0)
-            count += len(images)
-    backbone.train(was_training)
+    for _, _, captured, (images, _, indices) in network_pass(backbone, loader, names, "NormRatio", progress=False):
+        real = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()  # (N, B)
+        images = images.to(network_device(backbone), network_dtype(backbone))
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+        if normalization is None:
+            scrambled_images = jigsaw(images, generators)
+        else:
+            scrambled_images = normalization.normalize(jigsaw(normalization.unnormalize(images), generators))
+        backbone.features(scrambled_images)  # the same hooks, still in place: the jigsaw's block outputs
+        scrambled = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()
+        totals += (real / scrambled.clamp_min(1e-12)).sum(0)
+        count += len(images)
     if sum_across is not None:
         totals, count = sum_across(totals), sum_across(count)
     ratios = (totals / count).tolist()

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_ood.errors import DataError
-from lightning_ood.featurenorm import block_outputs
+from lightning_ood.hooks import block_outputs
 from lightning_ood.io import atomic_write
 from lightning_ood.precision import as_float, network_device, network_dtype
 from lightning_ood.statistics import FeatureSet

@@ -121,7 +121,7 @@ def normratio_selection(
     subset = seeded_subset(datamodule.statistics_images, images, seed)
     loader = datamodule.eval_loader(IndexedDataset(subset))
     sum_across, *_ = _reducers(trainer, module.device)
-    result = norm_ratios(module.backbone, loader, seed=seed, device=module.device, sum_across=sum_across,
+    result = norm_ratios(module.backbone, loader, seed=seed, sum_across=sum_across,
                          normalization=module.input_normalization)  # fmt: skip
     table = ", ".join(f"{name} {ratio:.3f}" for name, ratio in result.ratios.items())
     rank_zero_info(f"NormRatio on {result.images} ID training images: {table}. FeatureNorm block: {result.selected}.")

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ood.featurenorm import block_outputs, norm_ratios
+from lightning_ood.featurenorm import norm_ratios
+from lightning_ood.hooks import block_outputs
 from lightning_ood.models import build_backbone, pretrained_backbone
 from lightning_ood.models.base import Backbone
 from lightning_ood.normalization import Normalization

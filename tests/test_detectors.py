@@ -18,7 +18,7 @@ from scipy.special import logsumexp, softmax
 from scipy.stats import entropy
 from torch import nn
 
-from lightning_ood.featurenorm import block_outputs
+from lightning_ood.hooks import block_outputs
 from lightning_ood.metrics import ood_metrics
 from lightning_ood.models import build_backbone
 from lightning_ood.scoring import build_scorer

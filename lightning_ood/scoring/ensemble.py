@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
-from lightning_ood.featurenorm import block_outputs
+from lightning_ood.hooks import block_outputs
 from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_nonnegative
 from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
 from lightning_ood.statistics import (

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
-from lightning_ood.featurenorm import NormRatios, feature_norm, norm_ratios, unknown_blocks
+from lightning_ood.featurenorm import NormRatios, feature_norm, norm_ratios
+from lightning_ood.hooks import unknown_blocks
 from lightning_ood.scoring.base import Batch, Scorer
 
 NORMRATIO_IMAGES = 2000  # ID training images used to choose the block (a seeded subset)
@@ -44,7 +45,7 @@ class FeatureNorm(Scorer):
 
         def measure() -> NormRatios:
             result = norm_ratios(
-                context.backbone, context.training_images(NORMRATIO_IMAGES, 0), seed=0, device=context.device,
+                context.backbone, context.training_images(NORMRATIO_IMAGES, 0), seed=0,
                 sum_across=context.sum_across, normalization=context.normalization,
             )  # fmt: skip
             table = ", ".join(f"{name} {ratio:.3f}" for name, ratio in result.ratios.items())
