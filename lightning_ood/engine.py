@@ -92,10 +92,6 @@ class FitContext:
     log: Callable[[str], None] = print
     notes: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def device(self) -> torch.device:
-        return network_device(self.backbone)
-
     def shared(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per context: two scorers that need the same measurement share it."""
         if key not in self.notes:
