@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
+from lightning_ood import config_yaml
 from lightning_ood.callbacks import FitOODStatistics, OODResultsTable, ScoreHistograms
 from lightning_ood.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, read_checkpoint
 from lightning_ood.data.base import OODDataModule
@@ -32,6 +35,36 @@ TRAINER_DEFAULTS = {
 }
 
 
+# Lightning's one-line descriptions cut ``test``'s docstring mid-sentence; these say what the commands do here.
+SUBCOMMAND_HELP = {
+    "fit": "Train the network (SGD, the configured schedule), then fit the OOD statistics on its training images.",
+    "validate": "ID accuracy on held-out training images (--data.init_args.val_split).",
+    "test": "One pass over the ID test set and every OOD set, scoring every configured detector (AUROC, FPR, tables).",
+}
+
+
+class ConciseParser(LightningArgumentParser):
+    """A parse error prints one ``error:`` line and where to find the options, not the whole usage first."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse trying alternatives: it catches this
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        first = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+        more = "\n".join(f"  {line}" for line in message.strip().splitlines()[1:12])
+        sys.stderr.write(f"error: {first}\n{more + chr(10) if more else ''}See `{prog} --help` for the options.\n")
+        sys.exit(2)
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGTERM (a scheduler's time limit or preemption) or Ctrl-C, with what it kept."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def fast_precision(subcommand: str | None, precision, accelerator) -> str | None:
     """The precision of the GPU fast path: ``bf16-mixed`` to train on a CUDA GPU that supports it when the user set
     none, else what the user set (``None``: Lightning's 32-bit). Evaluation scores in float32 whatever the precision
@@ -50,6 +83,7 @@ class OODCLI(LightningCLI):
     ``predict`` is not offered: scoring images is what ``test`` does."""
 
     runs: ClassVar[list[RunFolder]] = []  # the run folders claimed in this process, released or abandoned by main()
+    current: ClassVar[OODCLI | None] = None  # the CLI whose run is in progress (main() reports an interruption)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -81,10 +115,19 @@ class OODCLI(LightningCLI):
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        parsers = getattr(self, "_subcommand_parsers", {})
         # Our result table replaces Lightning's per-dataloader printout of every logged value.
         for name in ("test", "validate"):
-            if name in getattr(self, "_subcommand_parsers", {}):
-                self._subcommand_parsers[name].set_defaults(verbose=False)
+            if name in parsers:
+                parsers[name].set_defaults(verbose=False)
+        for name in ("fit", "test", "validate"):  # never run code from a checkpoint (see lightning_ood.checkpoints)
+            if name in parsers:
+                parsers[name].set_defaults(weights_only=True)
+        action = getattr(self.parser, "_subcommands_action", None)
+        for choice in getattr(action, "_choices_actions", []):
+            if choice.dest in SUBCOMMAND_HELP:
+                choice.help = SUBCOMMAND_HELP[choice.dest]
+                parsers[choice.dest].description = SUBCOMMAND_HELP[choice.dest]
 
     def instantiate_trainer(self, **kwargs):
         # Always on: statistics after fit, the result table and TensorBoard histograms after test; a rich progress
@@ -111,17 +154,33 @@ class OODCLI(LightningCLI):
         return str(ckpt_path) if ckpt_path else None
 
     def _check_ckpt_path(self) -> None:
-        """Read a given checkpoint once up front, so a missing or corrupt file is one clear error; ``last`` is the
-        checkpoint folder's ``last.ckpt`` (when there is none, Lightning starts from scratch and says so)."""
+        """Read a given checkpoint once up front, so a missing, corrupt or unsafe file is one clear error; ``last`` is
+        the checkpoint folder's ``last.ckpt``, and there must be one (a resume that silently trains from scratch is
+        not a resume)."""
+        OODCLI.current = self
+        if self.config_init[self.subcommand].get("weights_only") is False:
+            raise ConfigError(
+                "--weights_only false would let the checkpoint's pickle run arbitrary code; it is not offered. "
+                "Checkpoints load with weights_only=True (tensors, containers and plain values)."
+            )
         ckpt_path = self._ckpt_path()
         if ckpt_path == "last":
-            checkpoint = self.trainer.checkpoint_callback
-            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
-                last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-                if last.exists():
-                    read_checkpoint(last)
+            last = self._last_checkpoint()
+            if last is None or not last.exists():
+                where = f"in {last.parent}" if last is not None else "(no checkpoint folder is configured)"
+                raise ConfigError(
+                    f"--ckpt_path last: there is no last.ckpt {where}, so there is nothing to resume. Drop --ckpt_path "
+                    f"to train from scratch, or give the checkpoint's path."
+                )
+            read_checkpoint(last)
         elif ckpt_path and ckpt_path not in SPECIAL_PATHS:
             read_checkpoint(ckpt_path)
+
+    def _last_checkpoint(self) -> Path | None:
+        checkpoint = self.trainer.checkpoint_callback
+        if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
+            return None
+        return Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
 
     def _claim_run_folder(self, checkpoints: bool = False) -> None:
         """Check the folders this run writes and lock its log folder (see :mod:`lightning_ood.run_folder`)."""
@@ -170,6 +229,8 @@ class OODCLI(LightningCLI):
     before_sweep = before_normratio = before_import = before_tune
 
     def _release(self) -> None:
+        if self.trainer.received_sigterm:  # a SIGTERM after the last loop check (in the statistics pass, say)
+            raise SIGTERMException()
         while self.runs:
             self.runs.pop().release()
 
@@ -202,11 +263,51 @@ def clean_message(message: str) -> str:
     return message
 
 
+def interruption(exc: BaseException) -> Interrupted | None:
+    """What an interrupted run kept and how to resume it, when ``exc`` is a SIGTERM or Ctrl-C (Lightning turns
+    Ctrl-C into ``sys.exit(1)`` after its graceful shutdown, and SIGTERM into a ``SystemExit`` with status 0)."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        chain.append(exc)
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    if any(isinstance(e, SIGTERMException) for e in chain):
+        what, status = "SIGTERM", 128 + signal.SIGTERM
+    elif any(isinstance(e, KeyboardInterrupt) for e in chain):
+        what, status = "Ctrl-C (SIGINT)", 128 + signal.SIGINT
+    else:
+        return None
+    cli = OODCLI.current
+    trainer = getattr(cli, "trainer", None)
+    if cli is None or trainer is None:
+        return Interrupted(f"{what} before the run started; nothing was written.", status)
+    kept = []
+    if trainer.log_dir and Path(trainer.log_dir).is_dir():
+        kept.append(f"the logs in {trainer.log_dir}")
+    last = cli._last_checkpoint() if cli.subcommand == "fit" else None
+    if last is not None and last.exists():
+        epoch = read_checkpoint(last).get("epoch")
+        kept.append(f"{last} (end of epoch {epoch})")
+    message = f"{cli.subcommand} stopped by {what} in epoch {trainer.current_epoch} (step {trainer.global_step})."
+    message += f" Kept: {'; '.join(kept)}." if kept else " Nothing was saved."
+    if cli.subcommand == "fit" and last is not None and last.exists():
+        message += (
+            " Resume with the same command and --ckpt_path last: training continues at the next epoch and step, "
+            "logged into a new version folder beside this one (TensorBoard shows both, steps continuing); pass "
+            "--trainer.logger.init_args.version to write into this one instead."
+        )
+    return Interrupted(message, status)
+
+
 def main(args=None) -> None:
-    """Entry point; user errors print one line and exit with status 2. ``report`` (no model, no data) is dispatched
-    before the LightningCLI is built."""
+    """Entry point; user errors print one line and exit with status 2, an interrupted run says what it kept and exits
+    with 128 + the signal (143 for SIGTERM, 130 for Ctrl-C). ``report`` (no model, no data) is dispatched before the
+    LightningCLI is built."""
     argv = list(sys.argv[1:] if args is None else args)
+    OODCLI.current = None
     try:
+        config_yaml.install()
+        config_yaml.check_config_files(argv)
         if argv[:1] == ["report"]:
             from lightning_ood.commands.report import report
 
@@ -216,6 +317,7 @@ def main(args=None) -> None:
             OODClassifier,
             OODDataModule,
             trainer_class=OODTrainer,
+            parser_class=ConciseParser,
             subclass_mode_data=True,
             trainer_defaults=dict(TRAINER_DEFAULTS),
             seed_everything_default=42,
@@ -228,13 +330,19 @@ def main(args=None) -> None:
             args=args,
         )
     except BaseException as exc:
-        while OODCLI.runs:  # a failed run leaves no empty or half-written log folder behind
+        while OODCLI.runs:  # release the lock; remove only folders this run left truly empty
             OODCLI.runs.pop().abandon()
+        stopped = interruption(exc)
+        if stopped is not None:
+            Console(stderr=True).print(f"[bold yellow]interrupted:[/] {stopped}", highlight=False, soft_wrap=True)
+            sys.exit(stopped.status)
         err = user_error(exc) if isinstance(exc, Exception) else None
         if err is None:
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {clean_message(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    finally:
+        OODCLI.current = None
 
 
 if __name__ == "__main__":

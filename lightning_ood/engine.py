@@ -56,6 +56,11 @@ def scorer_specs(scorers: ScorerSpec | None) -> dict[str, tuple[str, dict[str, A
     """
     if scorers is None:
         scorers = list(DEFAULT_SCORERS)
+    if not scorers:
+        raise ConfigError(
+            f"The scorer set is empty ({scorers!r}): name at least one scorer (e.g. [msp, energy, fmls]) or a group "
+            f"({', '.join(sorted(GROUPS))}), or leave scorers unset for every method of the paper's tables."
+        )
     if isinstance(scorers, str):
         scorers = [scorers]
     if isinstance(scorers, list | tuple):

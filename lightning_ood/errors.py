@@ -24,3 +24,8 @@ def unknown_name(kind: str, name: str, choices) -> ConfigError:
 
 class OutputError(LightningOODError):
     """A result, checkpoint, log or cache file that cannot be written (full disk, read-only folder, quota)."""
+
+
+class DuplicateKeyError(LightningOODError):
+    """A YAML mapping (config file or command-line value) that gives one key twice. Deliberately not a ``ValueError``:
+    jsonargparse would take that as "not YAML" and read the value as a plain string."""

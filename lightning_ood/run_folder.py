@@ -1,17 +1,19 @@
 """The run's output folder (``logs/<name>/version_N``): checked before any work, held by one run at a time, and removed
-again when a failed run created it and left nothing of use in it.
+again when a failed or interrupted run created it and left it truly empty.
 
 - Writability of the logs and checkpoint folders is checked up front, not after the first epoch or the whole test.
 - A folder that already holds results (``ood_results.*``, ``selected.yaml``, ...) is not written into unless the user
   asks (``--overwrite_results true``): two runs with the same explicit version would silently overwrite each other.
 - A lock file ``.lightning-ood.lock`` holding the writer's process id keeps a concurrent run out; a lock left by a
   process that no longer runs is taken over.
+- A run that fails or is interrupted keeps every file it wrote (TensorBoard events, ``config.yaml``, checkpoints): an
+  interrupted ``fit``'s curves are what the user needs most. Only its lock and the folders it created and left without
+  a single file are removed.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,9 +91,8 @@ class RunFolder:
             self.locked = False
 
     def abandon(self) -> None:
-        """After a failure: release the lock and remove what this run created and filled with nothing of use."""
+        """After a failure or an interruption: release the lock and remove the folders this run created that hold no
+        file at all (deepest first). No file the run wrote is deleted."""
         self.release()
-        useful = holds_results(self.path) if self.path.is_dir() else []
-        if self.created and not useful and self.path.is_dir():
-            shutil.rmtree(self.path, ignore_errors=True)
-        remove_empty_folders(self.extra)
+        created = [self.path, *(p for p in self.path.rglob("*") if p.is_dir())] if self.created else []
+        remove_empty_folders([*created, *self.extra])

@@ -77,3 +77,16 @@ class RecordingCIFARDataModule(CIFARDataModule):
                 for epoch, index in zip(batch.epochs.tolist(), batch.indices.tolist(), strict=True):
                     f.write(f"{epoch} {index}\n")
         return super().on_after_batch_transfer(batch, dataloader_idx)
+
+
+class SignalAtStep(Callback):
+    """Send ``signal`` (``SIGTERM``: a scheduler's time limit or preemption; ``SIGINT``: Ctrl-C) to the training
+    process right after optimisation step ``step``, as the outside world would."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
+        self.step = step
+        self.signal = signal
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))

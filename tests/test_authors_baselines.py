@@ -132,7 +132,7 @@ def test_react_threshold_from_id_test_images_through_the_cli(tmp_path, caplog):
     dm = SyntheticDataModule(num_classes=3, train_size=30, test_size=25, ood_sizes={"noise": 10})
     dm.setup("test")
     net = build_backbone("resnet20", 3)
-    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     net.load_state_dict({k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()})
     with torch.no_grad():
         features = net.eval().features(dm.test_sets["synthetic"].tensors[0])

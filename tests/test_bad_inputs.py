@@ -81,7 +81,7 @@ def test_checkpoint_of_another_backbone(case, capsys):
 def test_checkpoint_without_statistics_and_no_training_data(case, capsys):
     tmp, data, ckpt, scratch = case
     bare = scratch / "bare.ckpt"
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = torch.load(ckpt, weights_only=True)
     del checkpoint["ood_statistics"]
     torch.save(checkpoint, bare)
     test_only = scratch / "test_only"
@@ -137,7 +137,7 @@ def test_undecodable_images_skipped_with_a_count(case):
 
 
 def poisoned_checkpoint(ckpt, path, trust_statistics: bool):
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["state_dict"]["backbone.conv1.weight"][0, 0, 0, 0] = float("nan")
     if trust_statistics:  # statistics of unknown weights are used as they are
         checkpoint["ood_statistics"]["weights"] = ""

@@ -80,11 +80,11 @@ def test_fit_resume_and_test_from_checkpoint(cifar_folder, tmp_path, capsys):
     run_cli("fit", *common, "--trainer.max_epochs", "1")
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.exists()
-    first = torch.load(last, weights_only=False)
+    first = torch.load(last, weights_only=True)
     assert first["global_step"] == 4  # 60 images, batch 16
     assert "ood_statistics" in first, "last.ckpt is rewritten once the statistics exist"
     run_cli("fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last")
-    assert torch.load(last, weights_only=False)["global_step"] == 8, "resumed from last.ckpt and ran one more epoch"
+    assert torch.load(last, weights_only=True)["global_step"] == 8, "resumed from last.ckpt and ran one more epoch"
     run_cli("test", *common, "--ckpt_path", str(last))
     assert "ID accuracy on cifar10" in capsys.readouterr().out
 

@@ -147,7 +147,7 @@ def test_tune_any_scorer_on_an_ood_validation_set(trained, caplog, tmp_path):
     assert set(entries) == {"synthetic_val", "folder_val", "ood_statistics_bank_bank50000"}
     stats = FeatureStatistics.from_state_dict(entries["ood_statistics_bank_bank50000"])
     assert stats.num_samples == 64 - 30 and stats.bank is not None
-    checkpoint = torch.load(tmp / "ckpt" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp / "ckpt" / "last.ckpt", weights_only=True)
     from torch import nn
 
     head = nn.Linear(64, 4)

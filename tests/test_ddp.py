@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
         devices=2)  # fmt: skip
     ckpt = tmp / "ckpt" / "last.ckpt"
     bare = tmp / "bare.ckpt"  # without statistics: test computes them (under DDP for the 2-process run)
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint.pop("ood_statistics")
     torch.save(checkpoint, bare)
     for devices in (1, 2):

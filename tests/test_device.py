@@ -127,7 +127,7 @@ def test_cli_test_in_float64_fits_the_statistics_on_demand_with_every_scorer(tmp
             "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
             "--checkpoint.dirpath", str(tmp_path / "c")]  # fmt: skip
     run_cli("fit", *data, "--trainer.max_epochs", "1", "--model.scorers", "[msp]")
-    checkpoint = torch.load(tmp_path / "c" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "c" / "last.ckpt", weights_only=True)
     del checkpoint["ood_statistics"]
     torch.save(checkpoint, tmp_path / "c" / "bare.ckpt")
     run_cli("test", *data, "--ckpt_path", str(tmp_path / "c" / "bare.ckpt"), "--model.scorers", "all",

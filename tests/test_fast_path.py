@@ -41,8 +41,8 @@ def test_compile_trains_the_same_network_and_keeps_checkpoint_keys(cifar_folder,
     assert not torch._dynamo.utils.counters["stats"], "nothing compiled without the switch"
     run_cli("fit", *fit_args(cifar_folder, tmp_path / "compiled"), "--model.compile", "eager")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "the CLI's Trainer ran the compiled forward"
-    plain = torch.load(tmp_path / "plain" / "ckpt" / "last.ckpt", weights_only=False)
-    compiled = torch.load(tmp_path / "compiled" / "ckpt" / "last.ckpt", weights_only=False)
+    plain = torch.load(tmp_path / "plain" / "ckpt" / "last.ckpt", weights_only=True)
+    compiled = torch.load(tmp_path / "compiled" / "ckpt" / "last.ckpt", weights_only=True)
     assert plain["state_dict"].keys() == compiled["state_dict"].keys(), "compiling does not rename checkpoint keys"
     assert compiled["global_step"] == plain["global_step"] == 4
     for key, value in plain["state_dict"].items():
@@ -70,7 +70,7 @@ def test_channels_last_during_training_only(cifar_folder, tmp_path, flag, expect
     seen = conv_input_formats(lambda: run_cli("fit", *fit_args(cifar_folder, tmp_path), *flag))
     assert {channels_last for training, channels_last in seen if training} == {expected}  # default on CPU: off
     assert {channels_last for training, channels_last in seen if not training} == {False}  # statistics pass
-    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert all(t.is_contiguous() for t in checkpoint["state_dict"].values()), "saved in the default format"
 
 

@@ -50,8 +50,19 @@ def one_line(err: str) -> None:
 
 
 def nothing_left(logs: Path) -> None:
-    """A failed run leaves no log folder, no results and no temporary files behind."""
+    """A run refused before it started leaves no log folder, no results and no temporary files behind."""
     assert not logs.exists() or not [p for p in logs.rglob("*") if p.is_file()], sorted(logs.rglob("*"))
+
+
+RUN_RECORDS = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")  # what a run writes from its first step
+
+
+def only_run_records(logs: Path) -> None:
+    """A run that failed after it started keeps what it wrote (its config and TensorBoard events: never deleted) but
+    leaves no results, no lock, no temporary file and no empty folder."""
+    files = [p for p in logs.rglob("*") if p.is_file()] if logs.exists() else []
+    assert all(any(p.match(pattern) for pattern in RUN_RECORDS) for p in files), files
+    assert all(any(p.iterdir()) for p in logs.rglob("*") if p.is_dir()), sorted(logs.rglob("*"))
 
 
 # ============================================================================================ data loss
@@ -111,7 +122,7 @@ def test_a_corrupt_id_test_image_is_named_or_skipped(trained, tmp_path, capsys):
     err = cli_error(capsys, "test", *args(tmp_path / "logs", copy, "--ckpt_path", str(ckpt)))
     one_line(err)
     assert f"Cannot decode image {bad}" in err and "bad_images: skip" in err
-    nothing_left(tmp_path / "logs")
+    only_run_records(tmp_path / "logs")
     run_cli("test", *args(tmp_path / "logs", copy, "--ckpt_path", str(ckpt), "--data.bad_images", "skip"))
     (result,) = (tmp_path / "logs").rglob("ood_results.json")
     report = json.loads(result.read_text())
@@ -126,7 +137,7 @@ def test_a_corrupt_training_image_is_named(trained, tmp_path, capsys):
                                          "--checkpoint.dirpath", str(tmp_path / "ckpt")))  # fmt: skip
     one_line(err)
     assert f"Cannot decode image {bad}" in err
-    nothing_left(tmp_path / "logs")
+    only_run_records(tmp_path / "logs")
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -250,7 +261,7 @@ def test_tune_checks_its_arguments_before_the_work(trained, tmp_path, capsys, un
 
 
 def nan_checkpoint(ckpt: Path, path: Path) -> Path:
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["state_dict"]["backbone.conv1.weight"][0, 0, 0, 0] = float("nan")
     checkpoint["ood_statistics"]["weights"] = ""  # statistics of unknown weights are trusted: the features fail
     torch.save(checkpoint, path)
@@ -271,7 +282,7 @@ def test_nan_weights_in_tune_and_sweep(trained, tmp_path, capsys, command):
 
 def test_a_foreign_checkpoint_of_another_architecture(trained, tmp_path, capsys):
     data, ckpt = trained
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = torch.load(ckpt, weights_only=True)
     del checkpoint["hyper_parameters"]
     foreign = tmp_path / "foreign.ckpt"
     torch.save(checkpoint, foreign)
@@ -280,7 +291,7 @@ def test_a_foreign_checkpoint_of_another_architecture(trained, tmp_path, capsys)
     one_line(err)
     assert "The checkpoint's weights do not fit the configured 'densenet100' backbone with 10 classes:" in err
     assert "missing keys" in err and "unexpected keys" in err
-    nothing_left(tmp_path / "logs")
+    only_run_records(tmp_path / "logs")
 
 
 def test_validate_needs_held_out_images_and_predict_is_not_offered(trained, tmp_path, capsys, caplog):
@@ -391,12 +402,13 @@ def test_a_concurrent_run_into_the_same_folder_is_refused(trained, tmp_path, cap
     assert (folder / "ood_results.json").exists() and not (folder / ".lightning-ood.lock").exists()
 
 
-def test_a_failed_run_removes_the_log_folder_it_created(trained, tmp_path, capsys):
+def test_a_failed_run_keeps_what_it_wrote_but_no_results_or_lock(trained, tmp_path, capsys):
     data, ckpt = trained
     poisoned = nan_checkpoint(ckpt, tmp_path / "nan.ckpt")
     err = cli_error(capsys, "test", *args(tmp_path / "logs", data, "--ckpt_path", str(poisoned)))
     assert "NaN or infinite penultimate features" in err
-    nothing_left(tmp_path / "logs")
+    only_run_records(tmp_path / "logs")
+    assert [p.name for p in (tmp_path / "logs").rglob("config.yaml")] == ["config.yaml"]  # kept, not deleted
 
 
 def test_the_fpr_is_labelled_with_the_tpr_in_use(trained, tmp_path):

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from lightning_ood.data import CIFARDataModule
+from lightning_ood.data.cifar_files import CIFAR100_CLASSES
 from lightning_ood.data.ood import OOD_SETS, build_ood_set, download_ood_set
 from lightning_ood.data.transforms import NORMALIZATION, eval_transform
 from lightning_ood.errors import DataError
@@ -41,7 +42,7 @@ LAYOUTS = {
     "isun": (lambda r: images(r / "iSUN/iSUN_patches", 3, suffix=".jpeg"), 3),
     "places365": (lambda r: images(r / "places365/val_256", 4, size=(256, 256)), 4),
     "tin": (lambda r: images(r / "tiny-imagenet-200/val/images", 3, size=(64, 64), suffix=".JPEG", mode="L"), 3),
-    "cifar100": (lambda r: make_cifar_folder(r, classes=[f"c{i}" for i in range(100)], train=1, test=1), 100),
+    "cifar100": (lambda r: make_cifar_folder(r, classes=CIFAR100_CLASSES, train=1, test=1), 100),
 }
 
 
@@ -129,7 +130,7 @@ def test_cifar_near_ood_for_each_other(tmp_path):
     make_cifar_folder(tmp_path / "c10")
     dm = CIFARDataModule(dataset="cifar100", root=str(tmp_path / "c100"), num_workers=0,
                          ood=[{"name": "cifar10", "root": str(tmp_path / "c10")}])  # fmt: skip
-    make_cifar_folder(tmp_path / "c100", classes=[f"c{i:03d}" for i in range(100)], train=1, test=1)
+    make_cifar_folder(tmp_path / "c100", classes=CIFAR100_CLASSES, train=1, test=1)
     dm.setup("test")
     assert dm.test_set_names == ["cifar100", "cifar10"] and len(dm.test_sets["cifar10"]) == 30
     assert dm.test_sets["cifar10"][0][1] == -1

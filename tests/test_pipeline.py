@@ -77,7 +77,7 @@ def test_statistics_fitted_after_training_and_saved(fitted):
         h = model.backbone.features(x).double()
     expected = torch.stack([h[y == c].mean(0) for c in range(4)])
     torch.testing.assert_close(stats.class_means, expected, rtol=1e-6, atol=1e-9)
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     restored = FeatureStatistics.from_state_dict(saved["ood_statistics"])
     for key, value in stats.state_dict().items():
         other = getattr(restored, key)
@@ -136,7 +136,7 @@ def test_results_tables_and_tensorboard(fitted, tmp_path):
 def test_statistics_computed_on_demand_for_a_checkpoint_without_them(fitted, tmp_path, caplog):
     tmp_path_fit, model, _ = fitted
     bare = tmp_path / "bare.ckpt"
-    checkpoint = torch.load(tmp_path_fit / "ckpt" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path_fit / "ckpt" / "last.ckpt", weights_only=True)
     del checkpoint["ood_statistics"]
     torch.save(checkpoint, bare)
     fresh = OODClassifier(backbone="resnet20", num_classes=4, scorers=["fmls"])
@@ -158,7 +158,7 @@ def test_inference_mode_trainer_still_runs_odin(fitted, tmp_path):
 def test_on_demand_statistics_under_inference_mode_serve_odin(fitted, tmp_path):
     tmp_path_fit, _, _ = fitted
     bare = tmp_path / "bare.ckpt"
-    checkpoint = torch.load(tmp_path_fit / "ckpt" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path_fit / "ckpt" / "last.ckpt", weights_only=True)
     del checkpoint["ood_statistics"]
     torch.save(checkpoint, bare)
     model = OODClassifier(backbone="resnet20", num_classes=4, scorers=["odin_fmls", "odin_react"])

@@ -259,7 +259,7 @@ def test_import_writes_a_checkpoint_that_test_uses_as_is(published, cifar, tmp_p
     out = tmp_path / "imported.ckpt"
     run_cli("import", *cli_args(tmp_path, cifar, "--model.weights", str(published["dice"]),
                                 "--data.train_per_class", "3", "--output", str(out)))  # fmt: skip
-    checkpoint = torch.load(out, weights_only=False)
+    checkpoint = torch.load(out, weights_only=True)
     assert checkpoint["input_normalization"]["mean"] == list(DICE[0])
     assert checkpoint["ood_statistics"]["counts"].tolist() == [3] * 10  # the first 3 images of each class
     assert checkpoint["ood_statistics"]["images"] == "cifar10 training images, first 3 per class"
@@ -311,7 +311,7 @@ def test_fit_fine_tunes_from_published_weights(published, cifar, tmp_path, caplo
     run_cli("fit", *cli_args(tmp_path, cifar, "--model.weights", str(published["dice"]), "--trainer.max_epochs", "1",
                              "--data.batch_size", "20", "--model.lr", "1e-9"))  # fmt: skip
     assert "Loaded " in caplog.text and "densenet3" in caplog.text
-    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     original = densenet3_state()
     # a tiny learning rate: the weights are still the converted ones (a random initialisation is far from them)
     for ours, theirs in (("backbone.conv1.weight", "conv1.weight"), ("backbone.head.weight", "fc.weight")):

@@ -7,11 +7,15 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import warnings
 
+import matplotlib.pyplot as plt
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from lightning_ood.callbacks.reporting import histogram_figure
 from lightning_ood.report import OODReport
 from tests.test_cli import cli_error, run_cli
 
@@ -136,3 +140,24 @@ def test_the_demo_says_what_it_is(caplog):
     caplog.set_level("INFO")
     DemoDataModule().prepare_data()
     assert "a toy, offline stand-in" in caplog.text and "say nothing about the paper's CIFAR or ImageNet" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        {"id": torch.randn(100), "svhn": torch.full((5,), float("nan"))},  # an OOD set without a finite score
+        {"id": torch.full((5,), float("inf")), "svhn": torch.randn(5)},  # the ID set without one
+        {"id": torch.full((100,), 3.0e7), "svhn": torch.full((5,), 3.0e7)},  # float32 bin edges would collide
+        {"id": -1e12 + 1e-6 * torch.randn(100, dtype=torch.float64), "svhn": torch.full((5,), -1e12)},
+    ],
+    ids=["no-finite-ood", "no-finite-id", "constant-3e7", "near-constant-1e12"],
+)
+def test_histograms_draw_degenerate_scores_without_numpy_warnings(scores):
+    """Every score set draws on distinct bin edges: no ``RuntimeWarning: invalid value encountered in divide``
+    (numpy's density of an empty set or of zero-width bins), which every test run used to print."""
+    metrics = {"fmls": {"svhn": {"fpr95": 0.5, "auroc": 0.5}}}
+    report = OODReport("cifar10", "resnet18", 0.9, metrics, {"cifar10": 100, "svhn": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = histogram_figure("fmls", {"cifar10": scores["id"], "svhn": scores["svhn"]}, report)
+    plt.close(figure)

@@ -54,12 +54,15 @@ class OODResultsTable(Callback):
 
 def robust_range(*values: Tensor) -> tuple[float, float]:
     """[1st percentile, 99th percentile] over the sets (each set's own), so one far-off set does not squeeze the rest
-    into a bin; a constant score gets a unit-wide range around it."""
+    into a bin; a (nearly) constant score gets a range around it wide enough for distinct float64 bin edges at its
+    magnitude (a unit wide near 0, a millionth of the value for a score of 1e12)."""
     lows = [torch.quantile(v.double(), 0.01) for v in values if v.numel()]
     highs = [torch.quantile(v.double(), 0.99) for v in values if v.numel()]
     lo, hi = (float(min(lows)), float(max(highs))) if lows else (0.0, 1.0)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
+    half = 0.5 * max(1.0, 1e-6 * max(abs(lo), abs(hi)))
+    if hi - lo < 2 * half * 1e-3:
+        middle = 0.5 * (lo + hi)
+        lo, hi = middle - half, middle + half
     return lo, hi
 
 
@@ -77,13 +80,17 @@ def histogram_figure(scorer: str, scores: dict[str, Tensor], report: OODReport, 
     for axis, ood in zip(axes.flat, oods, strict=False):
         ood_scores = scores[ood][torch.isfinite(scores[ood])].double()
         lo, hi = robust_range(id_scores, ood_scores)
-        edges = torch.linspace(lo, hi, bins + 1).numpy()
+        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64).numpy()  # float32 edges collide at 1e7
         for values, label, colour in ((id_scores, f"{id_name} (ID)", "tab:blue"), (ood_scores, ood, "tab:red")):
+            if not values.numel():  # no finite score: nothing to draw (a density of no values is 0 / 0)
+                axis.plot([], [], color=colour, label=f"{label}: no finite score")
+                continue
             outside = int(((values < lo) | (values > hi)).sum())
             note = f", {outside} outside" if outside else ""
             axis.hist(values.clamp(lo, hi).numpy(), bins=edges, density=True, histtype="step", linewidth=1.4,
                       color=colour, label=f"{label}: {values.numel()}{note}")  # fmt: skip
-        axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"{100 * report.tpr:g}% TPR")
+        if id_scores.numel():
+            axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"{100 * report.tpr:g}% TPR")
         metrics = report.metrics[scorer][ood]
         axis.set_title(f"{report.column_title(ood)}: {report.fpr_label} {100 * metrics['fpr95']:.1f}%, "
                        f"AUROC {100 * metrics['auroc']:.1f}%", fontsize=9)  # fmt: skip

@@ -3,7 +3,9 @@ and the run folder they write into. The commands run in one process, outside Lig
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
@@ -76,8 +78,11 @@ def cached_features(cache: FeatureCache, model, name, dataset, device, weights: 
     return features
 
 
-def check_grid(name: str, values: list[float] | None, low: float = 0.0, high: float | None = 100.0) -> None:
-    """A hyperparameter grid of a command: ``None`` (unset) or a non-empty list of numbers in ``[low, high]``."""
+def check_grid(
+    name: str, values: list[float] | None, low: float = 0.0, high: float | None = 100.0, step: float | None = None
+) -> None:
+    """A hyperparameter grid of a command: ``None`` (unset) or a non-empty list of numbers in ``[low, high]``, each
+    a multiple of ``step`` when given (percentiles of the training activations, stored on a grid)."""
     if values is None:
         return
     if not values:
@@ -88,6 +93,9 @@ def check_grid(name: str, values: list[float] | None, low: float = 0.0, high: fl
         if value < low or (high is not None and value > high):
             bounds = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
             raise ConfigError(f"--{name}: {value:g} is outside {bounds}.")
+        if step is not None and abs(value / step - round(value / step)) > 1e-6:
+            raise ConfigError(f"--{name}: {value:g} is not a multiple of {step:g} (the grid the percentiles of the "
+                              f"training activations are stored on).")  # fmt: skip
 
 
 def check_output_file(output: str | None) -> None:
@@ -98,3 +106,70 @@ def check_output_file(output: str | None) -> None:
     if target.is_dir() or str(output).endswith(("/", "\\")):
         raise ConfigError(f"--output {output} is a folder; give the file to write (for example {target / 'x.yaml'}).")
     check_writable_folder(target.parent, "--output")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two grid values are one setting: numbers by value (90 and 90.0), anything else by type and equality
+    (``True`` is not ``1``)."""
+    if is_number(a) and is_number(b):
+        return float(a) == float(b)
+    return type(a) is type(b) and a == b
+
+
+def unique_values(values: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """``values`` without repeats (first occurrences, in order) and the distinct values that were repeated."""
+    kept: list[Any] = []
+    repeated: list[Any] = []
+    for value in values:
+        if not any(same_value(value, k) for k in kept):
+            kept.append(value)
+        elif not any(same_value(value, r) for r in repeated):
+            repeated.append(value)
+    return kept, repeated
+
+
+def show_value(value: Any) -> str:
+    return f"{value:g}" if is_number(value) else str(value)
+
+
+def without_repeats(name: str, values: list[Any], others: int = 1, noun: str | None = None) -> list[Any]:
+    """``values`` of the grid argument ``--name`` without repeated values, so that each setting is evaluated once;
+    when some were dropped, one console line says which and the size of the grid now and before: ``others`` settings
+    per value (the other arguments of a product grid), ``"grid of 4, not 6"``, or with ``noun``, ``"2 percentiles,
+    not 3"``."""
+    kept, repeated = unique_values(values)
+    if repeated:
+        plural = "s" if len(repeated) > 1 else ""
+        size = grid_size(len(kept) * others, len(values) * others, noun)
+        rank_zero_info(f"--{name}: dropped repeated value{plural} {', '.join(map(show_value, repeated))} ({size}).")
+    return kept
+
+
+def distinct_lambdas(
+    name: str, percentiles: list[float], lambda_of: Callable[[float], float], others: int = 1, noun: str | None = None
+) -> list[float]:
+    """The ``--name`` percentiles of the training activations whose lambdas differ: a percentile that gives the
+    lambda of an earlier one (many activations are exactly 0 after a ReLU) is dropped, with one console line, since
+    it would evaluate the same setting again (sizes as in :func:`without_repeats`)."""
+    kept: list[float] = []
+    first: dict[float, float] = {}  # lambda -> the first percentile that gave it
+    dropped = []
+    for q in percentiles:
+        lam = lambda_of(q)
+        if lam in first:
+            dropped.append(f"{q:g} (lambda {lam:.6g}, already given by {first[lam]:g})")
+        else:
+            first[lam] = q
+            kept.append(q)
+    if dropped:
+        size = grid_size(len(kept) * others, len(percentiles) * others, noun)
+        rank_zero_info(f"--{name}: dropped {', '.join(dropped)}; {size}.")
+    return kept
+
+
+def grid_size(now: int, before: int, noun: str | None = None) -> str:
+    return f"grid of {now}, not {before}" if noun is None else f"{now} {noun}, not {before}"

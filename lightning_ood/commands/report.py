@@ -2,7 +2,9 @@
 checkpoints) into mean +- std tables (``report.md``, ``report.csv``, ``report.tex``), printed and written.
 
 It reads the runs' ``ood_results.json`` only: no model, no data, so it is not a LightningCLI subcommand; ``main``
-dispatches it before the CLI is built.
+dispatches it before the CLI is built. A damaged results file, and runs whose recorded settings differ (scorer
+hyperparameters, TPR, statistics images, ...: see :func:`lightning_ood.aggregate.run_settings`), are refused with one
+message naming the file or the setting.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from lightning_ood.io import atomic_write_text, check_writable_folder
 def report(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(
         prog="lightning-ood report",
-        description="Aggregate runs of one setting (seeds, checkpoints) into mean ± std tables.",
+        description="Aggregate runs of one setting (seeds, checkpoints) into mean ± std tables. Runs whose settings "
+        "differ (scorer hyperparameters, TPR, statistics images, ...) are refused.",
     )
     parser.add_argument("runs", nargs="+", help="run folders of `lightning-ood test` (or their ood_results.json)")
     parser.add_argument("--output", help="folder for report.{md,csv,tex} (default: the runs' common parent)")

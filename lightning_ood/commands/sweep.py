@@ -12,15 +12,18 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_ood.commands.common import (
     cached_features,
     check_grid,
+    distinct_lambdas,
     load_with_statistics,
     run_folder,
     tensorboard,
+    without_repeats,
 )
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.errors import ConfigError
 from lightning_ood.features import FeatureCache, weights_fingerprint
 from lightning_ood.io import atomic_write_text
 from lightning_ood.module import OODClassifier
+from lightning_ood.statistics import QUANTILE_STEP
 from lightning_ood.tuning import sensitivity_sweeps, sweep_figure, to_csv, with_average
 
 SWEEP_LAMBDA_PERCENTILES = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0, 97.5, 99.0, 99.9)
@@ -44,16 +47,23 @@ def sweep(
         datamodule: the data (from the config); its test sets are swept.
         ckpt_path: the checkpoint.
         lambdas: absolute lambdas; when unset, lambda runs over ``lambda_percentiles`` of the training activations.
-        lambda_percentiles: lambdas as percentiles of the training activations.
-        percentiles: masking percentiles p.
+        lambda_percentiles: lambdas as percentiles of the training activations (a percentile that gives the
+            lambda of an earlier one is dropped, with a console line).
+        percentiles: masking percentiles p. In every list a repeated value is evaluated once (with a console line
+            saying so), so the CSV has no repeated rows.
         cache_dir: feature cache folder.
 
     Returns:
         ``{"csv": path, "figures": [paths], "seconds": time of the sweep on cached features}``.
     """
     check_grid("lambdas", lambdas, high=None)
-    check_grid("lambda_percentiles", lambda_percentiles)
+    check_grid("lambda_percentiles", lambda_percentiles, step=QUANTILE_STEP)
     check_grid("percentiles", percentiles)
+    if lambdas is not None:
+        lambdas = without_repeats("lambdas", lambdas, noun="lambdas")
+    else:
+        lambda_percentiles = without_repeats("lambda_percentiles", lambda_percentiles, noun="lambdas")
+    percentiles = without_repeats("percentiles", percentiles, noun="percentiles")
     cache = FeatureCache(cache_dir)
     device = load_with_statistics(self, model, datamodule, ckpt_path, cache)
     if len(datamodule.test_sets) < 2:
@@ -67,6 +77,9 @@ def sweep(
     oods = {name: data for name, data in sets.items() if name != id_name}
     specs = {name: params for name, params in model.scorer_specs.values()}
     fmls = specs.get("fmls", {})
+    if lambdas is None:
+        lambda_percentiles = distinct_lambdas("lambda_percentiles", lambda_percentiles, stats.activation_percentile,
+                                              noun="lambdas")  # fmt: skip
     grid = lambdas or [stats.activation_percentile(q) for q in lambda_percentiles]
     start = time.perf_counter()
     points = with_average(sensitivity_sweeps(

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_ood.data.cifar_files import DATA_ROOT_ENV
 from lightning_ood.data.images import check_bad_images
-from lightning_ood.data.ood import build_ood_set, download_ood_set, ood_entry, ood_group
+from lightning_ood.data.ood import build_ood_set, check_ood_set, download_ood_set, ood_entry, ood_group, ood_spec
 from lightning_ood.data.reproducible import EpochShuffle, SeededItems
 from lightning_ood.data.tensors import RawBatch, TrainingImages, crop_and_flip, normalize_uint8, pass_batch
 from lightning_ood.data.transforms import InputNormalization, Normalization, eval_transform
@@ -35,6 +35,29 @@ def default_data_root() -> str:
 def default_num_workers() -> int:
     """One worker per core beyond the first (the main process computes), at most 8."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+DATA_ARGS = "--data.init_args."  # how the CLI spells a DataModule argument, for messages
+
+
+def check_at_least(name: str, value: int | float | None, minimum: int, null: str | None = None) -> None:
+    """Raise a :class:`ConfigError` naming the data argument ``name`` when ``value`` is below ``minimum``; ``None``
+    passes where it has a meaning, which ``null`` states (``"all images"``)."""
+    if value is None and null is not None:
+        return
+    if value is None or value < minimum:
+        allowed = f">= {minimum} or null ({null})" if null is not None else f">= {minimum}"
+        raise ConfigError(f"{DATA_ARGS}{name} must be {allowed}, got {value}.")
+
+
+def check_ood_entries(entries: list[str | dict[str, Any]]) -> None:
+    """Refuse, before any data is read, an OOD entry without a name, an unregistered set and a size below 1."""
+    for entry in entries:
+        label, name, options = ood_entry(entry)
+        ood_spec(name)
+        size = options.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ConfigError(f"{DATA_ARGS}ood: the size of OOD set {label!r} must be an integer >= 1, got {size!r}.")
 
 
 class IndexedDataset(Dataset):
@@ -97,7 +120,8 @@ class OODDataModule(LightningDataModule):
 
     Args:
         batch_size: training batch size.
-        eval_batch_size: batch size of the test and statistics loaders (defaults to ``batch_size``).
+        eval_batch_size: batch size of the test, validation and statistics loaders; ``None`` (the default) uses
+            ``batch_size``.
         num_workers: loader worker processes; ``None`` picks one per core beyond the first (at most 8).
         ood: OOD test sets, each a registered name (``mnist``) or a mapping ``{name: tin, root: ..., label: ...,
             group: near}`` with the set's options (see :mod:`lightning_ood.data.ood`); sets of one ``group`` are
@@ -141,12 +165,12 @@ class OODDataModule(LightningDataModule):
     ):
         super().__init__()
         check_bad_images(bad_images, "data")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if train_per_class is not None and train_per_class < 1:
-            raise ConfigError(f"train_per_class must be >= 1 or null (all images), got {train_per_class}.")
-        if val_split < 0:
-            raise ConfigError(f"val_split must be >= 0, got {val_split}.")
+        check_at_least("batch_size", batch_size, 1)
+        check_at_least("eval_batch_size", eval_batch_size, 1, null="the training batch size")
+        check_at_least("num_workers", num_workers, 0, null="one per core beyond the first, at most 8")
+        check_at_least("train_per_class", train_per_class, 1, null="all images")
+        check_at_least("val_split", val_split, 0)
+        check_ood_entries(list(ood or []))
         self.train_per_class = train_per_class
         self.val_split = val_split
         self.val_seed = val_seed
@@ -156,7 +180,7 @@ class OODDataModule(LightningDataModule):
         self._normalization: InputNormalization | None = None
         self._announced: Normalization | None = None
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.ood = list(ood or [])
         self.ood_root = Path(ood_root or default_data_root()).expanduser()
@@ -170,13 +194,14 @@ class OODDataModule(LightningDataModule):
         self.statistics_set: Dataset | None = None
 
     def prepare_ood_sets(self) -> None:
-        """Download the configured OOD sets that are missing, where torchvision can (call from ``prepare_data``)."""
-        if not self.download:
-            return
+        """Download the configured OOD sets that are missing, where torchvision can, and check the layout of those
+        that have a cheap check (CIFAR's class folders) before the run writes anything (call from ``prepare_data``)."""
         for entry in self.ood:
             label, name, options = ood_entry(entry)
             try:
-                download_ood_set(name, self.ood_root, options.get("root"))
+                if self.download:
+                    download_ood_set(name, self.ood_root, options.get("root"))
+                check_ood_set(name, self.ood_root, options.get("root"))
             except DataError as err:
                 if not self.skip_missing_ood:
                     raise

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ood.data.base import OODDataModule, default_data_root
-from lightning_ood.data.cifar_files import CIFAR, DATA_ROOT_ENV, check_writable, cifar_split
+from lightning_ood.data.cifar_files import CIFAR, DATA_ROOT_ENV, check_cifar_folders, check_writable, cifar_split
 from lightning_ood.data.folders import has_split_folders
 from lightning_ood.data.tensors import DECODER, DecodedImages, TrainingImages, decode_files
 from lightning_ood.data.transforms import NORMALIZATION, cifar_train_transform, eval_transform
@@ -70,6 +70,7 @@ class CIFARDataModule(OODDataModule):
         return self.dataset
 
     def prepare_data(self) -> None:
+        check_cifar_folders(self.dataset, self.root)  # before the run writes anything; setup checks on every rank
         self.prepare_ood_sets()
         if has_split_folders(self.root) or (self.root / self.spec.folder).is_dir() or not self.download:
             return

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.base import DATA_ARGS, OODDataModule
 from lightning_ood.data.sets import ArrayImages
 from lightning_ood.data.transforms import Normalization, Normalize, to_rgb
 from lightning_ood.errors import ConfigError, DataError, unknown_name
@@ -115,9 +115,9 @@ class DemoDataModule(OODDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, **kwargs)
         if not 2 <= id_classes <= 9:
-            raise ConfigError(f"id_classes must be in [2, 9], got {id_classes}.")
+            raise ConfigError(f"{DATA_ARGS}id_classes must be in [2, 9], got {id_classes}.")
         if not 0.0 < test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+            raise ConfigError(f"{DATA_ARGS}test_fraction must be in (0, 1), got {test_fraction}.")
         self.demo_ood = list(DEMO_OOD if demo_ood is None else demo_ood)
         for name in self.demo_ood:
             if name not in DEMO_OOD:

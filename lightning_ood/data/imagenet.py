@@ -19,7 +19,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision import transforms as T
 
-from lightning_ood.data.base import DATA_ROOT_ENV, OODDataModule, default_data_root
+from lightning_ood.data.base import DATA_ARGS, DATA_ROOT_ENV, OODDataModule, check_at_least, default_data_root
 from lightning_ood.data.folders import CheckedImageFolder, class_folders
 from lightning_ood.data.transforms import NORMALIZATION, Normalize, to_rgb
 from lightning_ood.errors import ConfigError, DataError
@@ -92,8 +92,9 @@ class ImageNetDataModule(OODDataModule):
         super().__init__(batch_size=batch_size, **kwargs)
         if interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}.")
-        if not 0 < image_size <= resize_size:
-            raise ConfigError(f"Need 0 < image_size <= resize_size, got {image_size} and {resize_size}.")
+        check_at_least("image_size", image_size, 1)
+        if resize_size < image_size:  # the centre crop is taken from the resized image
+            raise ConfigError(f"{DATA_ARGS}resize_size must be >= image_size ({image_size}), got {resize_size}.")
         self.root = Path(root or default_data_root()).expanduser()
         self.image_size = image_size
         self.resize_size = resize_size
@@ -164,20 +165,32 @@ class ImageNetDataModule(OODDataModule):
         except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
             raise DataError(f"{TITLE}: {self.root / split}: {err}. Expected layout: {LAYOUT}.") from err
         if dataset.classes != self.classes:
-            other = "val" if split == "train" else "train"
-            only_here = sorted(set(dataset.classes) - set(self.classes)) or ["-"]
-            only_there = sorted(set(self.classes) - set(dataset.classes)) or ["-"]
-            raise DataError(
-                f"{TITLE}: the class folders of {self.root / split} ({len(dataset.classes)}) differ from those of "
-                f"{self.root / other} ({len(self.classes)}); first only in {split}/: {only_here[0]}, first only in "
-                f"{other}/: {only_there[0]}. Both splits need the same classes (wnids) for the labels to agree."
-            )
+            raise self.mismatch_error(split, dataset.classes)
         return dataset
+
+    def mismatch_error(self, split: str, classes: list[str]) -> DataError:
+        """The class folders ``classes`` of ``split`` are not the ID classes (those of the other split)."""
+        other = "val" if split == "train" else "train"
+        only_here = sorted(set(classes) - set(self.classes)) or ["-"]
+        only_there = sorted(set(self.classes) - set(classes)) or ["-"]
+        return DataError(
+            f"{TITLE}: the class folders of {self.root / split} ({len(classes)}) differ from those of "
+            f"{self.root / other} ({len(self.classes)}); first only in {split}/: {only_here[0]}, first only in "
+            f"{other}/: {only_there[0]}. Both splits need the same classes (wnids) for the labels to agree."
+        )
+
+    def check_classes(self) -> None:
+        """Both splits' class folders alike, before the run writes anything (``setup`` checks again on every rank)."""
+        for split in ("train", "val"):
+            classes = self.split_classes(split)
+            if classes and classes != self.classes:
+                raise self.mismatch_error(split, classes)
 
     def prepare_data(self) -> None:
         self.prepare_ood_sets()
         for split in ("val", "train"):  # one process extracts; setup then only reads folders
             self.extract(split)
+        self.check_classes()
 
     def setup(self, stage: str | None = None) -> None:
         test_tf = self.ood_transform()

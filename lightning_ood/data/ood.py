@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from lightning_ood.data.cifar_files import CIFAR, check_writable, cifar_split
+from lightning_ood.data.cifar_files import CIFAR, check_cifar_folders, check_writable, cifar_split
 from lightning_ood.data.sets import (
     ArrayImages,
     ImageFiles,
@@ -64,6 +64,8 @@ class OODSet:
         download: ``download(root)`` fetching the data with torchvision, when it can.
         present: ``present(root)``: whether the data is there (decides whether ``prepare_data`` downloads).
         generated: built from the input shape and options alone, no files.
+        check: ``check(root)`` raising a :class:`DataError` for data laid out wrongly, cheap enough for
+            ``prepare_data`` (before a run writes anything).
     """
 
     build: Callable[..., Dataset]
@@ -74,6 +76,7 @@ class OODSet:
     download: Callable[[Path], None] | None = None
     present: Callable[[Path], bool] | None = None
     generated: bool = False
+    check: Callable[[Path], None] | None = None
 
 
 def missing_error(name: str, root: Path, spec: OODSet, detail: str = "") -> DataError:
@@ -178,6 +181,13 @@ def _cifar_download(key: str) -> Callable[[Path], None]:
     return download
 
 
+def _cifar_check(key: str) -> Callable[[Path], None]:
+    def check(root: Path) -> None:
+        check_cifar_folders(key, root)
+
+    return check
+
+
 def _cifar_present(key: str) -> Callable[[Path], bool]:
     def present(root: Path) -> bool:
         return (root / CIFAR[key].folder).is_dir() or (root / "test").is_dir()
@@ -274,12 +284,12 @@ OOD_SETS: dict[str, OODSet] = {
     "cifar10": OODSet(
         _cifar("cifar10"), "", "<root>/cifar-10-batches-py (torchvision) or <root>/test/<class>/*",
         "https://www.cs.toronto.edu/~kriz/cifar.html (torchvision CIFAR10)", "CIFAR-10",
-        download=_cifar_download("cifar10"), present=_cifar_present("cifar10"),
+        download=_cifar_download("cifar10"), present=_cifar_present("cifar10"), check=_cifar_check("cifar10"),
     ),
     "cifar100": OODSet(
         _cifar("cifar100"), "", "<root>/cifar-100-python (torchvision) or <root>/test/<class>/*",
         "https://www.cs.toronto.edu/~kriz/cifar.html (torchvision CIFAR100)", "CIFAR-100",
-        download=_cifar_download("cifar100"), present=_cifar_present("cifar100"),
+        download=_cifar_download("cifar100"), present=_cifar_present("cifar100"), check=_cifar_check("cifar100"),
     ),
     "gaussian_noise": OODSet(
         _noise("gaussian"), None, "generated", "generated, N(0, 1) per input value", "Gaussian", generated=True
@@ -345,6 +355,13 @@ def download_ood_set(name: str, ood_root: Path, root: str | None = None) -> bool
     except (OSError, RuntimeError) as err:  # URLError, timeouts, integrity check failures
         raise missing_error(name, path, spec, f" and downloading it failed ({err})") from err
     return True
+
+
+def check_ood_set(name: str, ood_root: Path, root: str | None = None) -> None:
+    """The set's cheap layout check (``check``), where it has one: raises a :class:`DataError` naming what is off."""
+    spec = ood_spec(name)
+    if spec.check is not None:
+        spec.check(ood_path(name, ood_root, root))
 
 
 def build_ood_set(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.base import DATA_ARGS, OODDataModule, check_at_least
 from lightning_ood.data.transforms import Normalization
 from lightning_ood.errors import ConfigError
 
@@ -55,8 +55,13 @@ class SyntheticDataModule(OODDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
-        if train_size < num_classes:
-            raise ConfigError(f"train_size ({train_size}) must be at least num_classes ({num_classes}).")
+        check_at_least("num_classes", num_classes, 1)
+        if train_size < num_classes:  # every class has a training image
+            raise ConfigError(f"{DATA_ARGS}train_size must be >= num_classes ({num_classes}), got {train_size}.")
+        check_at_least("test_size", test_size, 1)
+        check_at_least("image_size", image_size, 1)
+        for name, size in (ood_sizes or {}).items():
+            check_at_least(f"ood_sizes.{name}", size, 1)
         self.num_classes = num_classes
         self.train_size, self.test_size, self.image_size, self.seed = train_size, test_size, image_size, seed
         self.ood_sizes = dict({"shifted": 100, "noise": 100} if ood_sizes is None else ood_sizes)

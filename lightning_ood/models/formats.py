@@ -25,7 +25,6 @@ A file that fits none is refused with the closest format's missing and unexpecte
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -148,13 +147,7 @@ class LoadedWeights:
 # ------------------------------------------------------------------------------------------------ reading
 def read_container(path: Path) -> tuple[StateDict, dict[str, Any]]:
     """The state dict inside a weights file and the container around it (``{}`` for a bare state dict)."""
-    try:
-        loaded = load_file(path, "Weights file", "state dict or checkpoint", weights_only=True)
-    except CheckpointError as err:
-        if not isinstance(err.__cause__, pickle.UnpicklingError):
-            raise
-        # A Lightning checkpoint may pickle plain Python objects beyond tensors; it is the user's own local file.
-        loaded = load_file(path, "Weights file", "state dict or checkpoint", weights_only=False)
+    loaded = load_file(path, "Weights file", "state dict or checkpoint")
     container: dict[str, Any] = {}
     for key in ("state_dict", "model", "net"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):

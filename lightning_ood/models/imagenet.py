@@ -93,7 +93,7 @@ def read_state_dict(path: Path) -> StateDict:
             f"Weights file {path} does not exist. model.weights takes a torchvision weights name (DEFAULT, "
             f"IMAGENET1K_V1, ...) or the path of a local .pth/.pt state dict."
         )
-    loaded = load_file(path, "Weights file", "state dict", weights_only=True)
+    loaded = load_file(path, "Weights file", "state dict")
     for key in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]

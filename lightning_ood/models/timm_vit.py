@@ -75,7 +75,7 @@ def read_weights_file(path: Path) -> dict[str, Tensor]:
             return load_safetensors(str(path))
         except Exception as err:  # truncated or not a safetensors file
             raise CheckpointError(f"Weights file {path} cannot be read as safetensors ({err}).") from err
-    loaded = load_file(path, "Weights file", "state dict", weights_only=True)
+    loaded = load_file(path, "Weights file", "state dict")
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
