@@ -5,7 +5,7 @@
     (the paper's and every OpenOOD / pytorch-ood method that reads features, logits or block outputs: one backbone
     pass shared by all of them, metric updates, synchronised compute, report), with what is fitted once already
     fitted: a first run fits the training statistics and measures the reference ID images (``reference:
-    id_test``); it is timed and reported on its own, not counted in b;
+    id_val``); it is timed and reported on its own, not counted in b;
 (c) with ``--per-scorer``: a forward pass per scorer, as OpenOOD's evaluator does (each postprocessor runs the
     network again).
 

@@ -59,7 +59,7 @@ def main() -> None:
         logits = torch.cat([head(chunk) for chunk in features.split(args.chunk)])
     stats = FeatureStatistics.from_features(train, labels, args.classes, head)
     with torch.no_grad():
-        stats.reference["id_test"] = ReferenceSet(train[:2000], head(train[:2000]), labels[:2000])
+        stats.reference["id_val"] = ReferenceSet(train[:2000], head(train[:2000]), labels[:2000])
     chunks = list(zip(features.split(args.chunk), logits.split(args.chunk), strict=True))
     weight, bias = head.weight.detach(), head.bias.detach()
 
@@ -71,10 +71,11 @@ def main() -> None:
     rows = {}
     names = args.only or GROUPS["all"]
     for name in names:
-        scorer = build_scorer(name, **({"where": "pooled"} if name in ("ash_p", "ash_b", "ash_s", "scale") else {}))
+        scorer = build_scorer(name)
         if (
             scorer.needs.inputs
-            or name in ("featurenorm", "gram", "rankfeat", "mds_ensemble")
+            or name in ("featurenorm", "gram", "rankfeat", "rankfeat_block4", "mds_ensemble")
+            or getattr(scorer, "where", None) == "map"
             or (name == "bats" and scorer.statistics == "bn")
         ):
             continue  # they read inputs or block outputs: not a cost on cached features (see bench_eval.py)

@@ -153,8 +153,9 @@ def check_one_setting(paths: list[Path], runs: list[dict]) -> None:
 
 def run_settings(run: dict) -> dict[str, object]:
     """The settings a run's results record beyond its data, backbone, scorers and OOD sets, which runs of one setting
-    share: the FPR's TPR and positive class, the metrics, the near/far grouping, each scorer's hyperparameters and
-    the statistics images. A setting a run does not record (an older file, a run without groups) is not compared.
+    share: the FPR's TPR, positive class and threshold rule, the metrics, the near/far grouping, each scorer's
+    hyperparameters and the statistics images. A setting a run does not record (an older file, a run without groups)
+    is not compared.
 
     Not settings: what differs between runs of one setting or follows from where they ran: the weights, checkpoint,
     weights fingerprint and input normalisation (it belongs to the weights), seed, package version, commit and date;
@@ -164,6 +165,7 @@ def run_settings(run: dict) -> dict[str, object]:
     settings = {
         "tpr": run.get("tpr"),
         "fpr_positive": run.get("fpr_positive"),
+        "fpr_threshold": provenance.get("fpr_threshold"),  # absent from older files: first_at_tpr then
         "metrics": sorted(next(iter(run["average"].values()))),
         "groups": run.get("groups") or None,
         "scorers": _with_defaults(provenance.get("scorers")),

@@ -83,7 +83,7 @@ class FitContext:
     Attributes:
         backbone: the network.
         training_images: ``(count, seed) -> loader`` of a seeded subset of the ID training images (test transform,
-            items ``(image, label, index)``), or ``None`` when the run has none.
+            items ``(image, label, index)``; count ``None``: all of them), or ``None`` when the run has none.
         normalization: the input normalisation of the images.
         sum_across: adds a tensor over DDP ranks (``None``: one process).
         log: where a scorer says what it chose.
@@ -91,7 +91,7 @@ class FitContext:
     """
 
     backbone: nn.Module
-    training_images: Callable[[int, int], Iterable] | None = None
+    training_images: Callable[[int | None, int], Iterable] | None = None
     normalization: Normalization | None = None
     sum_across: Reduce | None = None
     log: Callable[[str], None] = print

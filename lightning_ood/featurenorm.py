@@ -5,10 +5,18 @@ Out-of-Distribution Detection", CVPR 2023).
   channel, averaged over channels); higher = more in-distribution. Token outputs (N, T, D) of a transformer block use
   the tokens as the spatial axis.
 - Jigsaw pseudo-OOD, as the authors make it (gist-ailab/block-selection-for-OOD-detection, ``utils/dataset.py``):
-  the image's pixels in [0, 1] (before normalisation) cut into a 3x3 grid of ``floor(H/3) x floor(W/3)`` tiles,
-  shuffled; the strip the grid does not cover stays 0, black; then normalised like every input. (The authors draw
-  the permutation unseeded per image; here it is seeded by the image's index, so the ratio is reproducible and the
-  same under DDP. They use all training images; ``lightning-ood normratio --images N`` a seeded subset.)
+  the image's pixels in [0, 1] cut into a 3x3 grid of ``floor(H/3) x floor(W/3)`` tiles (the authors' ``floor(H/3)``
+  square tiles on the square images of every pipeline here), shuffled; the strip the grid does not cover stays 0.
+  (The authors draw the permutation unseeded per image; here it is seeded by the image's index, so the ratio is
+  reproducible and the same under DDP.)
+- The inputs, as the authors feed them (``get_cifar_jigsaw`` loads both the ID and the jigsaw images with
+  ``Resize + ToTensor`` and no ``Normalize``; ``normratio.py`` passes them to the network as they are): the pixels in
+  [0, 1], NOT normalised, the ID images as well as their jigsaws, although the network was trained, and is tested,
+  on normalised inputs. NormRatio is therefore measured on inputs off the training distribution; we follow them, since
+  the block it selects is the method. Without a known normalisation the images are taken as given.
+- The images: the authors use every ID training image (the full CIFAR-10 training set, 50,000, in order); so do
+  ``lightning-ood normratio`` and FeatureNorm's own selection by default, and ``--images N`` / ``normratio_images: N``
+  takes a seeded subset of N instead.
 - NormRatio of a block: the mean over ID training images of ``FeatureNorm(x) / FeatureNorm(jigsaw(x))``; the block
   with the largest ratio separates real images from scrambled ones best and is selected.
 
@@ -18,7 +26,7 @@ forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,23 +105,22 @@ def norm_ratios(
     normalization: Normalization | None = None,
 ) -> NormRatios:
     """NormRatio of every block (default: all of ``backbone.blocks()``) over ``loader``'s ``(image, label, index)``
-    batches of normalised images. Each image's jigsaw is seeded by ``seed`` and its dataset index, so the result
-    does not depend on batching or on the number of DDP ranks (``sum_across`` adds the per-rank sums). With the
-    images' ``normalization`` the jigsaw is made in pixel space with a black strip (the authors' way); without, in
-    the network's input space with a 0 strip. On the network's device and in its precision (the one forward loop,
-    :func:`~lightning_ood.features.network_pass`, with the jigsaw images run through the same hooks)."""
+    batches of images normalised by ``normalization``. As the authors do, the network sees the pixels in [0, 1]
+    (``normalization.unnormalize``), the ID images and their jigsaws alike; with no ``normalization`` the images are
+    taken as given. Each image's jigsaw is seeded by ``seed`` and its dataset index, so the result does not depend
+    on batching or on the number of DDP ranks (``sum_across`` adds the per-rank sums). On the network's device and
+    in its precision (the one forward loop, :func:`~lightning_ood.features.network_pass`, with the jigsaw images run
+    through the same hooks)."""
     names = list(blocks) if blocks is not None else list(backbone.blocks())
     totals = torch.zeros(len(names), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
+    if normalization is not None:
+        loader = _as_pixels(loader, normalization)
     for _, _, captured, (images, _, indices) in network_pass(backbone, loader, names, "NormRatio", progress=False):
         real = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()  # (N, B)
         images = images.to(network_device(backbone), network_dtype(backbone))
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
-        if normalization is None:
-            scrambled_images = jigsaw(images, generators)
-        else:
-            scrambled_images = normalization.normalize(jigsaw(normalization.unnormalize(images), generators))
-        backbone.features(scrambled_images)  # the same hooks, still in place: the jigsaw's block outputs
+        backbone.features(jigsaw(images, generators))  # the same hooks, still in place: the jigsaw's block outputs
         scrambled = torch.stack([feature_norm(captured[n]) for n in names], dim=1).double().cpu()
         totals += (real / scrambled.clamp_min(1e-12)).sum(0)
         count += len(images)
@@ -121,3 +128,9 @@ def norm_ratios(
         totals, count = sum_across(totals), sum_across(count)
     ratios = (totals / count).tolist()
     return NormRatios(dict(zip(names, ratios, strict=True)), int(count))
+
+
+def _as_pixels(loader: Iterable, normalization: Normalization) -> Iterator[tuple]:
+    """``loader``'s batches with the images back in pixels, [0, 1] (float32, before they reach the network)."""
+    for images, *rest in loader:
+        yield (normalization.unnormalize(images.float()), *rest)

@@ -15,7 +15,7 @@ import time
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.utilities.distributed import gather_all_tensors
@@ -38,7 +38,7 @@ from lightning_ood.features import (
 from lightning_ood.scoring.featurenorm import NORMRATIO_IMAGES
 from lightning_ood.statistics import FeatureSet, FeatureStatistics, percentile, quantile_stride
 
-REFERENCE_IMAGES = 2000  # ID test images of the ReAct authors' threshold (reference: id_test)
+REFERENCE_IMAGES = 2000  # seeded ID images of a reference set: id_val without data.val_split, id_test
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,15 @@ def compute_feature_statistics(
 
 
 def normratio_selection(
-    module: LightningModule, datamodule, trainer: Trainer | None = None, images: int = NORMRATIO_IMAGES, seed: int = 0
+    module: LightningModule,
+    datamodule,
+    trainer: Trainer | None = None,
+    images: int | None = NORMRATIO_IMAGES,
+    seed: int = 0,
 ):
-    """NormRatio of every block of ``module.backbone`` on a seeded subset of the ID training images (test transform),
-    identical on every DDP rank; logs the ratios and the chosen block."""
+    """NormRatio of every block of ``module.backbone`` on the ID training images (test transform; ``images``: a
+    seeded subset of that many, ``None``: all, as the authors), identical on every DDP rank; logs the ratios and the
+    chosen block."""
     from lightning_ood.featurenorm import norm_ratios
 
     broadcast_buffers(module.backbone, trainer)
@@ -202,7 +207,7 @@ def fit_context(module: LightningModule, datamodule, trainer: Trainer | None) ->
     transform), the normalisation, the sum across DDP ranks (every rank gets rank 0's buffers first)."""
     broadcast_buffers(module.backbone, trainer)
 
-    def training_images(count: int, seed: int):
+    def training_images(count: int | None, seed: int):  # count None: every training image
         return datamodule.eval_loader(IndexedDataset(seeded_subset(datamodule.statistics_images, count, seed)))
 
     sum_across, *_ = _reducers(trainer, module.device)
@@ -244,33 +249,57 @@ def ensure_references(module, references: set[str], datamodule, trainer=None) ->
         return
     fingerprint = module.fingerprint()
     for reference in sorted(references):
-        images = reference_images(reference, datamodule)
+        images, source = reference_images(reference, datamodule)
         described = f"{dataset_fingerprint(images)} | {transform_fingerprint(images)}"
         found = module.ood_statistics.reference.get(reference)
         if found is not None and (found.images, found.weights) == (described, fingerprint):
             rank_zero_info(f"Reference {reference!r}: the {len(found.labels)} ID images measured before.")
             continue
+        if reference == "id_test":
+            rank_zero_warn(f"Reference 'id_test' fits on {source}; the results say so.")
         found = reference_set(module, reference, images, datamodule, trainer)
-        found.images, found.weights = described, fingerprint
+        found.images, found.weights, found.source = described, fingerprint, source
         module.ood_statistics.reference[reference] = found
 
 
-def reference_images(reference: str, datamodule) -> Dataset:
-    """``id_test`` = a seeded subset of ``REFERENCE_IMAGES`` ID test images (the ReAct authors' convention),
-    ``val`` = the held-out training images of ``data.val_split``."""
-    if reference == "val":
-        if not datamodule.val_split:
-            raise ConfigError(
-                "A scorer fits on held-out ID validation images (reference: val): set --data.init_args.val_split "
-                "N, or use reference: id_test."
-            )
-        return datamodule.validation_set()
-    return seeded_subset(datamodule.test_sets[datamodule.id_name], REFERENCE_IMAGES)
+def reference_images(reference: str, datamodule) -> tuple[Dataset, str]:
+    """The images of a reference set and a sentence saying which they are: ``id_val`` = held-out ID images, never
+    scored (:meth:`~lightning_ood.data.base.OODDataModule.id_validation_images`: the ``data.val_split`` images, or
+    ``REFERENCE_IMAGES`` seeded training images); ``id_test`` = ``REFERENCE_IMAGES`` seeded ID test images, which the
+    test also scores (test-set leakage, kept for ReAct as its authors ran it: deeplearning-wisc/react
+    ``compute_threshold.py`` takes the threshold from the ID loader that ``eval.py`` scores)."""
+    if reference == "id_val":
+        return datamodule.id_validation_images(REFERENCE_IMAGES)
+    if reference == "id_test":
+        test = datamodule.test_sets[datamodule.id_name]
+        images = seeded_subset(test, REFERENCE_IMAGES)
+        return images, (
+            f"{len(images)} of the {len(test)} {datamodule.id_name} test images (seed 0), which are also scored: "
+            f"test-set leakage (the ReAct authors' compute_threshold.py)"
+        )
+    raise ConfigError(f"Unknown reference image set {reference!r}: choose id_val (held-out ID images) or id_test.")
+
+
+def describe_references(module) -> dict[str, str]:
+    """For the result files: each reference set the scorers were fitted on, the scorers, and which images it holds
+    (the training images of ``reference: train`` are the provenance's ``statistics_images``)."""
+    engine, stats = getattr(module, "engine", None), getattr(module, "ood_statistics", None)
+    if engine is None or stats is None:
+        return {}
+    users: dict[str, list[str]] = {}
+    for label, prototype in engine.prototypes.items():
+        for reference in sorted(prototype.needs.references):
+            users.setdefault(reference, []).append(label)
+    return {
+        reference: f"{', '.join(labels)}: fitted on {stats.reference[reference].source}"
+        for reference, labels in sorted(users.items())
+        if reference in stats.reference
+    }
 
 
 def reference_set(module, reference: str, images: Dataset, datamodule, trainer=None) -> FeatureSet:
     """Features, logits and labels of an ID image set other than the training images (see
-    :meth:`reference_images`), measured now."""
+    :func:`reference_images`), measured now."""
     found = reference_features(module, IndexedDataset(images), datamodule.eval_loader, trainer)
     rank_zero_info(
         f"Reference {reference!r}: {len(found.labels)} ID images measured (90th activation percentile "

@@ -28,7 +28,7 @@ from lightning_ood import fitting
 from lightning_ood.engine import Engine, ScorerSpec
 from lightning_ood.errors import CheckpointError, ConfigError, DataError, LightningOODError
 from lightning_ood.features import weights_fingerprint
-from lightning_ood.metrics import OODMetrics
+from lightning_ood.metrics import FPR_THRESHOLDS, OODMetrics
 from lightning_ood.models import Backbone, pretrained_backbone
 from lightning_ood.models.formats import mismatches
 from lightning_ood.normalization import Normalization
@@ -71,6 +71,9 @@ class OODClassifier(LightningModule):
         tpr: the TPR of the FPR@TPR metric (0.95).
         fpr_positive: ``id`` (the paper's FPR95: ID positive, the share of OOD images kept at 95% of ID kept) or
             ``ood`` (OpenOOD v1.5's: the share of ID images rejected at 95% of OOD rejected), labelled as such.
+        fpr_threshold: the FPR's threshold: ``first_at_tpr`` (the largest score keeping at least ``tpr`` of the
+            positives) or ``closest`` (the paper's code: the score whose TPR is nearest to ``tpr``; the two differ
+            under ties, see :mod:`lightning_ood.metrics`), recorded in the provenance and labelled in the tables.
         weights: pretrained weights. CIFAR backbones: the path of a published checkpoint in any format of
             :mod:`lightning_ood.models.formats` (the DICE / ODIN DenseNet3 files, OpenOOD v1.5's ResNet18_32x32,
             this project's checkpoints and state dicts), converted exactly. torchvision ImageNet backbones: a weights
@@ -104,6 +107,7 @@ class OODClassifier(LightningModule):
         scorers: ScorerSpec | None = None,
         tpr: float = 0.95,
         fpr_positive: str = "id",
+        fpr_threshold: str = "first_at_tpr",
         weights: str | None = None,
         weights_format: str | None = None,
         normalization: dict[str, Any] | None = None,
@@ -121,6 +125,10 @@ class OODClassifier(LightningModule):
             raise ConfigError(f"tpr (of the FPR@TPR metric) must be in (0, 1], got {tpr!r}; the paper uses 0.95.")
         if fpr_positive not in ("id", "ood"):
             raise ConfigError(f"fpr_positive must be 'id' (the paper) or 'ood' (OpenOOD v1.5), got {fpr_positive!r}.")
+        if fpr_threshold not in FPR_THRESHOLDS:
+            raise ConfigError(
+                f"fpr_threshold must be 'first_at_tpr' or 'closest' (the paper's code), got {fpr_threshold!r}."
+            )
         check_compile(compile)
         self.save_hyperparameters()
         pretrained = pretrained_backbone(backbone, num_classes, weights, weights_format)
@@ -308,7 +316,7 @@ class OODClassifier(LightningModule):
         hp = self.hparams
         labels = self.engine.labels
         self.ood_metrics = nn.ModuleDict(
-            {self._key(s, o): OODMetrics(hp.tpr, hp.fpr_positive) for s in labels for o in oods}
+            {self._key(s, o): OODMetrics(hp.tpr, hp.fpr_positive, hp.fpr_threshold) for s in labels for o in oods}
         ).to(self.device)
         self.score_collectors = nn.ModuleDict(
             {self._key(s, d): CatMetric(nan_strategy="disable") for s in labels for d in self.test_set_names}
@@ -339,7 +347,9 @@ class OODClassifier(LightningModule):
             "input_normalization": normalization.describe() if normalization else "",
             "statistics_images": self.ood_statistics.images if self.ood_statistics else "",
             "statistics_count": self.ood_statistics.num_samples if self.ood_statistics else 0,
+            "references": fitting.describe_references(self),
             "scorers": {label: {"scorer": name, **params} for label, (name, params) in self.scorer_specs.items()},
+            "fpr_threshold": self.hparams.fpr_threshold,
             "test_sets": datamodule.describe_sets() if hasattr(datamodule, "describe_sets") else {},
             "seed": os.environ.get("PL_GLOBAL_SEED", ""),
             "package": f"lightning-ood {package_version()}",

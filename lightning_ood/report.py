@@ -105,7 +105,8 @@ class OODReport:
         tpr: the TPR of the FPR metric (``metrics[...]["fpr95"]`` holds the FPR at this TPR); outputs label it
             ``FPR95`` at the paper's 0.95 and ``FPR<100 tpr>`` otherwise, with no paper figure beside it then.
         fpr_positive: ``id`` (the paper's FPR: ID positive) or ``ood`` (OpenOOD v1.5's: OOD positive), labelled
-            ``FPR95 (OOD+)`` and stored as ``fpr95_ood``; no paper figure beside it.
+            ``FPR95 (OOD+)`` and stored as ``fpr95_ood``; no paper figure beside it. The threshold rule,
+            ``provenance["fpr_threshold"]``, is labelled ``(closest TPR)`` when it is the paper's code's ``closest``.
         groups: OOD set -> group (``near``, ``far``): each group gets its own average column and rows.
     """
 
@@ -123,9 +124,11 @@ class OODReport:
 
     @property
     def fpr_label(self) -> str:
-        """``FPR95`` at the paper's TPR, else ``FPR<TPR in %>`` (``FPR90``, ``FPR100``); ``(OOD+)`` for OpenOOD's."""
+        """``FPR95`` at the paper's TPR, else ``FPR<TPR in %>`` (``FPR90``, ``FPR100``); ``(OOD+)`` for OpenOOD's,
+        ``(closest TPR)`` for the threshold at the TPR nearest to it (``model.fpr_threshold: closest``)."""
         label = f"FPR{100 * self.tpr:.4g}"
-        return f"{label} (OOD+)" if self.fpr_positive == "ood" else label
+        label = f"{label} (OOD+)" if self.fpr_positive == "ood" else label
+        return f"{label} (closest TPR)" if self.provenance.get("fpr_threshold") == "closest" else label
 
     @property
     def comparable_fpr(self) -> bool:
@@ -284,7 +287,7 @@ class OODReport:
         title_row = " & ".join(rf"\multicolumn{{2}}{{c}}{{{latex_escape(self.column_title(c))}}}" for c in columns)
         rules = " ".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(columns)))
         metrics_row = " & ".join(r"FPR95$\downarrow$ & AUROC$\uparrow$" for _ in columns)
-        if not self.comparable_fpr:
+        if self.fpr_label != "FPR95":
             metrics_row = metrics_row.replace("FPR95", latex_escape(self.fpr_label))
         lines = [
             rf"% {latex_escape(self.id_name)} / {latex_escape(self.backbone)}, accuracy {100 * self.accuracy:.2f}\%",

@@ -77,20 +77,27 @@ class FeatureSet:
     """Features (N, L), logits (N, C) and labels (N,) of a set of images: the one record of what the network
     produced for them (cached features, reference images). ``images`` says which images and ``weights`` under which
     network (its fingerprint), where known: a reference set measured before on the same images and weights is reused
-    instead of measured again."""
+    instead of measured again. ``source`` says in words where the images come from (a reference set's, for the
+    result files' provenance)."""
 
     features: Tensor
     logits: Tensor
     labels: Tensor
     images: str = ""
     weights: str = ""
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device | str) -> FeatureSet:
         return FeatureSet(
-            self.features.to(device), self.logits.to(device), self.labels.to(device), self.images, self.weights
+            self.features.to(device),
+            self.logits.to(device),
+            self.labels.to(device),
+            self.images,
+            self.weights,
+            self.source,
         )
 
 
@@ -208,7 +215,7 @@ class FeatureStatistics:
             :class:`Statistic` classes), read as attributes: ``stats.bank``, ``stats.gram``, ... (``None`` when the
             statistic was not accumulated).
         reference: ID image sets measured at run time (kept in memory for the next run, not stored), e.g.
-            ``{"id_test": FeatureSet}``.
+            ``{"id_val": FeatureSet}`` (see :func:`lightning_ood.fitting.reference_images`).
     """
 
     counts: Tensor

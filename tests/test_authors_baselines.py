@@ -160,7 +160,9 @@ def test_normratio_jigsaw_is_made_in_pixel_space_with_a_black_strip():
     images = normalization.normalize(pixels)
     recorder = Recorder()
     norm_ratios(recorder, [(images, torch.zeros(2), torch.tensor([0, 1]))], normalization=normalization)
-    scrambled = normalization.unnormalize(recorder.inputs[1])
+    # the network sees pixels in [0, 1], not normalised, the ID images and their jigsaws alike (the authors' inputs)
+    torch.testing.assert_close(recorder.inputs[0], pixels, atol=1e-6, rtol=0)
+    scrambled = recorder.inputs[1]
     assert torch.allclose(scrambled[:, :, 30:, :], torch.zeros(1), atol=1e-6)  # the uncovered strip is black
     assert torch.allclose(scrambled[:, :, :, 30:], torch.zeros(1), atol=1e-6)
     for i in range(2):  # the 3x3 tiles of 10x10 pixels are a permutation of the original's

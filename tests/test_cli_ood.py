@@ -166,7 +166,7 @@ def test_tune_any_scorer_on_an_ood_validation_set(trained, caplog, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--scorer", "ash_s"], "tune works on cached penultimate features, and 'ash_s' reads"),
+        (["--scorer", "ash_s_map"], "tune works on cached penultimate features, and 'ash_s_map' reads"),
         (["--scorer", "knn", "--grid", '{"q": [1]}'], "Scorer 'knn' has no hyperparameter 'q'"),
         (["--scorer", "knn", "--grid", '{"k": []}'], "--grid: k needs a non-empty list of values"),
         (["--scorer", "mahalanobis"], "Scorer 'mahalanobis' declares no search space"),

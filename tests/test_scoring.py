@@ -794,7 +794,7 @@ def test_every_registered_scorer_builds_fits_and_scores(name, resnet):
     (composed scorers: their parts' too) and its reference images, fitted, then one engine call; finite (N,)
     scores."""
     from lightning_ood.data.base import IndexedDataset
-    from lightning_ood.engine import Engine, accumulate_statistics
+    from lightning_ood.engine import Engine, FitContext, accumulate_statistics
     from lightning_ood.statistics import FeatureSet
 
     net = resnet.net
@@ -807,7 +807,8 @@ def test_every_registered_scorer_builds_fits_and_scores(name, resnet):
         reference = net.features(resnet.images[:20])
     for ref in engine.needs.references:
         stats.reference[ref] = FeatureSet(reference, net.head(reference), resnet.labels[:20])
-    _, scores = engine.fit(stats)(resnet.x)
+    context = FitContext(net, lambda count, seed: loader)  # mahalanobis_paper fits on ID training images
+    _, scores = engine.fit(stats, context)(resnet.x)
     scores = scores[name]
     assert scores.shape == (6,) and scores.dtype.is_floating_point and torch.isfinite(scores).all()
 

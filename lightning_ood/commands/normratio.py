@@ -1,5 +1,6 @@
 """``lightning-ood normratio``: choose the FeatureNorm block by NormRatio on jigsaw-shuffled ID training images (Yu et
-al., CVPR 2023) and write it as a config overlay."""
+al., CVPR 2023) and write it as a config overlay. As the authors: every training image by default, and the network
+sees the images' pixels in [0, 1], un-normalised (:mod:`lightning_ood.featurenorm`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lightning_ood.fitting import normratio_selection
 from lightning_ood.io import atomic_write_text
 from lightning_ood.module import OODClassifier
 from lightning_ood.report import results_console
+from lightning_ood.scoring.featurenorm import NORMRATIO_IMAGES
 
 
 def normratio(
@@ -22,7 +24,7 @@ def normratio(
     model: OODClassifier,
     datamodule: OODDataModule,
     ckpt_path: str | None = None,
-    images: int = 2000,
+    images: int | None = NORMRATIO_IMAGES,
     seed: int = 0,
     output: str | None = None,
 ) -> dict:
@@ -30,9 +32,9 @@ def normratio(
 
     Args:
         model: the model (from the config).
-        datamodule: the data (from the config); its training images (test transform) are used.
+        datamodule: the data (from the config); its training images (test transform, then un-normalised) are used.
         ckpt_path: the checkpoint.
-        images: ID training images (a seeded subset).
+        images: ID training images: a seeded subset of this many; none (the default): all of them, as the authors.
         seed: seed of the subset and of the jigsaw permutations.
         output: also write the overlay (the configured scorers plus ``featurenorm`` on the chosen block) here.
 
@@ -40,8 +42,8 @@ def normratio(
         ``{"block": chosen block, "ratios": {block: NormRatio}, "overlay": path}``.
     """
     check_output_file(output)
-    if images < 1:
-        raise ConfigError(f"normratio --images must be >= 1, got {images}.")
+    if images is not None and images < 1:
+        raise ConfigError(f"normratio --images must be >= 1 (or left out: every training image), got {images}.")
     load_model(self, model, datamodule, ckpt_path)
     result = normratio_selection(model, datamodule, None, images, seed)
     table = Table(title=f"NormRatio on {result.images} ID training images (ID / jigsaw FeatureNorm)")

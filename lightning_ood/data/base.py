@@ -318,6 +318,25 @@ class OODDataModule(LightningDataModule):
         indices = self.held_out(size, seed)
         return Subset(self.statistics_set, indices)
 
+    def id_validation_images(self, size: int) -> tuple[Dataset, str]:
+        """The ID images a scorer's data-chosen quantities are fitted on (``reference: id_val``), never the test
+        images, and a sentence saying which they are: the held-out training images of ``val_split`` (neither trained
+        on nor in the OOD statistics), or without a split ``size`` training images (test transform, a permutation
+        seeded by ``val_seed``), which a network trained on the whole training set has seen."""
+        if self.val_split:
+            images = self.validation_set()
+            return images, (
+                f"{len(images)} {self.id_name} training images held out by data.val_split (seed {self.val_seed}; "
+                f"not trained on, not in the OOD statistics), none of them scored"
+            )
+        if self.statistics_set is None:
+            self.setup("statistics")
+        images = seeded_subset(self.statistics_set, size, self.val_seed)
+        return images, (
+            f"{len(images)} of the {len(self.statistics_set)} {self.id_name} training images (seed {self.val_seed}, "
+            f"test transform; no data.val_split, so the network was trained on them), none of them scored"
+        )
+
     def training_images(self) -> Dataset:
         """The training images (training transform) without the held-out ones."""
         assert self.train_set is not None, "setup('fit') builds the training set"

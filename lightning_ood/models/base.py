@@ -71,6 +71,7 @@ class Backbone(nn.Module):
         return None
 
     def stages(self) -> list[str]:
-        """Module names whose outputs end the network's stages, in forward order (the layer ensemble of Lee et al.'s
-        Mahalanobis); empty when the backbone does not define them."""
+        """The layers of Lee et al.'s ``feature_list`` (their Mahalanobis layer ensemble), in forward order, as module
+        names (``"<module>:input"`` for a module's input) whose outputs are those layers; empty when the backbone
+        does not define them."""
         return []

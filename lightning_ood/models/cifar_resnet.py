@@ -77,7 +77,9 @@ class CifarResNet(Backbone):
         return BatchNormTail(f"{last}.bn2", block.bn2, (shortcut,), activation)
 
     def stages(self) -> list[str]:
-        return [f"layers.{i}" for i in range(len(self.layers))]
+        """Lee et al.'s ``feature_list`` of their ResNet (deep_Mahalanobis_detector ``models/resnet.py``): the stem
+        ``relu(bn1(conv1(x)))`` (the first stage's input) and every stage's output."""
+        return ["layers.0:input", *(f"layers.{i}" for i in range(len(self.layers)))]
 
 
 def resnet18(num_classes: int = 10) -> CifarResNet:

@@ -65,6 +65,7 @@ class DenseNetBC(Backbone):
         self.dense = nn.ModuleList(dense)
         self.transitions = nn.ModuleList(transitions)
         self.bn = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()  # a module, so that hooks can read the final feature map (Lee et al.'s last layer)
         self.feature_dim = planes
         self.head = nn.Linear(planes, num_classes)
         for m in self.modules():
@@ -79,7 +80,7 @@ class DenseNetBC(Backbone):
             out = block(out)
             if i < len(self.transitions):
                 out = self.transitions[i](out)
-        out = F.relu(self.bn(out))
+        out = self.relu(self.bn(out))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
     def blocks(self) -> dict[str, nn.Module]:
@@ -90,7 +91,9 @@ class DenseNetBC(Backbone):
         return BatchNormTail("bn", self.bn, (), lambda z, _: F.relu(z))
 
     def stages(self) -> list[str]:
-        return [f"dense.{i}" for i in range(len(self.dense))]
+        """Lee et al.'s ``feature_list`` of DenseNet3 (deep_Mahalanobis_detector ``models/densenet.py``): the stem
+        convolution, each transition's output and ``relu(bn(last dense block))``."""
+        return ["conv1", *(f"transitions.{i}" for i in range(len(self.transitions))), "relu"]
 
 
 def densenet100(num_classes: int = 10) -> DenseNetBC:

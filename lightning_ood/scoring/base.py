@@ -53,7 +53,7 @@ class Needs:
         inputs: the input images and a way to run the network again on perturbed ones (ODIN-type methods; they
             need input gradients).
         statistics: extras of the statistics pass beyond the core ones (``logits``, ``bank``, ``stages``, ``gram``).
-        references: ID image sets other than the training images the scorer fits on (``id_test``, ``val``).
+        references: ID image sets other than the training images the scorer fits on (``id_val``, ``id_test``).
     """
 
     blocks: tuple[str, ...] = ()
@@ -178,7 +178,7 @@ class Scorer(nn.Module):
 
     @property
     def references(self) -> set[str]:
-        """ID image sets other than the training set the scorer fits on (``id_test``, ``val``)."""
+        """ID image sets other than the training set the scorer fits on (``id_val``, ``id_test``)."""
         reference = getattr(self, "reference", "train")
         return set() if reference == "train" else {reference}
 
@@ -268,12 +268,14 @@ def check_positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}.")
 
 
-REFERENCES = ("train", "id_test", "val")
+REFERENCES = ("train", "id_val", "id_test")
 
 
 def check_reference(reference: str, allowed: tuple[str, ...] = REFERENCES) -> str:
-    """``train``: the training images (the statistics); ``id_test``: a seeded subset of 2,000 ID test images;
-    ``val``: the held-out training images of ``data.val_split``."""
+    """``train``: the training images (the statistics); ``id_val``: held-out ID images that are never scored (the
+    ``data.val_split`` images, else 2,000 seeded training images); ``id_test``: 2,000 seeded ID test images, which
+    are also scored (test-set leakage, ReAct's authors' convention; the results flag it). See
+    :func:`lightning_ood.fitting.reference_images`."""
     if reference not in allowed:
         raise ConfigError(f"reference must be one of {', '.join(allowed)}, got {reference!r}.")
     return reference

@@ -9,20 +9,30 @@ from lightning_ood.featurenorm import NormRatios, feature_norm, norm_ratios
 from lightning_ood.hooks import unknown_blocks
 from lightning_ood.scoring.base import Batch, Scorer
 
-NORMRATIO_IMAGES = 2000  # ID training images used to choose the block (a seeded subset)
+NORMRATIO_IMAGES: int | None = None  # training images that choose the block: None all (the authors), N a seeded subset
 
 
 class FeatureNorm(Scorer):
     """Channel-average of the spatial L2 norms of ``ReLU(block output)``; higher = more in-distribution.
 
     ``block`` names one of ``backbone.blocks()``; ``None`` lets the test pass choose it by NormRatio on jigsaw-shuffled
-    ID training images (``lightning-ood normratio`` does the same once and writes the choice as a config overlay).
-    The module reads the block's output with a forward hook during the same forward pass as the penultimate features.
+    ID training images, un-normalised as the authors feed them (:mod:`lightning_ood.featurenorm`): all of them, as the
+    authors, or a seeded subset of ``normratio_images`` (``lightning-ood normratio`` does the same once and writes the
+    choice as a config overlay). The module reads the block's output with a forward hook during the same forward pass
+    as the penultimate features.
     """
 
-    def __init__(self, block: str | None = None) -> None:
+    def __init__(self, block: str | None = None, normratio_images: int | None = NORMRATIO_IMAGES) -> None:
         super().__init__()
+        if normratio_images is not None and (
+            isinstance(normratio_images, bool) or not isinstance(normratio_images, int) or normratio_images < 1
+        ):
+            raise ConfigError(
+                f"featurenorm normratio_images must be a count >= 1, or none (every training image, as the authors); "
+                f"got {normratio_images!r}."
+            )
         self.block = block
+        self.normratio_images = normratio_images
 
     def bind(self, backbone: nn.Module) -> FeatureNorm:
         if self.block is not None and unknown_blocks([self.block], backbone.blocks(), dict(backbone.named_modules())):
@@ -33,8 +43,8 @@ class FeatureNorm(Scorer):
         return self
 
     def prepare(self, context) -> FeatureNorm:
-        """With no block configured, choose it by NormRatio on a seeded subset of ``NORMRATIO_IMAGES`` ID training
-        images (one measurement per run, shared by every FeatureNorm scorer of the run)."""
+        """With no block configured, choose it by NormRatio on the ID training images, all or a seeded subset of
+        ``normratio_images`` (one measurement per run and count, shared by the FeatureNorm scorers of the run)."""
         if self.block is not None:
             return self
         if context is None or context.training_images is None:
@@ -45,7 +55,7 @@ class FeatureNorm(Scorer):
 
         def measure() -> NormRatios:
             result = norm_ratios(
-                context.backbone, context.training_images(NORMRATIO_IMAGES, 0), seed=0,
+                context.backbone, context.training_images(self.normratio_images, 0), seed=0,
                 sum_across=context.sum_across, normalization=context.normalization,
             )  # fmt: skip
             table = ", ".join(f"{name} {ratio:.3f}" for name, ratio in result.ratios.items())
@@ -54,7 +64,7 @@ class FeatureNorm(Scorer):
             )
             return result
 
-        self.block = context.shared("normratio", measure).selected
+        self.block = context.shared(f"normratio:{self.normratio_images}", measure).selected
         return self
 
     @property

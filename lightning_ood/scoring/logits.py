@@ -64,18 +64,23 @@ class GEN(Scorer):
 
 
 class TemperatureScaling(Scorer):
-    """Maximum softmax probability at the temperature T that minimises the negative log-likelihood of ID images
-    with known labels (Guo et al., ICML 2017; OpenOOD's ``temp_scaling``).
+    """Maximum softmax probability at the temperature T that minimises the negative log-likelihood of held-out ID
+    images with known labels (Guo et al., ICML 2017; OpenOOD's ``temp_scaling``).
+
+    T is fitted on validation images that are never scored, as its authors do (gpleiss/temperature_scaling holds
+    5,000 training images out of training for it; OpenOOD fits on its ID validation list). Without
+    ``data.val_split`` the ``id_val`` images are training images the network was trained on, on which it is more
+    often right and more confident than on unseen images, so T comes out smaller: set ``data.val_split`` (and train
+    with it) to follow the authors.
 
     Args:
-        reference: the labelled ID images T is fitted on: ``id_test`` (2,000 ID test images, seeded; the default,
-            since the paper's protocol holds out no training images) or ``val`` (the ``data.val_split`` held-out
-            training images; OpenOOD fits on its ID validation split).
+        reference: the labelled ID images T is fitted on: ``id_val`` (the only choice: see
+            :func:`lightning_ood.fitting.reference_images`).
     """
 
-    def __init__(self, reference: str = "id_test") -> None:
+    def __init__(self, reference: str = "id_val") -> None:
         super().__init__()
-        self.reference = check_reference(reference, ("id_test", "val"))
+        self.reference = check_reference(reference, ("id_val",))
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> TemperatureScaling:
         super().fit_statistics(stats, head)
@@ -110,15 +115,16 @@ class KLMatching(Scorer):
     images the network predicts as class c (a class never predicted gets the one-hot template, as OpenOOD).
 
     Args:
-        reference: where the templates come from: ``train`` (the training images, exact, default), ``id_test`` or
-            ``val`` (the authors and OpenOOD use ID validation images).
+        reference: where the templates come from: ``id_val`` (default: held-out ID images that are never scored; the
+            authors and OpenOOD's ``kl_matching_postprocessor.py`` use ID validation images) or ``train`` (every
+            training image of the statistics; not the authors' choice, which this project used to make).
     """
 
     needs_statistics = frozenset({"logits"})
 
-    def __init__(self, reference: str = "train") -> None:
+    def __init__(self, reference: str = "id_val") -> None:
         super().__init__()
-        self.reference = check_reference(reference)
+        self.reference = check_reference(reference, ("id_val", "train"))
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> KLMatching:
         super().fit_statistics(stats, head)

@@ -1,5 +1,8 @@
 """Mahalanobis distance to the closest class mean under one shared covariance (Lee et al., NeurIPS 2018), as in
-OpenOOD's ``mds`` postprocessor: penultimate features only, no input perturbation, no ensemble of layers."""
+OpenOOD's ``mds`` postprocessor: penultimate features only, no input perturbation, no ensemble of layers.
+
+Not the paper's Table I "Mahalanobis": its code adds Lee et al.'s layers, input noise and a logistic regression
+(``mahalanobis_paper``, :mod:`lightning_ood.scoring.ensemble`)."""
 
 from __future__ import annotations
 

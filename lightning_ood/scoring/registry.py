@@ -16,7 +16,7 @@ from lightning_ood.scoring.activation import ASH, SCALE, RankFeat
 from lightning_ood.scoring.base import Scorer
 from lightning_ood.scoring.boundary import FDBD, NCI, SHE
 from lightning_ood.scoring.dice import DICE
-from lightning_ood.scoring.ensemble import MahalanobisEnsemble
+from lightning_ood.scoring.ensemble import MahalanobisEnsemble, MahalanobisPaper
 from lightning_ood.scoring.featurenorm import FeatureNorm
 from lightning_ood.scoring.fmls import FMLS
 from lightning_ood.scoring.gram import Gram
@@ -59,7 +59,10 @@ SCORERS: dict[str, Entry] = {
     # Baselines (Tables I, II)
     "msp": Entry(MSP, {}, "maximum softmax probability", "MSP"),
     "odin": Entry(ODIN, {}, "temperature scaling + input perturbation", "ODIN"),
-    "mahalanobis": Entry(Mahalanobis, {}, "distance to the closest class mean, tied covariance", "Mahalanobis"),
+    "mahalanobis": Entry(Mahalanobis, {}, "distance to the closest class mean, tied covariance (OpenOOD's mds)"),
+    "mahalanobis_paper": Entry(
+        MahalanobisPaper, {}, "Lee et al.'s layers, input noise, regression on ID vs FGSM (paper's code)", "Mahalanobis"
+    ),
     "energy": Entry(Energy, {}, "logsumexp of the logits", "Energy"),
     "bats": Entry(BATS, {}, "per-unit truncation to mean +- lam * std, energy", "BATS"),
     "dice": Entry(DICE, {}, "head sparsified by contribution, energy", "DICE"),
@@ -102,11 +105,19 @@ SCORERS: dict[str, Entry] = {
     "relation": Entry(Relation, {}, "relational kernel to the training features (Kim et al., NeurIPS 2023)"),
     "fdbd": Entry(FDBD, {}, "distance to the decision boundaries over distance to the mean (Liu & Qin, ICML 2024)"),
     "nci": Entry(NCI, {}, "alignment of the centred feature with the predicted class's weight (Liu et al., CVPR 2025)"),
-    "ash_p": Entry(ASH, {"variant": "p"}, "activation pruning of the final feature map (Djurisic et al., ICLR 2023)"),
+    "ash_p": Entry(ASH, {"variant": "p"}, "activation pruning of the pooled feature (Djurisic et al., ICLR 2023)"),
     "ash_b": Entry(ASH, {"variant": "b"}, "activation pruning and binarisation (Djurisic et al., ICLR 2023)"),
     "ash_s": Entry(ASH, {"variant": "s"}, "activation pruning and scaling (Djurisic et al., ICLR 2023)"),
-    "scale": Entry(SCALE, {}, "activation scaling of the final feature map (Xu et al., ICLR 2024)"),
-    "rankfeat": Entry(RankFeat, {}, "energy after removing the final map's rank-1 part (Song et al., NeurIPS 2022)"),
+    "scale": Entry(SCALE, {}, "activation scaling of the pooled feature (Xu et al., ICLR 2024)"),
+    # ours: ASH and SCALE on the final feature map before the pooling (the authors shape the pooled feature)
+    "ash_p_map": Entry(ASH, {"variant": "p", "where": "map"}, "ash_p on the final feature map (ours)"),
+    "ash_b_map": Entry(ASH, {"variant": "b", "where": "map"}, "ash_b on the final feature map (ours)"),
+    "ash_s_map": Entry(ASH, {"variant": "s", "where": "map"}, "ash_s on the final feature map (ours)"),
+    "scale_map": Entry(SCALE, {"where": "map"}, "scale on the final feature map (ours)"),
+    "rankfeat": Entry(
+        RankFeat, {}, "energy of the Block-3 and Block-4 paths' mean logits, rank-1 parts removed (Song et al.)"
+    ),
+    "rankfeat_block4": Entry(RankFeat, {"fuse": False}, "RankFeat on Block-4 alone (the authors' one-block variant)"),
     "gram": Entry(
         Gram, {}, "deviation of the blocks' Gram features from their training range (Sastry & Oore, ICML 2020)"
     ),

@@ -25,9 +25,13 @@ class ReAct(LogitScorer):
     of the ``reference`` images:
 
     - ``train`` (default): every training image the statistics are fitted on;
-    - ``id_test``: 2,000 ID test images (a seeded subset), the ReAct authors' convention (deeplearning-wisc/react
-      ``compute_threshold.py`` reads the first 2,000 images of the shuffled ID validation loader, which on CIFAR is
-      the test set); the DICE / LINE / HIMPLoS code passes an absolute ``--threshold`` instead.
+    - ``id_val``: held-out ID images that are never scored (the ``data.val_split`` images, else 2,000 seeded
+      training images), as OpenOOD's ``react_postprocessor.py`` takes it from its ID validation list;
+    - ``id_test``: 2,000 ID test images (a seeded subset) that are also scored, test-set leakage that the results
+      flag, kept because it is the ReAct authors' run (deeplearning-wisc/react ``compute_threshold.py`` reads
+      batches of its shuffled ``val`` loader, the CIFAR test set or the ImageNet validation set, until it has more
+      than 2,000 images, and ``eval.py`` scores that same set); the DICE / LINE / HIMPLoS code passes an absolute
+      ``--threshold`` instead.
     """
 
     def __init__(

@@ -19,9 +19,14 @@ from lightning_ood.statistics import FeatureStatistics
 
 
 def default_dim(feature_dim: int) -> int:
-    """The authors' principal dimension: 1000 for 2048-d features (ResNet-50), 512 for 768-d (ViT), 256 for CIFAR's
-    512-d ResNet-18 (OpenOOD), half the features otherwise."""
-    return {2048: 1000, 768: 512, 512: 256, 1280: 1000}.get(feature_dim, feature_dim // 2)
+    """The authors' principal dimension D (haoqiwang/vim ``benchmark.py``): 1000 for features of 2048 or more
+    (ResNet-50), 512 for 768 to 2047 (ViT's 768, MobileNetV2's 1280), half the features below 768 (256 for CIFAR's
+    512-d ResNet-18, as OpenOOD; 171 for DenseNet-BC's 342)."""
+    if feature_dim >= 2048:
+        return 1000
+    if feature_dim >= 768:
+        return 512
+    return feature_dim // 2
 
 
 def residual_space(stats: FeatureStatistics, head: nn.Linear, dim: int) -> tuple[Tensor, Tensor]:
