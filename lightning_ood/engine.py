@@ -88,6 +88,9 @@ class FitContext:
         sum_across: adds a tensor over DDP ranks (``None``: one process).
         log: where a scorer says what it chose.
         notes: what a scorer measured while choosing (shared between scorers through :meth:`shared`).
+        reference_images: ``(reference) -> loader`` of a reference ID image set (``id_val``, ``id_test``: see
+            :func:`lightning_ood.fitting.reference_images`; test transform, items ``(image, label, index)``), for
+            scorers that fit on those images themselves rather than on their features (AdaSCALE), or ``None``.
     """
 
     backbone: nn.Module
@@ -96,6 +99,7 @@ class FitContext:
     sum_across: Reduce | None = None
     log: Callable[[str], None] = print
     notes: dict[str, Any] = field(default_factory=dict)
+    reference_images: Callable[[str], Iterable] | None = None
 
     def shared(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per context: two scorers that need the same measurement share it."""

@@ -204,14 +204,19 @@ def reference_features(module: LightningModule, dataset, loader_for, trainer: Tr
 
 def fit_context(module: LightningModule, datamodule, trainer: Trainer | None) -> FitContext:
     """What the scorers' ``prepare`` hooks may use in a Lightning run: seeded subsets of the ID training images (test
-    transform), the normalisation, the sum across DDP ranks (every rank gets rank 0's buffers first)."""
+    transform), the reference image sets, the normalisation, the sum across DDP ranks (every rank gets rank 0's
+    buffers first)."""
     broadcast_buffers(module.backbone, trainer)
 
     def training_images(count: int | None, seed: int):  # count None: every training image
         return datamodule.eval_loader(IndexedDataset(seeded_subset(datamodule.statistics_images, count, seed)))
 
+    def references(reference: str):  # the images of a reference set, each rank its disjoint share
+        return datamodule.eval_loader(IndexedDataset(reference_images(reference, datamodule)[0]))
+
     sum_across, *_ = _reducers(trainer, module.device)
-    return FitContext(module.backbone, training_images, module.input_normalization, sum_across, log=rank_zero_info)
+    return FitContext(module.backbone, training_images, module.input_normalization, sum_across, log=rank_zero_info,
+                      reference_images=references)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the test's inputs

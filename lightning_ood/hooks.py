@@ -20,12 +20,14 @@ def unknown_blocks(
 
 
 @contextmanager
-def block_outputs(backbone: nn.Module, names: Iterable[str]):
+def block_outputs(backbone: nn.Module, names: Iterable[str], copy: bool = True):
     """Capture, during forward passes in the ``with`` body, the outputs of the named blocks (``backbone.blocks()``)
     or submodules (``backbone.named_modules()``; ``"<module>:input"`` captures a module's input instead).
 
     Yields a dict that maps each name to the tensor of its latest call. Submodule outputs and inputs are copied,
-    since the network may change them in place afterwards (torchvision's ``out += identity``).
+    since the network may change them in place afterwards (torchvision's ``out += identity``); ``copy=False`` keeps
+    the tensors the network goes on with, so that gradients can be taken with respect to them (NAC); only for
+    outputs that the network does not change in place afterwards (the stage outputs, ``backbone.stages()``).
     """
     names = list(dict.fromkeys(names))
     if not names:  # nothing to capture: no hooks, no cost
@@ -47,7 +49,7 @@ def block_outputs(backbone: nn.Module, names: Iterable[str]):
 
     def store_input(name: str) -> Callable:
         def hook(module, inputs) -> None:
-            captured[name] = inputs[0].clone()
+            captured[name] = inputs[0].clone() if copy else inputs[0]
 
         return hook
 
@@ -58,7 +60,7 @@ def block_outputs(backbone: nn.Module, names: Iterable[str]):
         elif name.endswith(":input"):
             handles.append(modules[name.removesuffix(":input")].register_forward_pre_hook(store_input(name)))
         else:
-            handles.append(modules[name].register_forward_hook(store_output(name, copy=True)))
+            handles.append(modules[name].register_forward_hook(store_output(name, copy=copy)))
     try:
         yield captured
     finally:

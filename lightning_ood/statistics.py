@@ -22,7 +22,7 @@ Their fields are stored flat beside the core ones, as this project's checkpoints
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -337,14 +337,23 @@ class FeatureStatistics:
 
     @classmethod
     def from_features(
-        cls, features: Tensor, labels: Tensor, num_classes: int | None = None, head: torch.nn.Module | None = None
+        cls,
+        features: Tensor,
+        labels: Tensor,
+        num_classes: int | None = None,
+        head: torch.nn.Module | None = None,
+        extras: Iterable[str] = (),
     ) -> FeatureStatistics:
         """Statistics of an in-memory feature matrix ``(N, L)`` with labels ``(N,)``; with the ``head`` also the
-        logit-based statistics and a bank of every feature."""
+        logit-based statistics and a bank of every feature; ``extras``: further registered statistics, those that
+        features and logits determine (one that reads block outputs is left out: it needs the statistics pass)."""
         num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
         setup = StatisticsSetup(num_classes, features.shape[1], len(labels), bank_images=len(labels))
-        needs = ("logits", "bank") if head is not None else ()
-        acc = StatisticsAccumulator(num_classes, features.shape[1], extras=build_statistics(needs, setup))
+        needs = {*(("logits", "bank") if head is not None else ()), *extras}
+        if head is None:
+            needs = {n for n in needs if not registered_statistics().get(n, Statistic).needs_logits}
+        built = {n: st for n, st in build_statistics(needs, setup).items() if type(st).blocks is Statistic.blocks}
+        acc = StatisticsAccumulator(num_classes, features.shape[1], extras=built)
         with torch.no_grad():
             logits = head(features) if head is not None else None
         acc.update(features, labels, torch.arange(len(labels)), logits)

@@ -167,7 +167,7 @@ def test_nan_features_stop_the_statistics(case, capsys, caplog):
 @pytest.mark.parametrize(
     ("scorers", "message"),
     [
-        ("[fmlz]", "Unknown scorer 'fmlz'. Choose one of: ash_b, ash_b_map, ash_p, ash_p_map, ash_s, ash_s_map, bats,"),
+        ("[fmlz]", "Unknown scorer 'fmlz'. Choose one of: adascale_a, adascale_l, ash_b, ash_b_map,"),
         ('{"fmls": {"percentile": 120}}', "percentile must be a percentile in [0, 100], got 120."),
         ('{"fmls": {"percentile": -5}}', "percentile must be a percentile in [0, 100], got -5."),
         ('{"fmls": {"clip": -0.5}}', "clip must be >= 0, got -0.5."),

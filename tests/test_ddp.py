@@ -76,7 +76,13 @@ def test_statistics_callback_under_ddp_equals_one_process(runs):
     torch.testing.assert_close(ddp_stats.std, single.std, rtol=1e-9, atol=1e-12)
     assert torch.equal(ddp_stats.activation_quantiles, single.activation_quantiles)  # the same values, gathered
     # the extras of the configured scorers: the same bank in the same order, the same Gram bounds and stage statistics
-    assert model.statistics_needs() == {"bank", "gram", "logits", "stages"}
+    assert model.statistics_needs() == {
+        "bank", "gram", "logits", "stages", "unit_gaussians", "unit_outer", "unit_quantiles", "predicted_means",
+    }  # fmt: skip
+    for name in ("unit_class_means", "unit_second_moment", "unit_outer", "predicted_class_means", "mean_logit_scores"):
+        torch.testing.assert_close(getattr(ddp_stats, name), getattr(single, name), rtol=1e-10, atol=1e-12)
+    assert torch.equal(ddp_stats.predicted_class_counts, single.predicted_class_counts)
+    torch.testing.assert_close(ddp_stats.unit_quantiles, single.unit_quantiles)  # gathered values, the same grid
     assert torch.equal(ddp_stats.bank, single.bank) and torch.equal(ddp_stats.bank_labels, single.bank_labels)
     assert len(single.bank) == 101
     torch.testing.assert_close(ddp_stats.predicted_softmax, single.predicted_softmax, rtol=1e-10, atol=1e-12)

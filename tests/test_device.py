@@ -111,8 +111,11 @@ def test_every_scorer_scores_float64_inputs_of_a_float64_model(tmp_path):
     assert logits.dtype == torch.float64 and list(scores) == list(EVERY)
     for label, values in scores.items():
         assert values.shape == (6,) and torch.isfinite(values).all(), label
-        # the same scores as in float32, up to float32 rounding of what each method computes
-        torch.testing.assert_close(values.double(), scores32[label].double(), rtol=2e-3, atol=2e-3, msg=label)
+        # the same scores as in float32, up to float32 rounding of what each method computes; NAC's states bin the
+        # position sums of the layers' loss gradients, whose cancellations float32 resolves to ~0.5% here: a few states
+        # of its 500-bin layers land in the neighbouring bin (each moves the score by up to 1 / 64 on this network)
+        tolerance = 5e-2 if label == "nac" else 2e-3
+        torch.testing.assert_close(values.double(), scores32[label].double(), rtol=tolerance, atol=tolerance, msg=label)
     torch.testing.assert_close(logits, logits32.double(), rtol=1e-4, atol=1e-4)
 
 

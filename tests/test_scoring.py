@@ -807,7 +807,8 @@ def test_every_registered_scorer_builds_fits_and_scores(name, resnet):
         reference = net.features(resnet.images[:20])
     for ref in engine.needs.references:
         stats.reference[ref] = FeatureSet(reference, net.head(reference), resnet.labels[:20])
-    context = FitContext(net, lambda count, seed: loader)  # mahalanobis_paper fits on ID training images
+    # mahalanobis_paper and nac fit on ID training images, adascale on the (here: training) id_val images
+    context = FitContext(net, lambda count, seed: loader, reference_images=lambda reference: loader)
     _, scores = engine.fit(stats, context)(resnet.x)
     scores = scores[name]
     assert scores.shape == (6,) and scores.dtype.is_floating_point and torch.isfinite(scores).all()

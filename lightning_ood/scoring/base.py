@@ -204,7 +204,8 @@ class Scorer(nn.Module):
 
     def fit(self, features: Tensor, labels: Tensor, head: nn.Linear) -> Self:
         """Fit on training features ``(N, L)``, their ground-truth labels ``(N,)`` and the classifier head."""
-        return self.fit_statistics(FeatureStatistics.from_features(features, labels, head.out_features, head), head)
+        stats = FeatureStatistics.from_features(features, labels, head.out_features, head, self.needs.statistics)
+        return self.fit_statistics(stats, head)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Self:
         """Fit from precomputed :class:`FeatureStatistics` (what the evaluation engine does)."""

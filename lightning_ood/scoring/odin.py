@@ -80,6 +80,11 @@ class ODIN(Scorer):
             raise ValueError("ODIN perturbs the input images: its Batch needs inputs and features_of")
         return self.perturbed_score(batch.inputs, batch.features_of, batch.std)
 
+    def direction(self, grad: Tensor) -> Tensor:  # (N, 3, H, W) -> (N, 3, H, W)
+        """The step's direction per input value: the gradient's sign, a zero gradient counting as +1 (iODIN
+        keeps one value of it, :mod:`lightning_ood.scoring.iodin`)."""
+        return torch.where(grad >= 0, 1.0, -1.0)
+
     def perturbed_score(
         self, inputs: Tensor, features_fn: Callable[[Tensor], Tensor], std: Sequence[float] | None = None
     ) -> Tensor:  # (N, 3, H, W) -> (N,)
@@ -88,7 +93,7 @@ class ODIN(Scorer):
             logits = self.modified_logits(features_fn(x)) / self.temperature
             loss = F.cross_entropy(logits, logits.argmax(dim=1))
             (grad,) = torch.autograd.grad(loss, x)
-        step = torch.where(grad >= 0, 1.0, -1.0)
+        step = self.direction(grad)
         if self.scale_by_std:
             if std is None:
                 raise ValueError("ODIN with scale_by_std=True needs the normalisation std of the inputs")

@@ -13,22 +13,38 @@ from typing import Any
 
 from lightning_ood.errors import ConfigError, unknown_name
 from lightning_ood.scoring.activation import ASH, SCALE, RankFeat
+from lightning_ood.scoring.adascale import AdaSCALE
 from lightning_ood.scoring.base import Scorer
 from lightning_ood.scoring.boundary import FDBD, NCI, SHE
+from lightning_ood.scoring.caref import CADRef, CARef
+from lightning_ood.scoring.cfood import CFOOD
 from lightning_ood.scoring.dice import DICE
 from lightning_ood.scoring.ensemble import MahalanobisEnsemble, MahalanobisPaper
 from lightning_ood.scoring.featurenorm import FeatureNorm
 from lightning_ood.scoring.fmls import FMLS
+from lightning_ood.scoring.gmm import GMM
+from lightning_ood.scoring.graduncertainty import GradUncertainty, GradUncertaintyHead
 from lightning_ood.scoring.gram import Gram
+from lightning_ood.scoring.grood import GrOOD
+from lightning_ood.scoring.iodin import IODIN
 from lightning_ood.scoring.line import LINE
 from lightning_ood.scoring.logits import GEN, Entropy, GradNorm, KLMatching, TemperatureScaling
+from lightning_ood.scoring.lts import LTS
 from lightning_ood.scoring.mahalanobis import RMDS, Mahalanobis
+from lightning_ood.scoring.mahalanobis_odin import MahalanobisODIN
+from lightning_ood.scoring.mahalanobis_pp import RMDSPP, MahalanobisPP
+from lightning_ood.scoring.nac import NAC
+from lightning_ood.scoring.neco import NECO
 from lightning_ood.scoring.neighbours import KNN, NNGuide, Relation
 from lightning_ood.scoring.odin import ODIN
 from lightning_ood.scoring.openmax import OpenMax
+from lightning_ood.scoring.ora import ORA
 from lightning_ood.scoring.output import MSP, Energy, MaxLogit
+from lightning_ood.scoring.pnml import PNML
 from lightning_ood.scoring.shaping import BATS, ReAct
 from lightning_ood.scoring.subspace import Residual, ViM
+from lightning_ood.scoring.vra import VRA
+from lightning_ood.scoring.weiper import WeiPer, WeiPerKLD
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,58 @@ SCORERS: dict[str, Entry] = {
         Gram, {}, "deviation of the blocks' Gram features from their training range (Sastry & Oore, ICML 2020)"
     ),
     "openmax": Entry(OpenMax, {}, "extreme-value revision of the logits (Bendale & Boult, CVPR 2016)"),
+    "iodin": Entry(IODIN, {}, "ODIN perturbing one input value, the largest gradient's (Regmi, arXiv 2024, ASCOOD)"),
+    "gmm": Entry(GMM, {}, "tied Gaussian mixture by EM on PCA-50 features, OpenOOD's (Yang et al., IJCV 2023, SEM)"),
+    "cfood": Entry(CFOOD, {}, "concentration-free outlier factor in the training bank (Angiulli et al., SISAP 2025)"),
+    "grood": Entry(GrOOD, {}, "nearest training gradient w.r.t. an OOD prototype (ElAraby et al., TMLR 2025)"),
+    "weiper": Entry(WeiPer, {}, "mean MSP of 100 randomly perturbed heads, WeiPer+MSP (Granz et al., NeurIPS 2024)"),
+    "weiper_kld": Entry(
+        WeiPerKLD, {}, "WeiPer's MSP minus KL of feature and perturbed-logit densities (Granz et al., NeurIPS 2024)"
+    ),
+    "caref": Entry(CARef, {}, "relative L1 error to the predicted class's training mean (Ling et al., CVPR 2025)"),
+    "cadref": Entry(
+        CADRef, {}, "CARef's error split by the class weights' sign, over logit scores (Ling et al., CVPR 2025)"
+    ),
+    "ora": Entry(
+        ORA, {}, "largest angle to a decision-boundary projection, from the ID centre (Demirel et al., NeurIPS 2025)"
+    ),
+    "mahalanobis_pp": Entry(
+        MahalanobisPP, {}, "Mahalanobis on L2-normalised features, Mahalanobis++ (Mueller & Hein, ICML 2025)"
+    ),
+    "rmds_pp": Entry(RMDSPP, {}, "relative Mahalanobis on L2-normalised features, RMDS++ (Mueller & Hein, ICML 2025)"),
+    "mahalanobis_odin": Entry(
+        MahalanobisODIN, {}, "penultimate Mahalanobis, input pre-processing (Lee et al., NeurIPS 2018; pytorch-ood's)"
+    ),
+    "neco": Entry(NECO, {}, "norm share in the standardised principal subspace (Ben Ammar et al., ICLR 2024)"),
+    "lts": Entry(LTS, {}, "logits scaled by the squared activation-mass ratio, energy (Djurisic et al., MVA 2025)"),
+    "pnml": Entry(PNML, {}, "single-layer pNML regret of the normalised feature (Bibas et al., NeurIPS 2021)"),
+    "vra": Entry(VRA, {}, "per-unit rectification: 0 below alpha, beta above, energy (Xu et al., NeurIPS 2023)"),
+    "vra_plus": Entry(
+        VRA, {"upper": 95.0, "gamma": 0.6}, "VRA+: kept activations raised by gamma (Xu et al., NeurIPS 2023)"
+    ),
+    "vra_plusplus": Entry(
+        VRA,
+        {"lower": 50.0, "upper": 85.0, "norm_weight": 0.01, "norm_centre": 4.0},
+        "VRA++: VRA minus a * ||h - m||^2 of the raw feature (Xu et al., NeurIPS 2023)",
+    ),
+    "vra_openood": Entry(
+        VRA,
+        {"lower": 10.0, "upper": 90.0, "per_unit": False, "below": "clamp", "reference": "id_val"},
+        "OpenOOD's VRA: all units clamped to their 10th-90th ID-val percentiles, energy (not the authors')",
+    ),
+    "graduncertainty": Entry(
+        GradUncertainty, {}, "squared gradient norms of a confounding all-ones label (Lee & AlRegib, ICIP 2020)"
+    ),
+    "graduncertainty_head": Entry(
+        GradUncertaintyHead, {}, "graduncertainty on the head's weight and bias alone, closed form (ours)"
+    ),
+    "adascale_a": Entry(
+        AdaSCALE, {"variant": "a"}, "SCALE at a per-image percentile set by a perturbation's shift (Regmi, arXiv 2025)"
+    ),
+    "adascale_l": Entry(
+        AdaSCALE, {"variant": "l"}, "AdaSCALE's ratio squared scaling the logits (Regmi, arXiv 2025, AdaSCALE-L)"
+    ),
+    "nac": Entry(NAC, {}, "training coverage of the neurons' KL-gradient states, NAC-UE (Liu et al., ICLR 2024)"),
 }
 
 # What `lightning-ood test` scores when the config names no scorers: every method of the paper's tables.
@@ -133,6 +201,9 @@ OPENOOD_SCORERS = [
     "msp", "odin", "mahalanobis", "mds_ensemble", "rmds", "gram", "energy", "openmax", "maxlogit", "klm", "vim",
     "knn", "dice", "rankfeat", "ash_b", "she", "gen", "nnguide", "relation", "scale", "fdbd", "nci", "react",
     "temp_scaling", "gradnorm", "residual", "bats",
+    "vra",
+    "iodin", "gmm", "cfood", "grood",
+    "adascale_a", "adascale_l",
 ]  # fmt: skip
 GROUPS = {
     "paper": PAPER_SCORERS,

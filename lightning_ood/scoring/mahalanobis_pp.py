@@ -1,0 +1,122 @@
+"""Mahalanobis++ and RMDS++ (Mueller & Hein, ICML 2025): Mahalanobis and relative Mahalanobis distances on
+L2-normalised penultimate features, with the class means and covariances of the normalised training features.
+
+As the authors' code (mueller-mp/maha-norm): ``NINCO/detection_methods.py`` ``evaluate_Mahalanobis_norm`` and
+``evaluate_Relative_Mahalanobis_norm``, and their OpenOOD postprocessors ``mdsn_postprocessor.py`` and
+``rmdsn_postprocessor.py`` (the CIFAR path, ``OpenOOD/eval_cifar.py``): every feature, training and test, is divided by
+its L2 norm; the class means and the tied covariance (maximum likelihood, ``EmpiricalCovariance``), and for RMDS++ the
+mean and covariance of all normalised training features, are those of the normalised features; the precision is the
+pseudo-inverse (``pinvh``). No hyperparameters.
+
+The normalised features' Gaussians come from the one statistics pass (``unit_gaussians``: per-class sums of
+``h / ||h||`` and the sum of their outer products, exact under DDP), not from a second pass over the training set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_ood.errors import ConfigError
+from lightning_ood.scoring.base import Scorer
+from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
+from lightning_ood.statistics import (
+    FeatureStatistics,
+    Reducers,
+    Statistic,
+    StatisticsBatch,
+    StatisticsSetup,
+    statistic,
+)
+
+
+def unit(h: Tensor) -> Tensor:  # (N, L) -> rows divided by their L2 norm (a zero row stays zero)
+    return F.normalize(h, dim=1)
+
+
+class MahalanobisPP(Scorer):
+    """Mahalanobis++: ``max_c -(u - mu_c)^T P (u - mu_c)`` with ``u = h / ||h||``, ``mu_c`` the class means of the
+    normalised training features and ``P`` the pseudo-inverse of their tied within-class covariance. In float64, as
+    the authors score. (A zero feature vector, which the authors' division turns into NaN, is kept at zero.)"""
+
+    needs_statistics = frozenset({"unit_gaussians"})
+
+    def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> MahalanobisPP:
+        super().fit_statistics(stats, head)
+        means, within, _, _ = unit_gaussians(stats, "mahalanobis_pp")
+        self.means, self.precision, self.mean_term = mahalanobis_terms(means, within)
+        return self
+
+    def score(self, features: Tensor, logits: Tensor) -> Tensor:
+        d = squared_distances(unit(features.double()), self.means, self.precision, self.mean_term)  # (N, C)
+        return (-d.min(dim=1).values).to(features.dtype)
+
+
+class RMDSPP(Scorer):
+    """RMDS++: ``max_c -(d_c(u) - d_0(u))`` on ``u = h / ||h||``, ``d_c`` the squared distance to class c under the
+    normalised features' tied covariance and ``d_0`` the distance to the Gaussian of all normalised training features
+    (their mean and covariance), as :class:`~lightning_ood.scoring.mahalanobis.RMDS` on normalised features.
+
+    The authors' ``evaluate_Relative_Mahalanobis_norm`` fits the class-agnostic Gaussian on the normalised features
+    only when it computes the class Gaussians in the same call; with the class Gaussians loaded from its cache (as
+    after ``evaluate_Mahalanobis_norm``), it fits it on the raw features. Here, as their OpenOOD ``rmdsn``, always on
+    the normalised ones."""
+
+    needs_statistics = frozenset({"unit_gaussians"})
+
+    def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> RMDSPP:
+        super().fit_statistics(stats, head)
+        means, within, mean, total = unit_gaussians(stats, "rmds_pp")
+        self.class_terms = mahalanobis_terms(means, within)
+        self.background = mahalanobis_terms(mean[None, :], total)
+        return self
+
+    def score(self, features: Tensor, logits: Tensor) -> Tensor:
+        u = unit(features.double())
+        d = squared_distances(u, *self.class_terms)  # (N, C)
+        d0 = squared_distances(u, *self.background)  # (N, 1)
+        return (-(d - d0).min(dim=1).values).to(features.dtype)
+
+
+def unit_gaussians(stats: FeatureStatistics, scorer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(class means (C, L), within-class covariance (L, L), mean (L,), total covariance (L, L))`` of the normalised
+    training features, in float64, from the statistics' ``unit_gaussians``."""
+    if stats.unit_class_means is None:
+        raise ConfigError(
+            f"{scorer} needs the 'unit_gaussians' statistics, which these statistics lack: fit them again."
+        )
+    counts = stats.counts.double().cpu()
+    weights = counts / counts.sum()  # (C,)
+    means = stats.unit_class_means.double().cpu()  # (C, L)
+    moment = stats.unit_second_moment.double().cpu()  # (L, L): mean of u u^T
+    mean = weights @ means  # (L,)
+    within = moment - (means * weights[:, None]).T @ means
+    return means, within, mean, moment - torch.outer(mean, mean)
+
+
+@statistic
+class UnitGaussians(Statistic):
+    """``unit_gaussians``: the class means and the second moment ``E[u u^T]`` of the L2-normalised training features
+    ``u = h / ||h||`` (Mahalanobis++ and RMDS++), from sums that add up across batches and DDP ranks."""
+
+    name = "unit_gaussians"
+    fields = ("unit_class_means", "unit_second_moment")
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        c, dim, f64 = setup.num_classes, setup.feature_dim, torch.float64
+        self.class_sums = torch.zeros(c, dim, dtype=f64)
+        self.outer = torch.zeros(dim, dim, dtype=f64)
+
+    def update(self, batch: StatisticsBatch) -> None:
+        u = unit(batch.features.detach().to("cpu", torch.float64))  # (B, L)
+        self.class_sums.index_add_(0, batch.labels, u)
+        self.outer += u.T @ u
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
+        counts, n = core["counts"], core["n"]
+        sums, outer = reduce.sum(self.class_sums), reduce.sum(self.outer)
+        return {"unit_class_means": sums / counts[:, None], "unit_second_moment": outer / n}
