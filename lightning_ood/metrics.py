@@ -60,13 +60,18 @@ def tpr_threshold(id_scores: Tensor, tpr: float = 0.95) -> Tensor:
 FPR_THRESHOLDS = ("first_at_tpr", "closest")
 
 
+def check_fpr_threshold(threshold: str) -> str:
+    if threshold not in FPR_THRESHOLDS:
+        raise ValueError(f"threshold must be one of {', '.join(FPR_THRESHOLDS)}, got {threshold!r}")
+    return threshold
+
+
 def fpr_at_tpr(scores: Tensor, is_id: Tensor, tpr: float = 0.95, threshold: str = "first_at_tpr") -> Tensor:
     """Share of OOD scores at or above the threshold that keeps ``tpr`` of the ID scores (ID positive).
 
     ``threshold``: ``first_at_tpr`` (the largest score keeping at least ``tpr`` of the ID scores) or ``closest`` (the
     paper's code: the score whose TPR is nearest to ``tpr``; see the module docstring)."""
-    if threshold not in FPR_THRESHOLDS:
-        raise ValueError(f"threshold must be one of {', '.join(FPR_THRESHOLDS)}, got {threshold!r}")
+    check_fpr_threshold(threshold)
     id_scores, ood_scores = _split(scores, is_id)
     if threshold == "closest":
         return _fpr_at_closest_tpr(scores.flatten().double(), is_id.flatten().bool(), tpr)
@@ -107,11 +112,9 @@ class FPRAtTPR(Metric):
             raise ValueError(f"tpr must be in (0, 1], got {tpr}")
         if positive not in ("id", "ood"):
             raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}")
-        if threshold not in FPR_THRESHOLDS:
-            raise ValueError(f"threshold must be one of {', '.join(FPR_THRESHOLDS)}, got {threshold!r}")
         self.tpr = tpr
         self.positive = positive
-        self.threshold = threshold
+        self.threshold = check_fpr_threshold(threshold)
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("is_id", default=[], dist_reduce_fx="cat")
 

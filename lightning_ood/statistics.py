@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -91,14 +91,8 @@ class FeatureSet:
         return len(self.labels)
 
     def to(self, device: torch.device | str) -> FeatureSet:
-        return FeatureSet(
-            self.features.to(device),
-            self.logits.to(device),
-            self.labels.to(device),
-            self.images,
-            self.weights,
-            self.source,
-        )
+        return replace(self, features=self.features.to(device), logits=self.logits.to(device),
+                       labels=self.labels.to(device))  # fmt: skip
 
 
 ReferenceSet = FeatureSet  # the name scripts of earlier versions use

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LIGHTNING_OOD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -44,3 +46,23 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not available")
     return path
+
+
+def toy_features(L: int = 12, C: int = 5, N: int = 400):
+    """The scorer tests' toy problem, from one seeded generator: labels ``(N,)``, training features ``(N, L)`` around
+    ``C`` random centres with a dead unit (unit 3) and tied rows (50-59 repeat 40-49), a head that classifies most of
+    them right, and test features ``near`` the centres and ``far`` from them (30 each). Each test file adds its own
+    cases (float16 rounding, zero rows, copies of training rows)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(N) % C
+    centres = torch.rand(C, L, generator=g) * 3
+    train = (centres[labels] + torch.randn(N, L, generator=g)).relu()
+    train[:, 3] = 0.0  # a dead unit
+    train[50:60] = train[40:50]  # ties
+    head = nn.Linear(L, C)
+    with torch.no_grad():
+        head.weight.copy_(centres - 0.8 * centres.mean(0))  # full rank: pinv(W) is well conditioned
+        head.bias.copy_(torch.randn(C, generator=g) * 0.1)
+    near = (centres[torch.arange(30) % C] + torch.randn(30, L, generator=g)).relu()
+    far = torch.rand(30, L, generator=g) * 6
+    return labels, train, head, near, far

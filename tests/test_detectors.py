@@ -26,6 +26,7 @@ from lightning_ood.scoring.activation import rank1_removed_mean
 from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.gram import gram_features
 from lightning_ood.statistics import FeatureStatistics, ReferenceSet
+from tests.conftest import toy_features
 
 pytorch_ood = pytest.importorskip("pytorch_ood.detector")
 
@@ -36,20 +37,10 @@ RTOL, ATOL = 1e-5, 1e-6
 def p():
     """Training features exactly representable in float16 (so the bank equals them), ties (repeated rows) and
     zeros (dead units), a head that classifies most of them right, and test features near and far."""
-    g = torch.Generator().manual_seed(0)
     L, C, N = 12, 5, 400
-    labels = torch.arange(N) % C
-    centres = torch.rand(C, L, generator=g) * 3
-    train = (centres[labels] + torch.randn(N, L, generator=g)).relu()
-    train[:, 3] = 0.0  # a dead unit
-    train[50:60] = train[40:50]  # ties
+    labels, train, head, near, far = toy_features(L, C, N)
     train = train.half().float()
-    head = nn.Linear(L, C)
-    with torch.no_grad():
-        head.weight.copy_(centres - 0.8 * centres.mean(0))  # full rank: pinv(W) is well conditioned
-        head.bias.copy_(torch.randn(C, generator=g) * 0.1)
-    test = torch.cat([(centres[torch.arange(30) % C] + torch.randn(30, L, generator=g)).relu(),
-                      torch.rand(30, L, generator=g) * 6, train[:5]])  # fmt: skip
+    test = torch.cat([near, far, train[:5]])
     with torch.no_grad():
         logits, train_logits = head(test), head(train)
     stats = FeatureStatistics.from_features(train, labels, C, head)

@@ -8,7 +8,8 @@
   ``LogisticRegressionCV``, the magnitude with the lowest FPR of ``get_measures``): ``mahalanobis_paper``.
 
 The Gaussians follow their ``sample_estimator`` (class means of the channel means, ``EmpiricalCovariance`` of the
-class-centred features), the regression is sklearn's, the FPR their ``fpr_and_fdr_at_recall`` (numpy, here).
+class-centred features), the regression is sklearn's, the FPR their ``fpr_and_fdr_at_recall`` (numpy:
+``paper_fpr`` of test_fidelity_fpr.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lightning_ood.scoring import build_scorer
 from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.ensemble import PAPER_MAGNITUDES, logistic_regression_cv
 from lightning_ood.scoring.registry import paper_name
+from tests.test_fidelity_fpr import paper_fpr
 
 NUM_CLASSES = 3
 
@@ -92,22 +94,6 @@ def their_layer_score(layer_fn, x, k, means, precisions, magnitude, std=None) ->
     with torch.no_grad():
         noisy = channel_means(layer_fn(x - magnitude * gradient, k))
     return gaussian_scores(noisy, means[k], precisions[k]).max(1)
-
-
-def fpr_and_fdr_at_recall(y_true: np.ndarray, y_score: np.ndarray, recall_level: float = 0.95) -> float:
-    """Their FPR (utils/test_utils.py): the distinct threshold whose recall is nearest to 95%, ID positive."""
-    order = np.argsort(y_score, kind="mergesort")[::-1]
-    y_score, y_true = y_score[order], y_true[order].astype(bool)
-    distinct = np.where(np.diff(y_score))[0]
-    threshold_idxs = np.r_[distinct, y_true.size - 1]
-    tps = np.cumsum(y_true, dtype=np.float64)[threshold_idxs]
-    fps = 1 + threshold_idxs - tps
-    recall = tps / tps[-1]
-    last_ind = tps.searchsorted(tps[-1])
-    sl = slice(last_ind, None, -1)
-    recall, fps = np.r_[recall[sl], 1], np.r_[fps[sl], 0]
-    cutoff = np.argmin(np.abs(recall - recall_level))
-    return fps[cutoff] / np.sum(~y_true)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -218,7 +204,7 @@ def their_fit_and_scores(case, magnitudes):
         regressor.fit(train, np.r_[np.zeros(m), np.ones(m)])
         val_in = -regressor.predict_proba(features(case.fit[m:], magnitude))[:, 1]
         val_out = -regressor.predict_proba(features(twins[m:], magnitude))[:, 1]
-        fpr = fpr_and_fdr_at_recall(np.r_[np.ones(m), np.zeros(m)], np.r_[val_in, val_out])
+        fpr = paper_fpr(np.r_[np.ones(m), np.zeros(m)], np.r_[val_in, val_out])
         if fpr < best[0]:
             best = (fpr, magnitude, regressor)
     _, magnitude, regressor = best

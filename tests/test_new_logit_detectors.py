@@ -18,6 +18,7 @@ from lightning_ood.scoring import build_scorer
 from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.lts import logit_scale
 from lightning_ood.statistics import FeatureSet, StatisticsAccumulator, StatisticsSetup, build_statistics
+from tests.conftest import toy_features
 
 pytorch_ood = pytest.importorskip("pytorch_ood.detector")
 
@@ -38,19 +39,9 @@ def statistics(train: torch.Tensor, labels: torch.Tensor, classes: int, head: nn
 def p():
     """Training features with a dead unit, tied rows and exact zeros, a head that classifies most of them right, and
     test features near the classes, far from them, copies of training rows, and one all-zero feature."""
-    g = torch.Generator().manual_seed(0)
     L, C, N = 12, 5, 400
-    labels = torch.arange(N) % C
-    centres = torch.rand(C, L, generator=g) * 3
-    train = (centres[labels] + torch.randn(N, L, generator=g)).relu()
-    train[:, 3] = 0.0  # a dead unit
-    train[50:60] = train[40:50]  # ties
-    head = nn.Linear(L, C)
-    with torch.no_grad():
-        head.weight.copy_(centres - 0.8 * centres.mean(0))
-        head.bias.copy_(torch.randn(C, generator=g) * 0.1)
-    test = torch.cat([(centres[torch.arange(30) % C] + torch.randn(30, L, generator=g)).relu(),
-                      torch.rand(30, L, generator=g) * 6, train[:5], torch.zeros(1, L)])  # fmt: skip
+    labels, train, head, near, far = toy_features(L, C, N)
+    test = torch.cat([near, far, train[:5], torch.zeros(1, L)])
     with torch.no_grad():
         logits = head(test)
     stats = statistics(train, labels, C, head)

@@ -30,6 +30,8 @@ from lightning_ood.scoring.cfood import kappa_grid
 from lightning_ood.scoring.gmm import fit_tied_gmm, kmeans_labels
 from lightning_ood.scoring.grood import NOISE_BATCH, NOISE_KEPT
 from lightning_ood.statistics import FeatureStatistics
+from tests.conftest import toy_features
+from tests.test_scoring import STD, TinyNet
 
 NEW = ("iodin", "gmm", "cfood", "grood")
 
@@ -38,21 +40,11 @@ NEW = ("iodin", "gmm", "cfood", "grood")
 def p():
     """Training features exactly representable in float16 (the bank equals them), ties (repeated rows), zeros (a dead
     unit, an all-zero row), a head that classifies most of them right, and test features near and far."""
-    g = torch.Generator().manual_seed(0)
     L, C, N = 12, 5, 400
-    labels = torch.arange(N) % C
-    centres = torch.rand(C, L, generator=g) * 3
-    train = (centres[labels] + torch.randn(N, L, generator=g)).relu()
-    train[:, 3] = 0.0  # a dead unit
-    train[50:60] = train[40:50]  # ties
+    labels, train, head, near, far = toy_features(L, C, N)
     train[7] = 0.0  # a zero feature
     train = train.half().float()
-    head = nn.Linear(L, C)
-    with torch.no_grad():
-        head.weight.copy_(centres - 0.8 * centres.mean(0))
-        head.bias.copy_(torch.randn(C, generator=g) * 0.1)
-    test = torch.cat([(centres[torch.arange(30) % C] + torch.randn(30, L, generator=g)).relu(),
-                      torch.rand(30, L, generator=g) * 6])  # fmt: skip
+    test = torch.cat([near, far])
     stats = FeatureStatistics.from_features(train, labels, C, head)
     return SimpleNamespace(L=L, C=C, N=N, train=train, labels=labels, head=head, test=test, stats=stats)
 
@@ -76,19 +68,6 @@ def in_float64(scorer, features, head):
 
 
 # ============================================================================================ iODIN
-class TinyNet(nn.Module):
-    def __init__(self, num_classes: int = 4) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, num_classes)
-        with torch.no_grad():
-            self.conv.weight[:, 2] = 0  # channel 2 is ignored: its input gradient is exactly zero
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.conv(x)).mean(dim=(2, 3))
-
-
-STD = (0.25, 0.5, 0.2)
 
 
 @pytest.fixture(scope="module")

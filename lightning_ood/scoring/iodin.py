@@ -17,12 +17,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_ood.scoring.base import LogitScorer
 from lightning_ood.scoring.odin import ODIN
 
 
 class IODIN(ODIN):
-    """ODIN that perturbs only the input value with the largest absolute gradient of each image.
+    """ODIN that perturbs only the input value with the largest absolute gradient of each image; ODIN's arguments
+    and defaults, which are the authors':
 
     Args:
         temperature: softmax temperature T (1000, ``configs/postprocessors/iodin.yml`` line 5 in OpenOOD and ASCOOD).
@@ -33,15 +33,6 @@ class IODIN(ODIN):
 
     # OpenOOD's sweep (iodin.yml lines 8-9); the authors' own (ASCOOD iodin.yml line 9) extends epsilon to 0.0098
     search_space: ClassVar[dict[str, tuple]] = {"temperature": (1, 10, 100, 1000), "epsilon": (0.0014, 0.0028)}
-
-    def __init__(
-        self,
-        temperature: float = 1000.0,
-        epsilon: float = 0.0014,
-        scale_by_std: bool = True,
-        base: LogitScorer | None = None,
-    ) -> None:
-        super().__init__(temperature, epsilon, scale_by_std, base)
 
     def direction(self, grad: Tensor) -> Tensor:  # (N, 3, H, W) -> (N, 3, H, W): one non-zero value per image
         flat = grad.flatten(1)
