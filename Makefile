@@ -28,7 +28,7 @@ DATA ?= data
 OOD_ROOT ?= $(DATA)
 
 .PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared tune-shared sweep-shared normratio-shared \
-	reproduce reproduce-shared import-published bench-train bench-eval bench-score gpu-check clean
+	reproduce reproduce-shared import-published bench-train bench-eval bench-score profile-step gpu-check clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -128,14 +128,17 @@ import-published: $(STAMP) ## Convert a published checkpoint + fit its statistic
 	$(BIN)/lightning-ood import -c configs/paper/$(DATASET)_densenet.yaml --model.weights $(WEIGHTS) \
 		--data.init_args.root $(DATA) --output $(or $(OUT),checkpoints/published/$(DATASET)_densenet.ckpt) $(ARGS)
 
-bench-train: $(STAMP) ## Training throughput on ../shared/data/cifar10-jpeg: fit vs a plain loop vs the PIL pipeline (ratios)
+bench-train: $(STAMP) ## Training throughput on ../shared/data/cifar10-jpeg: fit vs a plain loop vs PIL (ARGS=--cuda-graphs)
 	$(BIN)/python benchmarks/bench_train.py --data $(SHARED_DATA)/cifar10-jpeg $(ARGS)
 
 bench-eval: $(STAMP) ## Evaluation cost (ResNet-18): one forward pass vs the full test with every scorer (ARGS: --backbone, --per-scorer, --device)
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)
 
-bench-score: $(STAMP) ## Each scorer on 1M cached features (L=512, C=100) against the bare head matmul
+bench-score: $(STAMP) ## Each scorer on 300,000 cached features (L=512, C=100, chunks of 65,536) vs the bare head product
 	$(BIN)/python benchmarks/bench_score.py $(ARGS)
+
+profile-step: $(STAMP) ## Where one training step's time goes (ResNet-18): eager vs CUDA graphs, launches and syncs on a GPU
+	$(BIN)/python benchmarks/profile_step.py --data $(SHARED_DATA)/cifar10-jpeg $(ARGS)
 
 # The GPU check runs without the venv where there is none (a bare CUDA machine: see benchmarks/gpu_remote.sh). DATA and
 # OOD_ROOT not given: ../shared/data's CIFAR-10 JPEG copy, MNIST and Fashion-MNIST.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -162,6 +163,9 @@ def main() -> None:
     summary = {
         "backbone": args.backbone,
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "precision": "32-true",  # evaluation scores in float32 whatever the Trainer's precision (module.score_batch)
+        "compile": False,  # evaluation runs the network as it is (the compile switch is for training)
         "images": images,
         "scorers": names,
         "threads": torch.get_num_threads(),
@@ -169,14 +173,17 @@ def main() -> None:
         "seconds": runs,
         "median_seconds": median,
         "b_over_a": median["b_full"] / median["a_forward"],
+        "a_img_s": images / median["a_forward"],
+        "b_img_s": images / median["b_full"],
     }
     if "c_per_scorer" in median:
         summary["c_over_b"] = median["c_per_scorer"] / median["b_full"]
     print(
-        f"\n{len(names)} scorers, {images} images, {args.backbone}, {device}, {torch.get_num_threads()} threads "
-        f"(median of {args.repeats}):\n"
-        f"  (a) plain forward       {median['a_forward']:.2f}s\n"
-        f"  (b) full evaluation     {median['b_full']:.2f}s   b/a = {summary['b_over_a']:.3f} (target <= 1.3)"
+        f"\n{len(names)} scorers, {images} images, {args.backbone}, {summary['device_name']}, "
+        f"{torch.get_num_threads()} threads, precision float32, compile off (median of {args.repeats}):\n"
+        f"  (a) plain forward       {median['a_forward']:.2f}s  {summary['a_img_s']:.0f} images/s\n"
+        f"  (b) full evaluation     {median['b_full']:.2f}s  {summary['b_img_s']:.0f} images/s   "
+        f"b/a = {summary['b_over_a']:.3f} (target <= 1.3)"
     )
     if "c_over_b" in summary:
         print(f"  (c) forward per scorer  {median['c_per_scorer']:.2f}s   c/b = {summary['c_over_b']:.2f}")

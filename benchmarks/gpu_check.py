@@ -5,12 +5,17 @@ Steps (each a child process with its own timeout; a step that fails does not sto
 - ``env``: Python, torch, lightning, torchmetrics versions, the GPU (``--allow-cpu``: go on without one, a dry run);
 - ``fit``: ResNet-18 (``configs/cifar10_resnet18.yaml``, every scorer's statistics) for ``--epochs`` on an
   image-folder CIFAR-10: per-epoch time, images/s, validation accuracy, the statistics pass;
+- ``fit_graphs``: the same run with ``--model.cuda_graphs true`` (forward and backward replayed from a CUDA graph):
+  the same figures, and the epoch time and accuracy against ``fit``'s;
 - ``test``: that checkpoint with every scorer on the ID test set, MNIST, Fashion-MNIST and Gaussian noise: the results
   file must hold a finite AUROC for every scorer and OOD set;
 - ``test_no_stats``: a copy of the checkpoint without its OOD statistics, so that ``test`` computes them first (a few
   scorers; their AUROCs are compared with ``test``'s);
 - ``tune``, ``sweep``, ``normratio``: the OOD commands on the checkpoint;
-- ``bench_train``, ``bench_eval``: ``benchmarks/bench_train.py`` and ``benchmarks/bench_eval.py`` on the GPU.
+- ``bench_train``, ``bench_train_graphs``, ``bench_eval``: ``benchmarks/bench_train.py`` (eager, then with
+  ``--cuda-graphs``) and ``benchmarks/bench_eval.py`` on the GPU;
+- ``profile``: ``benchmarks/profile_step.py``, where one training step's time goes, eager and with CUDA graphs
+  (kernels, launches, synchronisations; Chrome traces in ``--out``/traces).
 
 Writes ``gpu_check.json``, ``gpu_check.md``, ``gpu_check.log`` (every step's output), the test's ``ood_results`` and
 the benchmarks' JSON into ``--out``; checkpoints, logs and caches into ``--work``. Exits 1 if any step failed.
@@ -31,6 +36,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -53,6 +59,7 @@ class Step:
 STEPS = (
     Step("env", 120),
     Step("fit", 420, ("env",)),
+    Step("fit_graphs", 420, ("env",)),
     Step("test", 360, ("fit",)),
     Step("test_no_stats", 300, ("fit",)),
     Step("tune", 180, ("fit",)),
@@ -60,6 +67,8 @@ STEPS = (
     Step("normratio", 180, ("fit",)),
     Step("bench_eval", 240),
     Step("bench_train", 300),
+    Step("bench_train_graphs", 300),
+    Step("profile", 240),
 )
 
 
@@ -121,8 +130,10 @@ class Check:
         self.checkpoint = work / "checkpoints" / "last.ckpt"
         self.no_stats_source = self.checkpoint  # test_no_stats's checkpoint, set by its command
         self.env: dict = {}
+        self.figures: dict[str, dict] = {}  # the figures of the training steps, by step name
 
-    def cli(self, command: str, step: str, *extra: str, ckpt: Path | None = None, ood: bool = False) -> list[str]:
+    def cli(self, command: str, step: str, *extra: str, ckpt: Path | None = None, ood: bool = False,
+            dirpath: Path | None = None) -> list[str]:  # fmt: skip
         """``lightning-ood COMMAND`` on the data, logging into ``log_dir(step)``; ``ood``: with the OOD sets."""
         a = self.args
         args = [*CLI, command, "-c", "configs/cifar10_resnet18.yaml",
@@ -132,7 +143,7 @@ class Check:
                 "--trainer.enable_progress_bar", "false",
                 "--trainer.logger.init_args.save_dir", str(self.work / "logs"),
                 "--trainer.logger.init_args.name", "gpu_check", "--trainer.logger.init_args.version", step,
-                "--checkpoint.dirpath", str(self.checkpoint.parent)]  # fmt: skip
+                "--checkpoint.dirpath", str(dirpath or self.checkpoint.parent)]  # fmt: skip
         if ood:
             sets = [{"name": "mnist", "group": "far"}, {"name": "fashion_mnist", "group": "far"},
                     {"name": "gaussian_noise", "size": a.noise_size, "group": "far"}]  # fmt: skip
@@ -164,18 +175,38 @@ class Check:
 
     # ---------------------------------------------------------------- fit
     def command_fit(self) -> list[str]:
+        return self.training("fit", "all")
+
+    def training(self, step: str, scorers: str, *switches: str, dirpath: Path | None = None) -> list[str]:
         a = self.args
-        extra = ["--trainer.max_epochs", str(a.epochs), "--model.scorers", "all",
+        extra = ["--trainer.max_epochs", str(a.epochs), "--model.scorers", scorers,
                  "--trainer.log_every_n_steps", str(a.log_every)]  # fmt: skip
         if a.limit_train_batches:
             extra += ["--trainer.limit_train_batches", str(a.limit_train_batches),
                       "--trainer.limit_val_batches", str(a.limit_train_batches)]  # fmt: skip
-        return self.cli("fit", "fit", *extra)
+        return self.cli("fit", step, *extra, *switches, dirpath=dirpath)
 
     def check_fit(self, result: Result, log: Path) -> None:
-        if not self.checkpoint.is_file():
-            return result.fail(f"no checkpoint {self.checkpoint}")
-        result.figures["checkpoint_mib"] = round(self.checkpoint.stat().st_size / 2**20, 1)
+        self.check_training(result, log, "fit", self.checkpoint)
+
+    def command_fit_graphs(self) -> list[str]:  # the statistics of two scorers: the training is what is compared
+        return self.training("fit_graphs", "[msp, fmls]", "--model.cuda_graphs", "true",
+                             dirpath=self.work / "checkpoints_graphs")  # fmt: skip
+
+    def check_fit_graphs(self, result: Result, log: Path) -> None:
+        self.check_training(result, log, "fit_graphs", self.work / "checkpoints_graphs" / "last.ckpt")
+        eager = self.figures.get("fit", {})
+        for key in ("val_acc", "train_acc"):
+            if key in eager and key in result.figures:
+                result.figures[f"{key}_minus_eager"] = round(result.figures[key] - eager[key], 2)
+        if eager.get("epoch_s") and result.figures.get("epoch_s"):  # medians, the first epoch (start-up) left out
+            steady = [statistics.median(run["epoch_s"][1:] or run["epoch_s"]) for run in (eager, result.figures)]
+            result.figures["epoch_speedup_vs_eager"] = round(steady[0] / steady[1], 3)
+
+    def check_training(self, result: Result, log: Path, step: str, checkpoint: Path) -> None:
+        if not checkpoint.is_file():
+            return result.fail(f"no checkpoint {checkpoint}")
+        result.figures["checkpoint_mib"] = round(checkpoint.stat().st_size / 2**20, 1)
         if not log_lines(log, r"Saved .* with the OOD statistics"):
             result.fail("last.ckpt was not saved with the OOD statistics")
         if found := log_lines(log, r"Training fast path: (.*)$"):
@@ -183,7 +214,8 @@ class Check:
         if found := log_lines(log, r"Fitted OOD statistics on (\d+) training images in ([\d.]+)s"):
             result.figures["statistics_images"] = int(found[-1].group(1))
             result.figures["statistics_s"] = float(found[-1].group(2))
-        scalars = read_scalars(self.log_dir("fit"))
+        self.figures[step] = result.figures
+        scalars = read_scalars(self.log_dir(step))
         if scalars is None:
             return result.notes.append("no TensorBoard scalars read (per-epoch figures missing)")
         losses = [value for _, _, value in scalars.get("train/loss", [])]
@@ -309,10 +341,32 @@ class Check:
 
     def check_bench_train(self, result: Result, log: Path) -> None:
         summary = self.bench_summary(result, "bench_train.json")
-        keys = ("device", "precision", "backbone", "median_ratio", "median_speedup_over_pil")
+        keys = ("device", "precision", "backbone", "median_ratio", "median_speedup_over_pil", "median_fit_img_s",
+                "median_plain_img_s")  # fmt: skip
         result.figures.update({k: rounded(summary[k]) for k in keys if k in summary})
         last = (summary.get("repeats") or [{}])[-1]
         result.figures.update({k: round(last[k]) for k in ("fit_img_s", "plain_img_s", "fit_pil_img_s") if k in last})
+
+    def command_bench_train_graphs(self) -> list[str]:
+        command = self.command_bench_train()
+        command[command.index("--out") + 1] = str(self.work / "bench" / "bench_train_graphs.json")
+        return [*command, "--cuda-graphs", "--skip-pil"]
+
+    def check_bench_train_graphs(self, result: Result, log: Path) -> None:
+        summary = self.bench_summary(result, "bench_train_graphs.json")
+        keys = ("device", "precision", "cuda_graphs", "median_ratio", "median_fit_img_s", "median_plain_img_s")
+        result.figures.update({k: rounded(summary[k]) for k in keys if k in summary})
+
+    def command_profile(self) -> list[str]:
+        return [sys.executable, "benchmarks/profile_step.py", "--data", self.args.data,
+                "--cache", str(self.work / "decoded"), "--out", str(self.work / "bench" / "profile_step.json"),
+                "--trace", str(self.out / "traces"), *shlex.split(self.args.profile_args)]  # fmt: skip
+
+    def check_profile(self, result: Result, log: Path) -> None:
+        summary = self.bench_summary(result, "profile_step.json")
+        for mode, figures in summary.get("modes", {}).items():
+            keys = ("wall_ms", "aten_ops", "launches", "graph_launches", "kernel_ms", "gpu_busy", "sync_ms")
+            result.figures[mode] = {k: rounded(figures[k]) for k in keys if k in figures}
 
     def command_bench_eval(self) -> list[str]:
         device = "cuda" if self.env.get("cuda_available") else "cpu"
@@ -322,7 +376,7 @@ class Check:
 
     def check_bench_eval(self, result: Result, log: Path) -> None:
         summary = self.bench_summary(result, "bench_eval.json")
-        keys = ("device", "backbone", "images", "first_evaluation_seconds", "median_seconds", "b_over_a")
+        keys = ("device", "backbone", "images", "first_evaluation_seconds", "median_seconds", "b_over_a", "b_img_s")
         result.figures.update({k: rounded(summary[k]) for k in keys if k in summary})
 
     def bench_summary(self, result: Result, name: str) -> dict:
@@ -447,6 +501,7 @@ def main() -> None:
     parser.add_argument("--no-stats-scorers", default=NO_STATS_SCORERS, help="scorers of test_no_stats")
     parser.add_argument("--bench-train-args", default="--batches 100 --repeats 2")
     parser.add_argument("--bench-eval-args", default="--repeats 2")
+    parser.add_argument("--profile-args", default="", help="extra arguments of benchmarks/profile_step.py")
     parser.add_argument("--steps", help=f"comma-separated subset of {','.join(s.name for s in STEPS)}")
     parser.add_argument("--budget", type=float, help="seconds for the whole check: later steps get what is left")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every step's timeout")

@@ -71,9 +71,21 @@ def fast_precision(subcommand: str | None, precision, accelerator) -> str | None
     (see :meth:`lightning_ood.module.OODClassifier.score_batch`)."""
     if precision is not None or subcommand != "fit":
         return precision
-    if str(accelerator) not in ("auto", "gpu", "cuda", "None") or not torch.cuda.is_available():
+    if not trains_on_cuda(subcommand, accelerator):
         return None
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def trains_on_cuda(subcommand: str | None, accelerator) -> bool:
+    return subcommand == "fit" and str(accelerator) in ("auto", "gpu", "cuda", "None") and torch.cuda.is_available()
+
+
+def fast_benchmark(subcommand: str | None, benchmark, deterministic, accelerator) -> bool | None:
+    """cuDNN's algorithm search (``trainer.benchmark``) when training on CUDA and the user set neither it nor
+    ``deterministic``: CIFAR batches keep one shape, so the search runs once per layer; else what the user set."""
+    if benchmark is not None or deterministic or not trains_on_cuda(subcommand, accelerator):
+        return benchmark
+    return True
 
 
 class OODCLI(LightningCLI):
@@ -146,6 +158,11 @@ class OODCLI(LightningCLI):
         precision = fast_precision(self.subcommand, configured, self._get(self.config_init, "trainer.accelerator"))
         if precision is not None:
             kwargs["precision"] = precision
+        benchmark = fast_benchmark(self.subcommand, self._get(self.config_init, "trainer.benchmark"),
+                                   self._get(self.config_init, "trainer.deterministic"),
+                                   self._get(self.config_init, "trainer.accelerator"))  # fmt: skip
+        if benchmark is not None:
+            kwargs["benchmark"] = benchmark
         return super().instantiate_trainer(plugins=plugins, **kwargs)
 
     # ---------------------------------------------------------------- checks before the work

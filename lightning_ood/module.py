@@ -28,6 +28,7 @@ from lightning_ood import fitting
 from lightning_ood.engine import Engine, ScorerSpec
 from lightning_ood.errors import CheckpointError, ConfigError, DataError, LightningOODError
 from lightning_ood.features import weights_fingerprint
+from lightning_ood.graphed import GraphedStep
 from lightning_ood.metrics import FPR_THRESHOLDS, OODMetrics
 from lightning_ood.models import Backbone, pretrained_backbone
 from lightning_ood.models.formats import mismatches
@@ -92,6 +93,10 @@ class OODClassifier(LightningModule):
         compile: ``torch.compile`` the training forward pass: ``true`` (the default backend, inductor) or a backend
             name (``inductor``, ``aot_eager``, ``eager``, ``cudagraphs``); evaluation and the statistics pass run
             the network as it is, so every score is computed exactly as without compilation.
+        cuda_graphs: capture the forward pass, the loss and the backward pass of a training step in a CUDA graph
+            after three warm-up steps and replay it for every full batch (:mod:`lightning_ood.graphed`): one launch
+            instead of hundreds per step, the same arithmetic. One GPU, no gradient accumulation, no fp16 loss
+            scaling, not with ``compile``; on a CPU the same fixed-tensor step runs without a graph (no speed-up).
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class OODClassifier(LightningModule):
         statistics_cache: str | None = None,
         channels_last: bool | None = None,
         compile: bool | str = False,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -141,9 +147,10 @@ class OODClassifier(LightningModule):
         # the evaluation engine: the scorers, their fitted tensors and the statistics, moved with this module (the
         # backbone is ours, not the engine's: no parameter is registered twice)
         self.engine = Engine(self.backbone, scorers, own_backbone=False)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # validate_args=False: the argument checks read values on the host (see training_step)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.checkpoint_loaded = False
         loaded = pretrained.loaded
         if loaded is not None:
@@ -157,6 +164,8 @@ class OODClassifier(LightningModule):
         self.ood_report: OODReport | None = None
         self.memory_format = torch.contiguous_format  # channels-last during fit on CUDA (see on_fit_start)
         self.compiled_forward = None  # a function, never a submodule: checkpoints keep their keys
+        self.graphed_step: GraphedStep | None = None  # the captured training pass (cuda_graphs), during fit only
+        self.graph_ran = False  # the graphed step of this batch has written the gradients (see backward)
 
     def forward(self, x: Tensor) -> Tensor:  # (N, 3, H, W) -> (N, C)
         return self.backbone(x)
@@ -195,18 +204,43 @@ class OODClassifier(LightningModule):
             backend = "inductor" if compile is True else compile
             self.compiled_forward = torch.compile(self.backbone.__call__, backend=backend)
             rank_zero_info(f"Training forward pass compiled with torch.compile (backend {backend}).")
+        self.graphed_step = None
+        if self.hparams.cuda_graphs:
+            refusal = self.graph_refusal()
+            if refusal:
+                rank_zero_info(f"cuda_graphs: {refusal}; the training step runs eagerly.")
+            else:
+                self.graphed_step = GraphedStep(self.backbone)
         precision = self.trainer.precision
-        if channels_last or compile or precision != "32-true":
+        if channels_last or compile or self.graphed_step is not None or precision != "32-true":
+            mode = "compiled forward" if compile else "eager forward and backward"
+            if self.graphed_step is not None:
+                cuda = self.trainer.strategy.root_device.type == "cuda"
+                mode = "forward and backward in a CUDA graph" if cuda else "fixed-tensor step (no CUDA, no graph)"
             rank_zero_info(
                 f"Training fast path: precision {precision}, "
-                f"{'channels-last' if channels_last else 'default'} memory format, "
-                f"{'compiled' if compile else 'eager'} forward (evaluation: float32, eager, default format)."
+                f"{'channels-last' if channels_last else 'default'} memory format, {mode} "
+                f"(evaluation: float32, eager, default format)."
             )
+
+    def graph_refusal(self) -> str | None:
+        """Why the training step cannot be captured in a CUDA graph with this Trainer, or ``None``."""
+        trainer = self.trainer
+        if self.hparams.compile:
+            return "not with compile (torch.compile has its own CUDA-graph mode)"
+        if trainer.world_size > 1:
+            return "one process only (each DDP gradient reduction would have to be captured too)"
+        if trainer.accumulate_grad_batches != 1:
+            return "not with accumulate_grad_batches (the graph overwrites the gradients, it does not add to them)"
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return f"not with {trainer.precision} (its loss scaling happens outside the graph); use bf16-mixed"
+        return None
 
     def plain_network(self) -> None:
         """Leave the training fast path: what runs after training (the statistics pass, the checkpoint written with
         the statistics, a test) runs the uncompiled network in the default memory format."""
         self.compiled_forward = None
+        self.graphed_step = None  # its fixed tensors and graph memory go
         self.memory_format = torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
 
@@ -215,13 +249,33 @@ class OODClassifier(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        forward = self.compiled_forward or self.backbone
-        logits = forward(x.contiguous(memory_format=self.memory_format))
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
+        x = x.contiguous(memory_format=self.memory_format)
+        outputs = self.graphed_step(x, y) if self.graphed_step is not None else None
+        self.graph_ran = outputs is not None
+        if outputs is not None:  # the gradients are written: backward() has nothing left to do
+            loss, logits = outputs
+        else:
+            logits = (self.compiled_forward or self.backbone)(x)
+            loss = F.cross_entropy(logits, y)
+        # Nothing here reads a value on the host: on a GPU such a read waits for every queued kernel, and the next
+        # step's are not queued in time. The loss of each step goes to the logger, read at its interval
+        # (trainer.log_every_n_steps); the progress bar shows the epoch's mean loss and accuracy, accumulated on the
+        # device and read once at the end of the epoch (Lightning reads the bar's step values after every batch).
+        self.train_acc.update(logits.detach(), y)
+        self.log("train/loss", loss)
+        self.log("train/epoch_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
+
+    # Lightning runs training_step, then zero_grad, then backward: after a graphed step (cuda_graphs) the gradients
+    # are already written, so neither may touch them.
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if not self.graph_ran:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self.graph_ran:
+            super().backward(loss, *args, **kwargs)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Accuracy on the held-out training images (``data.val_split``), logged per epoch as ``val/acc``; in the
@@ -229,14 +283,18 @@ class OODClassifier(LightningModule):
         x, y = batch
         with torch.autocast(x.device.type, enabled=False):
             logits = self.backbone(x.to(self.backbone_dtype()))
-        self.val_acc(logits, y)
+        self.val_acc.update(logits, y)
         self.log("val/acc", self.val_acc, prog_bar=True, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
         hp = self.hparams
+        # On CUDA the fused kernel updates every parameter in one launch (the default, foreach, launches several per
+        # step); the same update up to float rounding.
+        fused = next(self.parameters()).device.type == "cuda" or None
         optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
-        )
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov,
+            fused=fused,
+        )  # fmt: skip
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(hp.milestones), gamma=hp.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
@@ -321,7 +379,8 @@ class OODClassifier(LightningModule):
         self.score_collectors = nn.ModuleDict(
             {self._key(s, d): CatMetric(nan_strategy="disable") for s in labels for d in self.test_set_names}
         ).to(self.device)
-        self.nonfinite = nn.ModuleDict({d: SumMetric() for d in self.test_set_names}).to(self.device)
+        counts = {d: SumMetric(nan_strategy="disable") for d in self.test_set_names}  # no NaN check: no host read
+        self.nonfinite = nn.ModuleDict(counts).to(self.device)
         self.test_acc.reset()
 
     def statistics_needs(self) -> frozenset[str]:

@@ -2,8 +2,13 @@
 
 import os
 import signal
+import traceback
+from pathlib import Path
+from typing import ClassVar
 
+import torch
 from lightning.pytorch import Callback
+from torch.overrides import TorchFunctionMode
 
 from lightning_ood.data import CIFARDataModule
 from lightning_ood.data.tensors import RawBatch
@@ -90,3 +95,91 @@ class SignalAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+# What makes the host wait for a CUDA device's queued work when a tensor lives there: reading a value (item, tolist,
+# bool/int/float, numpy), an op whose output size depends on the values (unique, nonzero, masked_select, a boolean
+# mask index), or a tensor built from Python values on the device. On a CPU nothing waits, so the tests count these
+# calls instead.
+HOST_READS = frozenset(
+    {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "unique", "unique_consecutive",
+     "nonzero", "masked_select", "argwhere", "bincount", "repeat_interleave"}
+)  # fmt: skip
+
+
+class HostReadMode(TorchFunctionMode):
+    """Counts the tensor operations that would synchronise the host with a CUDA device (``HOST_READS``, boolean mask
+    indexing), with where each came from; those of the data loader's machinery are left out (its sampler and worker
+    seeds are CPU tensors on every machine)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        mask_index = name == "__getitem__" and any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool
+            for index in (args[1] if isinstance(args[1], tuple) else (args[1],))
+        )
+        # a tensor built from Python values on a device is copied there synchronously (the host waits for the copy)
+        upload = name in ("tensor", "as_tensor") and (kwargs or {}).get("device") is not None
+        if name in HOST_READS or mask_index or upload:
+            frames = [f for f in traceback.extract_stack()[:-1] if "torch/overrides" not in f.filename]
+            if any("torch/utils/data" in f.filename for f in frames):  # the loader's own seeds and sampler: host
+                return func(*args, **(kwargs or {}))  # tensors on every machine
+            self.reads.append(f"{name} at " + " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-6:]))
+        return func(*args, **(kwargs or {}))
+
+
+class HostReadWindows(Callback):
+    """Counts :class:`HostReadMode`'s reads per batch of one loop: from the end of the previous batch (so loading,
+    transfer and augmentation count) to the end of this one (so the progress bar's and the logger's reads count)."""
+
+    def __init__(self) -> None:
+        type(self).batches = []
+        self.mode: HostReadMode | None = None
+
+    def open(self) -> None:
+        self.mode = HostReadMode()
+        self.mode.__enter__()
+
+    def record(self, key: tuple) -> None:
+        if self.mode is not None:
+            type(self).batches.append((*key, self.mode.reads))
+            self.mode.reads = []
+
+    def close(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+
+
+class CountHostReads(HostReadWindows):
+    """Training batches: ``CountHostReads.batches`` holds ``(batch_idx, last batch of its epoch, reads)``."""
+
+    batches: ClassVar[list[tuple[int, bool, list[str]]]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.open()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.record((batch_idx, batch_idx + 1 == trainer.num_training_batches))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.close()
+
+
+class CountTestHostReads(HostReadWindows):
+    """Test batches: ``CountTestHostReads.batches`` holds ``(dataloader_idx, batch_idx, reads)``."""
+
+    batches: ClassVar[list[tuple[int, int, list[str]]]] = []
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.open()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.record((dataloader_idx, batch_idx))
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self.close()

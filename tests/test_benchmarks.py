@@ -25,10 +25,18 @@ def test_bench_train_compares_fit_with_a_plain_loop_and_the_pil_pipeline(cifar_f
     assert any((tmp_path / "decoded").iterdir()), "the decoded images were cached"
 
 
+def test_profile_step_profiles_eager_and_graphed_steps(cifar_folder, tmp_path):
+    summary = run_bench("profile_step", "--data", str(cifar_folder), "--backbone", "resnet20", "--batch-size", "8",
+                        "--warmup", "2", "--steps", "2", "--cache", str(tmp_path / "decoded"))  # fmt: skip
+    assert summary["modes"].keys() == {"eager", "cuda_graphs"}
+    for figures in summary["modes"].values():
+        assert figures["wall_ms"] > 0 and figures["aten_ops"] > 10, "a training step runs operators"
+
+
 def test_bench_score_times_every_scorer():
     summary = run_bench("bench_score", "--n", "3000", "--dim", "32", "--classes", "5", "--train", "300",
                         "--chunk", "1000", "--repeats", "1")  # fmt: skip
     assert summary["head_seconds"] > 0
     rows = summary["scorers"]
     assert {"msp", "energy", "fmls", "line", "mahalanobis", "knn", "vim", "react", "dice"} <= rows.keys()
-    assert all(row["ratio"] == row["seconds"] / summary["head_seconds"] > 0 for row in rows.values())
+    assert all(row["ratio"] == row["seconds"] / row["head_seconds"] > 0 for row in rows.values())

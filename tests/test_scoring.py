@@ -21,6 +21,7 @@ from torch import nn
 from lightning_ood.errors import ConfigError
 from lightning_ood.scoring import SCORERS, build_scorer, class_weight_mask
 from lightning_ood.scoring.base import Batch
+from lightning_ood.scoring.fmls import CPU_BLOCK
 from lightning_ood.statistics import FeatureStatistics, StatisticsAccumulator, percentile
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 paths against float64 references
@@ -234,6 +235,14 @@ def test_fmls_family_matches_reference(name, kwargs, ref, seed):
         ref["clip"] = np.percentile(p.train64.ravel(), float(ref["clip"][1:]))
     expected = ref_output(ref_fmls_logits(p.test64, p.W, p.b, p.prototypes, **ref), output)
     assert_scores(score_with(name, p, **kwargs), expected)
+
+
+def test_fmls_scores_many_vectors_in_cpu_blocks_as_the_paper():
+    """More vectors than one CPU block (see FMLS.logits): every row, on both sides of each block boundary, scored as
+    the reference scores it."""
+    p = random_problem(1, n_test=2 * CPU_BLOCK + 37)
+    expected = ref_logsumexp(ref_fmls_logits(p.test64, p.W, p.b, p.prototypes, p=60, clip=1.0))
+    assert_scores(score_with("fmls", p), expected)
 
 
 def test_fmls_with_a_negative_clip_masks_before_clipping():

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from lightning_ood.data.images import decode_image
 from lightning_ood.data.transforms import InputNormalization, Normalization
 from lightning_ood.errors import DataError
+from lightning_ood.precision import device_constant
 
 PADDING = 4  # the paper's random crop: 32 x 32 out of the image padded by 4 zero pixels on each side
 DECODER = "rgb8-v1"  # how files become pixels (lightning_ood.data.images.decode_image); part of the cache key
@@ -70,8 +71,8 @@ def crop_and_flip(images: Tensor, seed: int, epochs: Tensor, indices: Tensor, pa
 
 
 def normalize_uint8(images: Tensor, normalization: Normalization) -> Tensor:  # uint8 (B, C, H, W) -> float32
-    mean = torch.tensor(normalization.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(normalization.std, device=images.device).view(1, -1, 1, 1)
+    mean = device_constant(normalization.mean, torch.float32, images.device).view(1, -1, 1, 1)  # made once: no copy
+    std = device_constant(normalization.std, torch.float32, images.device).view(1, -1, 1, 1)  # at every batch
     return (images.float() / 255.0 - mean) / std
 
 

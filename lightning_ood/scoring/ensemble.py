@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lightning_ood.errors import ConfigError
 from lightning_ood.hooks import block_outputs
 from lightning_ood.metrics import fpr_at_tpr
-from lightning_ood.precision import network_device, network_dtype
+from lightning_ood.precision import device_constant, network_device, network_dtype
 from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_nonnegative, check_positive
 from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
 from lightning_ood.statistics import (
@@ -196,11 +196,11 @@ class MahalanobisEnsemble(Scorer):
         if self.epsilon and self.scale_by_std:
             if batch.std is None:
                 raise ValueError("mds_ensemble with scale_by_std=True needs the normalisation std")
-            scale = torch.as_tensor(batch.std, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
+            scale = device_constant(batch.std, inputs.dtype, inputs.device).view(1, -1, 1, 1)
         names = self.stage_names
         signs = descent_signs(self.backbone, self.terms, names, inputs, features_fn) if self.epsilon else []
         distances = moved_distances(self.backbone, self.terms, names, inputs, features_fn, signs, self.epsilon, scale)
-        weights = torch.tensor(self.weights or (1.0,) * len(names), dtype=torch.float64, device=inputs.device)
+        weights = device_constant(self.weights or (1.0,) * len(names), torch.float64, inputs.device)
         return (-(distances @ weights)).to(inputs.dtype)
 
 

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from lightning_ood.scoring.base import LogitScorer, check_nonnegative, check_percentile
 from lightning_ood.statistics import FeatureStatistics, percentile
 
+CPU_BLOCK = 2048  # rows scored at once on a CPU (see FMLS.logits)
+
 
 def class_weight_mask(weight: Tensor, p: float) -> Tensor:  # (C, L) -> (C, L) bool
     """Per class row, keep the units whose weight is at or above the row's p-th percentile (ties kept)."""
@@ -85,6 +87,15 @@ class FMLS(LogitScorer):
         return self
 
     def logits(self, features: Tensor, logits: Tensor) -> Tensor:
+        if features.device.type != "cpu" or len(features) <= CPU_BLOCK:
+            return self.block_logits(features, logits)
+        # On a CPU, in blocks of rows whose (rows, L) copies stay in the cache: on 65,536 rows at once the gathered
+        # masks are 128 MiB and the arithmetic waits for memory (make bench-score, L = 512, C = 100, 2 threads: 3.4x
+        # the head product at once, 1.8x in blocks of 2,048).
+        blocks = zip(features.split(CPU_BLOCK), logits.split(CPU_BLOCK), strict=True)
+        return torch.cat([self.block_logits(h, z) for h, z in blocks])
+
+    def block_logits(self, features: Tensor, logits: Tensor) -> Tensor:
         classes = logits.argmax(dim=1)  # (N,) prediction of the original network
         # In place on the one gathered copy: fresh (N, L) tensors cost more than the arithmetic on a CPU.
         if self.mask:

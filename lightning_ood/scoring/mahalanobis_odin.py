@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_ood.precision import device_constant
 from lightning_ood.scoring.base import Batch, Scorer, check_nonnegative
 from lightning_ood.scoring.ensemble import check_input_batch
 from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
@@ -69,7 +70,7 @@ class MahalanobisODIN(Scorer):
             if self.scale_by_std:
                 if batch.std is None:
                     raise ValueError("mahalanobis_odin with scale_by_std=True needs the normalisation std")
-                step = step / torch.as_tensor(batch.std, dtype=step.dtype, device=step.device).view(1, -1, 1, 1)
+                step = step / device_constant(batch.std, step.dtype, step.device).view(1, -1, 1, 1)
             x = x - self.epsilon * step
         with torch.no_grad():
             return (-self.closest(features_fn(x))).to(inputs.dtype)

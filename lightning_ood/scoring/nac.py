@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
 from lightning_ood.hooks import block_outputs, unknown_blocks
-from lightning_ood.precision import as_float, network_device, network_dtype
+from lightning_ood.precision import as_float, device_constant, network_device, network_dtype
 from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_positive
 from lightning_ood.statistics import FeatureStatistics
 
@@ -99,7 +99,7 @@ def coverage_bins(products: Tensor, alpha: float, bins: int) -> Tensor:  # (N, C
     at 0.5, where every neuron with ``o g`` about 0 lands (a small alpha puts them all there), and which side of it
     such a state falls on must not depend on the precision."""
     states = 1.0 / (1.0 + torch.exp(-alpha * products.float()))
-    edges = torch.tensor(coverage_thresholds(bins), dtype=torch.float64, device=products.device)
+    edges = device_constant(coverage_thresholds(bins), torch.float64, products.device)
     index = torch.bucketize(states.double(), edges, right=True) - 1  # t_index <= state < t_{index + 1}
     outside = (index < 0) | (index > bins - 2) | states.isnan()
     return torch.where(outside, bins - 1, index)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_ood.precision import device_constant
 from lightning_ood.scoring.base import Batch, LogitScorer, Needs, Scorer, check_nonnegative, check_positive, max_softmax
 from lightning_ood.statistics import FeatureStatistics
 
@@ -97,7 +98,7 @@ class ODIN(Scorer):
         if self.scale_by_std:
             if std is None:
                 raise ValueError("ODIN with scale_by_std=True needs the normalisation std of the inputs")
-            step = step / torch.as_tensor(std, dtype=step.dtype, device=step.device).view(1, -1, 1, 1)
+            step = step / device_constant(std, step.dtype, step.device).view(1, -1, 1, 1)
         perturbed = inputs.detach() - self.epsilon * step
         with torch.no_grad():
             # float64: at T = 1000 the probabilities differ from 1/C in the 5th digit, below float32 resolution
