@@ -61,7 +61,9 @@ class CudaGraphReplayer:
     def capture(self, step: Callable[[], Outputs]) -> None:
         torch.cuda.current_stream().synchronize()  # once: the capture must not see work in flight
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.side):
+        # thread_local: the loader's pin-memory thread may call the CUDA API during the capture (global mode would
+        # make those calls, or the capture, fail); the capture follows the stream, so backward's threads are in it
+        with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
             self.outputs = step()  # recorded, not run: replay() runs it
         self.graph = graph
 
@@ -79,11 +81,13 @@ class GraphedStep:
 
     Call it with a batch: it returns ``(loss, logits)`` with the gradients in every parameter's ``.grad`` (write-once
     tensors: the next call overwrites them), or ``None`` for a batch whose shape or dtype differs from the captured
-    one (run that step eagerly)."""
+    one (run that step eagerly). ``rows``: the loader's batch size, when known: the fixed tensors are not shaped on a
+    smaller batch (a run resumed on an epoch's last batch would otherwise capture that size)."""
 
     def __init__(self, network: nn.Module, warmup: int = 3, replayer: EagerReplayer | CudaGraphReplayer | None = None):
         self.network = network
         self.warmup = warmup
+        self.rows: int | None = None
         self.replayer = replayer
         self.params = [p for p in network.parameters() if p.requires_grad]
         self.steps = 0
@@ -95,7 +99,7 @@ class GraphedStep:
 
     def fits(self, x: Tensor, y: Tensor) -> bool:
         if self.x is None:
-            return True
+            return self.rows is None or len(x) == self.rows
         same = lambda a, b: a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()  # noqa: E731
         return same(self.x, x) and same(self.y, y)
 

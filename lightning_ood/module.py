@@ -54,6 +54,17 @@ def check_compile(compile: bool | str) -> None:
         )
 
 
+def match_state_strides(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimiser state tensor shaped as its parameter the parameter's strides. A checkpoint written in
+    another memory format (a CPU run resumed on CUDA, ``channels_last`` switched) restores its momentum buffers with
+    their old strides, and CUDA's fused SGD kernel refuses parameters, gradients and buffers of different strides."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p).copy_(value)
+
+
 class OODClassifier(LightningModule):
     """An image classifier whose test pass benchmarks post-hoc OOD detection.
 
@@ -96,7 +107,8 @@ class OODClassifier(LightningModule):
         cuda_graphs: capture the forward pass, the loss and the backward pass of a training step in a CUDA graph
             after three warm-up steps and replay it for every full batch (:mod:`lightning_ood.graphed`): one launch
             instead of hundreds per step, the same arithmetic. One GPU, no gradient accumulation, no fp16 loss
-            scaling, not with ``compile``; on a CPU the same fixed-tensor step runs without a graph (no speed-up).
+            scaling, no ``detect_anomaly``, not with ``compile`` (each refused with the reason: training goes on
+            eagerly); on a CPU the same fixed-tensor step runs without a graph (no speed-up).
     """
 
     def __init__(
@@ -230,6 +242,8 @@ class OODClassifier(LightningModule):
             return "not with compile (torch.compile has its own CUDA-graph mode)"
         if trainer.world_size > 1:
             return "one process only (each DDP gradient reduction would have to be captured too)"
+        if getattr(trainer, "_detect_anomaly", False):
+            return "not with detect_anomaly (its NaN checks read the GPU from the host, which a capture forbids)"
         if trainer.accumulate_grad_batches != 1:
             return "not with accumulate_grad_batches (the graph overwrites the gradients, it does not add to them)"
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
@@ -243,6 +257,12 @@ class OODClassifier(LightningModule):
         self.graphed_step = None  # its fixed tensors and graph memory go
         self.memory_format = torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
+
+    def on_train_start(self) -> None:
+        for optimizer in self.trainer.optimizers:  # a resumed optimiser state must fit the fused kernel
+            match_state_strides(optimizer)
+        if self.graphed_step is not None:
+            self.graphed_step.rows = getattr(self.trainer.train_dataloader, "batch_size", None)
 
     def on_fit_end(self) -> None:
         self.plain_network()

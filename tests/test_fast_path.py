@@ -11,6 +11,7 @@ import torch
 
 from lightning_ood.cli import fast_benchmark, fast_precision
 from lightning_ood.graphed import CudaGraphReplayer, EagerReplayer, GraphedStep
+from lightning_ood.module import match_state_strides
 from lightning_ood.precision import device_constant
 from tests.helpers import CountHostReads, CountTestHostReads
 from tests.test_cli import cli_error, quiet, run_cli
@@ -198,6 +199,27 @@ def test_graphed_step_computes_the_eager_gradients_in_the_network_dtype():
     assert step(torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(5, (4,))) is None, "another shape: eager"
 
 
+def test_graphed_step_is_shaped_on_a_full_batch_only():
+    """A run resumed on an epoch's last, smaller batch must not fix the graph's shape on it."""
+    step = GraphedStep(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)), replayer=EagerReplayer())
+    step.rows = 6
+    assert step(torch.randn(4, 3, 2, 2), torch.randint(3, (4,))) is None and step.x is None
+    assert step(torch.randn(6, 3, 2, 2), torch.randint(3, (6,))) is not None and step.x.shape[0] == 6
+
+
+def test_resumed_optimiser_state_takes_the_parameters_strides():
+    """CUDA's fused SGD refuses momentum buffers whose strides differ from their parameter's, as a checkpoint written
+    in another memory format restores them (a CPU run resumed on a GPU, channels_last switched)."""
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    old = torch.randn(conv.weight.shape)  # contiguous, as saved by a run in the default format
+    optimizer.state[conv.weight]["momentum_buffer"] = old
+    match_state_strides(optimizer)
+    buffer = optimizer.state[conv.weight]["momentum_buffer"]
+    assert buffer.stride() == conv.weight.stride() != old.stride()
+    torch.testing.assert_close(buffer, old, rtol=0, atol=0)
+
+
 def test_cuda_graphs_switch_trains_exactly_as_eager_through_the_cli(cifar_folder, tmp_path, monkeypatch):
     """``--model.cuda_graphs true`` through the CLI's Trainer: warm-up steps, one capture, replays of the full batches
     and eager steps for each epoch's last, smaller batch train the very network the eager run trains (on a CPU the
@@ -236,6 +258,7 @@ def test_cuda_graphs_switch_trains_exactly_as_eager_through_the_cli(cifar_folder
     [
         (["--trainer.accumulate_grad_batches", "2"], "accumulate_grad_batches"),
         (["--model.compile", "eager"], "not with compile"),
+        (["--trainer.detect_anomaly", "true"], "detect_anomaly"),
     ],
 )  # fmt: skip  (16-mixed's loss scaling is refused too; Lightning turns it into bf16-mixed on a CPU)
 def test_cuda_graphs_refused_where_the_step_cannot_be_captured(cifar_folder, tmp_path, caplog, flags, reason):
@@ -260,3 +283,16 @@ def test_test_pass_never_waits_for_the_device(cifar_folder, tmp_path):
     assert len(batches) == 4 + 3 + 3, "30 ID test images and 24 of each OOD set in batches of 8"
     waits = {f"set {d} batch {b}": reads for d, b, reads in batches[1:] if reads}  # the first: set-up, once
     assert not waits, f"host reads of device values during test batches: {waits}"
+
+
+def test_a_resume_in_another_memory_format_restrides_the_momentum(cifar_folder, tmp_path):
+    """Through the CLI: a run trained in the default format, resumed channels-last (as a CPU run resumed on a GPU
+    is), trains on with momentum buffers in the parameters' strides, which CUDA's fused SGD requires."""
+    run_cli("fit", *fit_args(cifar_folder, tmp_path))
+    run_cli("fit", *fit_args(cifar_folder, tmp_path), "--trainer.max_epochs", "2", "--model.channels_last", "true",
+            "--ckpt_path", "last", "--overwrite_results", "true")  # fmt: skip
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 8, "the resumed run trained its second epoch"
+    buffers = [s["momentum_buffer"] for s in checkpoint["optimizer_states"][0]["state"].values()]
+    convs = [b for b in buffers if b.dim() == 4 and b.shape[1] > 1]
+    assert convs and all(b.is_contiguous(memory_format=torch.channels_last) for b in convs)
