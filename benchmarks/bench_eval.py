@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_train import device_name  # a sibling script: run as benchmarks/bench_eval.py
 from lightning.pytorch import Trainer
 
 from lightning_ood.data import SyntheticDataModule
@@ -163,7 +163,7 @@ def main() -> None:
     summary = {
         "backbone": args.backbone,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "device_name": device_name(device),
         "precision": "32-true",  # evaluation scores in float32 whatever the Trainer's precision (module.score_batch)
         "compile": False,  # evaluation runs the network as it is (the compile switch is for training)
         "images": images,

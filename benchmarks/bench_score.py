@@ -30,21 +30,18 @@ from lightning_ood.scoring.base import Batch
 from lightning_ood.statistics import FeatureStatistics, ReferenceSet
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def wall(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def timed_pair(fn, baseline, repeats: int) -> tuple[float, float]:
     """Median seconds of ``fn`` and of ``baseline``, run alternately."""
     first, second = [], []
     for _ in range(repeats):
-        first.append(timed(fn, 1))
-        second.append(timed(baseline, 1))
+        first.append(wall(fn))
+        second.append(wall(baseline))
     return statistics.median(first), statistics.median(second)
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
+from bench_train import device_name, synchronize  # a sibling script: run as benchmarks/profile_step.py
 from lightning.pytorch import Callback, Trainer
 from torch.profiler import ProfilerActivity, profile
 
@@ -58,11 +58,6 @@ class ProfileSteps(Callback):
             self.wall = time.perf_counter() - self.wall
             self.profiler.__exit__(None, None, None)
             trainer.should_stop = True
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def summarise(profiler: profile, steps: int, wall: float) -> dict:
@@ -107,7 +102,7 @@ def main() -> None:
         raise SystemExit(f"error: {args.data}/train not found: --data takes an image-folder copy of CIFAR-10")
 
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    device = device_name(torch.device("cuda" if cuda else "cpu")) + f", {torch.get_num_threads()} threads"
     precision = fast_precision("fit", None, "auto")
     benchmark = fast_benchmark("fit", None, None, "auto")
     datamodule = CIFARDataModule(root=args.data, batch_size=args.batch_size, decoded_cache=args.cache)

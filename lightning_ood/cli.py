@@ -69,10 +69,8 @@ def fast_precision(subcommand: str | None, precision, accelerator) -> str | None
     """The precision of the GPU fast path: ``bf16-mixed`` to train on a CUDA GPU that supports it when the user set
     none, else what the user set (``None``: Lightning's 32-bit). Evaluation scores in float32 whatever the precision
     (see :meth:`lightning_ood.module.OODClassifier.score_batch`)."""
-    if precision is not None or subcommand != "fit":
+    if precision is not None or not trains_on_cuda(subcommand, accelerator):
         return precision
-    if not trains_on_cuda(subcommand, accelerator):
-        return None
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
