@@ -29,3 +29,9 @@ class OutputError(LightningOODError):
 class DuplicateKeyError(LightningOODError):
     """A YAML mapping (config file or command-line value) that gives one key twice. Deliberately not a ``ValueError``:
     jsonargparse would take that as "not YAML" and read the value as a plain string."""
+
+
+class FitError(LightningOODError, ValueError):
+    """A scorer that cannot be fitted on what it was given: fewer training images than its fit needs, a covariance
+    that is zero up to rounding, a setting its statistics cannot honour (``k`` beyond the bank). Raised instead of
+    scoring noise; the evaluation engine puts the scorer's label in front of the message."""
