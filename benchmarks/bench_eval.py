@@ -56,7 +56,7 @@ def plain_forward(module: OODClassifier, loaders, device: torch.device) -> float
     synchronize(device)
     start = time.perf_counter()
     for loader in loaders:
-        for x, _ in loader:
+        for x, *_ in loader:
             module.backbone(x.to(device))
     synchronize(device)
     return time.perf_counter() - start
@@ -102,7 +102,7 @@ def forward_per_scorer(module: OODClassifier, loaders, device: torch.device) -> 
     start = time.perf_counter()
     for scorer in module.scorers.values():
         for loader in loaders:
-            for x, _ in loader:
+            for x, *_ in loader:
                 x = x.to(device)
                 with block_outputs(module.backbone, scorer.needs.blocks) as blocks:
                     features = module.backbone.features(x)

@@ -17,7 +17,9 @@ from rich.console import Console
 from lightning_ood import config_yaml
 from lightning_ood.callbacks import FitOODStatistics, OODResultsTable, ScoreHistograms
 from lightning_ood.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, read_checkpoint
+from lightning_ood.config_yaml import shortened
 from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.reproducible import check_seed
 from lightning_ood.errors import ConfigError, LightningOODError, OutputError
 from lightning_ood.io import describe_write_failure, is_write_failure
 from lightning_ood.module import OODClassifier
@@ -43,6 +45,10 @@ SUBCOMMAND_HELP = {
 }
 
 
+LINE_LIMIT = 500  # characters of one line of a parse error (a value given by the user can be huge)
+MESSAGE_LIMIT = 2000  # characters of one error message
+
+
 class ConciseParser(LightningArgumentParser):
     """A parse error prints one ``error:`` line and where to find the options, not the whole usage first."""
 
@@ -51,8 +57,8 @@ class ConciseParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        first = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
-        more = "\n".join(f"  {line}" for line in message.strip().splitlines()[1:12])
+        first = shortened(message.strip().splitlines()[0], LINE_LIMIT) if message.strip() else "invalid arguments"
+        more = "\n".join(f"  {shortened(line, LINE_LIMIT)}" for line in message.strip().splitlines()[1:12])
         sys.stderr.write(f"error: {first}\n{more + chr(10) if more else ''}See `{prog} --help` for the options.\n")
         sys.exit(2)
 
@@ -117,6 +123,13 @@ class OODCLI(LightningCLI):
             help="Write into a log folder that already holds results of an earlier run (off: refuse).",
         )  # fmt: skip
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def _set_seed(self) -> None:
+        """Lightning's seeding, after refusing a seed numpy does not take (it would end in a traceback)."""
+        seed = self._get(self.config, "seed_everything")
+        if not isinstance(seed, bool):
+            check_seed("--seed_everything", seed, also=", true (a random seed) or false (no seeding)")
+        super()._set_seed()
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would overwrite the config with the hyperparameters stored in ``--ckpt_path`` (so a test would
@@ -207,6 +220,9 @@ class OODCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         if checkpoints and isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
             writable.append((Path(checkpoint.dirpath), "checkpoint.dirpath"))
+        statistics_cache = self.model.hparams.get("statistics_cache")
+        if statistics_cache:
+            writable.append((Path(statistics_cache).expanduser(), "--model.statistics_cache"))
         overwrite = bool(self.config_init[self.subcommand].get("overwrite_results"))
         self.runs.append(RunFolder.claim(folder, overwrite, tuple(writable)))
 
@@ -237,11 +253,44 @@ class OODCLI(LightningCLI):
         self._check_weights()
         self._claim_run_folder()
 
-    def before_tune(self) -> None:
+    def _before_command(self) -> None:
         self._check_ckpt_path()
         self._claim_run_folder()
 
-    before_sweep = before_normratio = before_import = before_tune
+    before_sweep = _before_command
+
+    def before_tune(self) -> None:
+        """The checks of every command, and the configuration its follow-up ``test`` runs with (see
+        :func:`lightning_ood.commands.common.follow_up_command`)."""
+        self._before_command()
+        self.trainer.test_config = self._test_config()
+
+    before_normratio = before_tune
+
+    def before_import(self) -> None:
+        """The checks of every command; the follow-up ``test`` evaluates the written checkpoint, which holds the
+        weights (no published weights to convert again)."""
+        self._before_command()
+        output = str(Path(self.config_init["import"]["output"]).expanduser())
+        self.trainer.test_config = self._test_config(ckpt_path=output, weights=None, weights_format=None)
+
+    def _test_config(self, ckpt_path: str | None = None, **model: object) -> str | None:
+        """This run's configuration as ``test`` reads it, as YAML: the model (with its weights), the data, the trainer,
+        the checkpoint and the seed, without the command's own arguments; ``ckpt_path`` and ``model`` replace values.
+        ``None`` when it cannot be written out (the command then suggests a ``-c <config>`` to fill in)."""
+        config = self.config[self.subcommand].clone()
+        own = set(self._subcommand_method_arguments[self.subcommand]) - set(self._subcommand_method_arguments["test"])
+        for key in (*own, "config"):
+            if key in config:
+                del config[key]
+        if ckpt_path is not None:
+            config["ckpt_path"] = ckpt_path
+        for key, value in model.items():
+            config[f"model.{key}"] = value
+        try:
+            return self._subcommand_parsers["test"].dump(config, skip_unset=False)
+        except Exception:  # a suggestion must never stop the run
+            return None
 
     def _release(self) -> None:
         if self.trainer.received_sigterm:  # a SIGTERM after the last loop check (in the statistics pass, say)
@@ -249,7 +298,20 @@ class OODCLI(LightningCLI):
         while self.runs:
             self.runs.pop().release()
 
-    after_fit = after_test = after_validate = after_tune = after_sweep = after_normratio = after_import = _release
+    def after_validate(self) -> None:
+        """The held-out accuracy, as ``test`` prints its table (Lightning's own printout is off: ``verbose``)."""
+        accuracy = self.trainer.callback_metrics.get("val/acc")
+        if self.trainer.is_global_zero and accuracy is not None:
+            data = self.datamodule
+            Console().print(
+                f"Held-out accuracy on {data.id_name}: {100 * float(accuracy):.2f}% ({data.val_split} training images "
+                f"held out by --data.init_args.val_split, seed {data.val_seed}).",
+                highlight=False,
+                soft_wrap=True,
+            )
+        self._release()
+
+    after_fit = after_test = after_tune = after_sweep = after_normratio = after_import = _release
 
 
 def user_error(exc: BaseException | None) -> LightningOODError | None:
@@ -354,7 +416,8 @@ def main(args=None) -> None:
         err = user_error(exc) if isinstance(exc, Exception) else None
         if err is None:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {clean_message(str(err))}", highlight=False, soft_wrap=True)
+        message = shortened(clean_message(str(err)), MESSAGE_LIMIT)
+        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
     finally:
         OODCLI.current = None

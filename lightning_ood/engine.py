@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.errors import ConfigError
+from lightning_ood.errors import ConfigError, FitError
 from lightning_ood.features import network_pass
 from lightning_ood.hooks import block_outputs
 from lightning_ood.normalization import Normalization
@@ -186,9 +186,12 @@ class Engine(nn.Module):
         fitted: dict[str, Scorer] = {}
         with torch.inference_mode(False):
             for label, (name, params) in self.specs.items():
-                scorer = build_scorer(name, **params).bind(self.backbone).prepare(context)
-                # anything a scorer fitted on the host (scipy's Weibull fits, numpy percentiles) joins the network
-                fitted[label] = scorer.fit_statistics(self._statistics, head).to(device)
+                try:
+                    scorer = build_scorer(name, **params).bind(self.backbone).prepare(context)
+                    # anything a scorer fitted on the host (scipy's Weibull fits, numpy percentiles) joins the network
+                    fitted[label] = scorer.fit_statistics(self._statistics, head).to(device)
+                except FitError as err:  # a degenerate fit is refused, never scored: say which scorer
+                    raise FitError(f"{label} cannot be fitted: {err}") from err
         self.labels = list(fitted)
         self.scorers = nn.ModuleDict({module_key(label): scorer for label, scorer in fitted.items()})
         self.hooked_blocks = sorted({block for scorer in fitted.values() for block in scorer.needs.blocks})

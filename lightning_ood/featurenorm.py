@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from lightning_ood.features import network_pass
 from lightning_ood.normalization import Normalization
-from lightning_ood.precision import network_device, network_dtype
+from lightning_ood.precision import as_float, network_device, network_dtype
 
 
 def feature_norm(output: Tensor) -> Tensor:  # (N, C, H, W) or (N, T, D) -> (N,)
     """Channel-average of the spatial L2 norms of ``ReLU(output)``."""
-    z = output.float().relu()
+    z = as_float(output).relu()  # at least float32: half-precision maps widened, float64 ones kept
     if z.ndim == 4:
         return z.flatten(2).norm(dim=2).mean(dim=1)  # (N, C, H*W) -> (N, C) -> (N,)
     if z.ndim == 3:

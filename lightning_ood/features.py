@@ -3,8 +3,9 @@
 A cache entry holds the penultimate features, logits and labels of one dataset under one set of weights and one
 transform. Its key is a hash of the three (weights: every backbone tensor; dataset: its files with sizes and
 modification times, or its in-memory content; transform: its ``repr``), so changing any of them selects another entry
-and a stale one is never read. The JSON beside each entry holds the SHA-256 of its bytes: an entry that was changed or
-damaged on disk is recomputed, with a warning, never used.
+and a stale one is never read. The JSON beside each entry holds the entry's name, its key and the SHA-256 of its bytes:
+an entry that was changed or damaged on disk, or whose JSON is another entry's (a pair of files copied or renamed
+over it), is recomputed, with a warning, never used.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_ood.errors import DataError
 from lightning_ood.hooks import block_outputs
-from lightning_ood.io import atomic_write
+from lightning_ood.io import atomic_write, check_writable_folder
 from lightning_ood.precision import as_float, network_device, network_dtype
 from lightning_ood.statistics import FeatureSet
 
@@ -171,7 +172,12 @@ class FeatureCache:
     """Feature sets on disk under ``folder``, keyed by (weights, dataset, transform)."""
 
     def __init__(self, folder: str | Path = "cache/features") -> None:
-        self.folder = Path(folder)
+        self.folder = Path(folder).expanduser()
+
+    def check(self, what: str) -> None:
+        """Refuse, before any work, a cache folder that cannot be written (a file, under a file, read-only, on a full
+        disk), naming the argument ``what`` (``--cache_dir``) that sets it."""
+        check_writable_folder(self.folder, what)
 
     def key(self, weights: str, dataset: str, transform: str) -> str:
         return hashlib.sha256(f"{weights}\n{dataset}\n{transform}".encode()).hexdigest()[:24]
@@ -205,19 +211,31 @@ class FeatureCache:
         return self.key(weights, dataset_fingerprint(dataset), transform_fingerprint(dataset))
 
     def load(self, name: str, key: str) -> dict | None:
-        """The stored tensors of ``(name, key)``, or ``None``: an entry that is unreadable, has no checksum or does
-        not match it is removed (and recomputed by the caller), with a warning."""
+        """The stored tensors of ``(name, key)``, or ``None``: an entry that is unreadable, has no checksum, does not
+        match it, or whose JSON names another entry (another name or key) is removed (and recomputed by the caller),
+        with a warning."""
         path = self.path(name, key)
         if not path.is_file():
             return None
         meta_path = path.with_suffix(".json")
         try:
             data = path.read_bytes()
-            expected = json.loads(meta_path.read_text()).get("sha256")
+            meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
-            expected = None
+            meta = None
+        meta = meta if isinstance(meta, dict) else {}
+        expected = meta.get("sha256")
         if expected is None or hashlib.sha256(data).hexdigest() != expected:
             warnings.warn(f"Cache entry {path} does not match its checksum: recomputing it.", stacklevel=2)
+            self.remove(path)
+            return None
+        if (meta.get("name"), meta.get("key")) != (name, key):
+            warnings.warn(
+                f"Cache entry {path}: its checksum file {meta_path.name} belongs to another entry (name "
+                f"{meta.get('name')!r}, key {meta.get('key')!r}; this one: {name!r}, key {key!r}), so its tensors "
+                f"are that entry's: recomputing it.",
+                stacklevel=2,
+            )
             self.remove(path)
             return None
         try:

@@ -65,14 +65,25 @@ def remove_empty_folders(folders: Iterable[Path]) -> None:
             folder.rmdir()
 
 
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def describe_write_failure(path: Path, err: BaseException) -> str:
-    """Why writing ``path`` failed, with the free space when the disk is the likely cause."""
+    """Why writing ``path`` failed and the way out that fits the cause: a full disk or quota (with the free space),
+    a read-only file system, missing permissions."""
     cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
+    code = err.errno if isinstance(err, OSError) else None
+    if code == errno.EROFS:
+        return f"Cannot write {path}: {cause}. Choose a folder on a writable disk."
+    if code in (errno.EACCES, errno.EPERM):
+        return f"Cannot write {path}: {cause}. Choose a folder you may write into, or fix its permissions."
     try:
         free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
         space = f"; {free:,} bytes free there"
     except OSError:
         space = ""
+    if code in FULL_ERRNOS:
+        return f"Cannot write {path}: {cause}{space}. Free some space or choose a folder on another disk."
     return f"Cannot write {path}: {cause}{space}. Free some space, choose another folder, or fix its permissions."
 
 
@@ -94,7 +105,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     path = Path(path)
     tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         remove_stale_temporaries(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
@@ -117,13 +128,55 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def make_folder(folder: Path) -> None:
+    """``mkdir -p folder``; a file where a folder is needed (``folder`` itself or one above it) is an
+    :class:`OutputError` naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        message = f"Cannot write into {folder}: {blocking} is a file, not a folder. Choose another folder."
+        raise OutputError(message) from err
+
+
+def read_only_file_system(folder: Path) -> bool:
+    """Whether ``folder`` lies on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        return False
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def folder_write_problem(folder: Path) -> tuple[str, str] | None:
+    """Why no file can be created in the existing path ``folder`` and the way out, or ``None``: a file, a read-only
+    file system, missing permissions, a full disk."""
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder", "Choose another folder"
+    if read_only_file_system(folder):
+        return f"{folder} is on a read-only file system", "Choose a folder on a writable disk"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable (no write permission)", "Choose another folder, or fix its permissions"
+    if free_bytes(folder) == 0:
+        return f"the disk holding {folder} is full (0 bytes free)", "Free some space, or choose another disk"
+    return None
+
+
 def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
-    """Raise an :class:`OutputError` before any work when ``folder`` (or its first existing parent) is not writable."""
+    """Raise an :class:`OutputError` before any work when no file can be written into ``folder``, with the reason
+    (see :func:`folder_write_problem`): ``folder`` or its first existing parent is a file, on a read-only file
+    system, not writable for this user, or on a full disk. ``what`` names the argument, for the message."""
     folder = Path(folder).expanduser()
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"{what}: cannot write into {folder}: {existing} is not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{what}: cannot write into {folder}: {existing} is not writable.")
+    problem = folder_write_problem(existing)
+    if problem is not None:
+        reason, advice = problem
+        raise OutputError(f"{what}: cannot write into {folder}: {reason}. {advice} ({what}).")

@@ -18,8 +18,10 @@ more (400 ID and 400 OOD scores of those normals rounded to integers: 0.22 lower
 0.28), in general by any amount (90% of the ID scores at one value, 10% at a lower one shared by every OOD score: FPR 1
 under ``first_at_tpr``, 0 under ``closest``, whose TPR is then 90%).
 
-AUROC and AUPR use torchmetrics with ``normalization=None``: torchmetrics otherwise passes scores outside [0, 1]
-through a sigmoid, per batch, which saturates energy-like scores into ties and silently changes the result.
+AUROC and AUPR are computed here from the sorted scores (:func:`auroc`, :func:`average_precision`: sklearn's
+definitions, ties counting as sklearn counts them), in float64, from every score: torchmetrics' ``BinaryAUROC``
+passes scores outside [0, 1] through a sigmoid by default, per batch, which saturates energy-like scores into ties,
+and its curves accumulate in float32, in an order that changes with the batching and the number of processes.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 
@@ -43,6 +44,12 @@ def _split(scores: Tensor, is_id: Tensor) -> tuple[Tensor, Tensor]:
     if id_scores.numel() == 0 or ood_scores.numel() == 0:
         raise ValueError(f"need both ID and OOD scores, got {id_scores.numel()} ID and {ood_scores.numel()} OOD")
     return id_scores, ood_scores
+
+
+def _split_checked(scores: Tensor, is_id: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scores, is_id)`` flattened, once :func:`_split` has checked them (finite, both classes present)."""
+    _split(scores, is_id)
+    return scores.flatten(), is_id.flatten().bool()
 
 
 def tpr_threshold(id_scores: Tensor, tpr: float = 0.95) -> Tensor:
@@ -129,33 +136,92 @@ class FPRAtTPR(Metric):
         return fpr_at_tpr(scores, is_id, self.tpr, self.threshold)
 
 
-class AUPROut(BinaryAveragePrecision):
-    """Average precision with OOD as the positive class (scores negated)."""
+class Concatenated(Metric):
+    """Every value passed to ``update`` (flattened, in its own dtype: no cast, unlike torchmetrics' ``CatMetric``,
+    which rounds float64 scores to float32), concatenated over the batches and, synchronised, over every process in
+    rank order. :func:`dataset_order` puts the values of a test set back in dataset order."""
 
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        super().update(-preds, 1 - target)
+    is_differentiable = False
+    full_state_update = False
+    values: list[Tensor]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, values: Tensor) -> None:
+        self.values.append(values.detach().flatten())
+
+    def compute(self) -> Tensor:
+        if isinstance(self.values, list) and not self.values:  # nothing seen (a synchronised state is a tensor)
+            return torch.empty(0)
+        return dim_zero_cat(self.values)
 
 
-class OODMetrics(MetricCollection):
+def dataset_order(indices: Tensor, name: str = "the test set") -> Tensor:
+    """The permutation that sorts the gathered values of a test set by their dataset ``indices``; refuses indices
+    seen twice or missing (an image scored twice, or lost, by a sampler under DDP)."""
+    order = indices.argsort()
+    ordered = indices[order]
+    expected = torch.arange(len(indices), device=indices.device, dtype=ordered.dtype)
+    if not torch.equal(ordered, expected):
+        repeated = int(len(ordered) - ordered.unique().numel())
+        raise ValueError(
+            f"{name}: the {len(indices)} scored images are not each image once ({repeated} scored twice); every "
+            f"metric would count them so. The evaluation loaders must not pad or repeat images."
+        )
+    return order
+
+
+def threshold_counts(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tp, fp)``: at each distinct score, from the highest down, the positives and negatives at or above it
+    (float64 counts, exact). They depend only on the multiset of (score, label) pairs, not on their order."""
+    order = scores.argsort(descending=True)
+    scores, positive = scores[order], positive[order]
+    last = torch.ones_like(positive)
+    last[:-1] = scores[1:] != scores[:-1]  # the last position of each run of equal scores
+    return positive.double().cumsum(0)[last], (~positive).double().cumsum(0)[last]
+
+
+def auroc(scores: Tensor, positive: Tensor) -> Tensor:
+    """Area under the ROC curve, ties counting one half (sklearn's ``roc_auc_score``): the trapezoids between the
+    distinct thresholds, whose summed doubled areas are integers, exact in float64 below 2^53, so the result does not
+    depend on the order or the batching of the scores."""
+    tp, fp = threshold_counts(scores, positive)
+    zero = tp.new_zeros(1)
+    tp_before, fp_before = torch.cat([zero, tp[:-1]]), torch.cat([zero, fp[:-1]])
+    doubled = ((fp - fp_before) * (tp + tp_before)).sum()
+    return doubled / (2 * tp[-1] * fp[-1])
+
+
+def average_precision(scores: Tensor, positive: Tensor) -> Tensor:
+    """Average precision, ``sum_k (R_k - R_k-1) P_k`` over the distinct thresholds from the highest down (sklearn's
+    ``average_precision_score``), in float64, summed in that fixed order."""
+    tp, fp = threshold_counts(scores, positive)
+    gained = tp - torch.cat([tp.new_zeros(1), tp[:-1]])
+    return (gained * (tp / (tp + fp))).sum() / tp[-1]
+
+
+class OODMetrics(FPRAtTPR):
     """FPR95, AUROC, AUPR-In and AUPR-Out of one (scorer, OOD set) pair; update with ``(scores, is_id)``.
 
-    Scores are kept in float64 so that the results match sklearn on the same scores to ~1e-12.
+    Every score is kept (float64, gathered across processes in rank order) and the four metrics are computed from
+    the scores sorted (:func:`fpr_at_tpr`, :func:`auroc`, :func:`average_precision`): a result depends only on the
+    multiset of scores, so the metrics of several processes are bit for bit those of one process on the union of
+    their scores, whatever the batching. AUPR-Out takes OOD as the positive class (scores negated). The FPR's
+    settings are :class:`FPRAtTPR`'s.
     """
 
-    def __init__(self, tpr: float = 0.95, positive: str = "id", threshold: str = "first_at_tpr") -> None:
-        super().__init__(
-            {
-                "fpr95": FPRAtTPR(tpr, positive, threshold),
-                # inputs are formatted by ``update`` below: skip torchmetrics' per-batch validation
-                "auroc": BinaryAUROC(normalization=None, validate_args=False),
-                "aupr_in": BinaryAveragePrecision(normalization=None, validate_args=False),
-                "aupr_out": AUPROut(normalization=None, validate_args=False),
-            },
-            compute_groups=False,
-        )
+    higher_is_better = None  # FPR lower, the others higher
 
-    def update(self, scores: Tensor, is_id: Tensor) -> None:  # type: ignore[override]
-        super().update(scores.detach().double(), is_id.long())
+    def compute(self) -> dict[str, Tensor]:
+        scores, is_id = _split_checked(dim_zero_cat(self.scores), dim_zero_cat(self.is_id))
+        return {
+            "fpr95": super().compute(),
+            "auroc": auroc(scores, is_id),
+            "aupr_in": average_precision(scores, is_id),
+            "aupr_out": average_precision(-scores, ~is_id),
+        }
 
 
 def ood_metrics(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics.aggregation import CatMetric, SumMetric
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_ood import fitting
@@ -29,7 +29,7 @@ from lightning_ood.engine import Engine, ScorerSpec
 from lightning_ood.errors import CheckpointError, ConfigError, DataError, LightningOODError
 from lightning_ood.features import weights_fingerprint
 from lightning_ood.graphed import GraphedStep
-from lightning_ood.metrics import FPR_THRESHOLDS, OODMetrics
+from lightning_ood.metrics import FPR_THRESHOLDS, Concatenated, OODMetrics, dataset_order
 from lightning_ood.models import Backbone, pretrained_backbone
 from lightning_ood.models.formats import mismatches
 from lightning_ood.normalization import Normalization
@@ -171,6 +171,8 @@ class OODClassifier(LightningModule):
                 self.ood_statistics = FeatureStatistics.from_state_dict(loaded.statistics)
         self.ood_metrics = nn.ModuleDict()
         self.score_collectors = nn.ModuleDict()
+        self.index_collectors = nn.ModuleDict()
+        self.test_scores: dict[str, dict[str, Tensor]] = {}  # per scorer and test set, in dataset order (on the CPU)
         self.nonfinite = nn.ModuleDict()
         self.test_set_names: list[str] = []
         self.ood_report: OODReport | None = None
@@ -397,8 +399,9 @@ class OODClassifier(LightningModule):
             {self._key(s, o): OODMetrics(hp.tpr, hp.fpr_positive, hp.fpr_threshold) for s in labels for o in oods}
         ).to(self.device)
         self.score_collectors = nn.ModuleDict(
-            {self._key(s, d): CatMetric(nan_strategy="disable") for s in labels for d in self.test_set_names}
+            {self._key(s, d): Concatenated() for s in labels for d in self.test_set_names}
         ).to(self.device)
+        self.index_collectors = nn.ModuleDict({d: Concatenated() for d in self.test_set_names}).to(self.device)
         counts = {d: SumMetric(nan_strategy="disable") for d in self.test_set_names}  # no NaN check: no host read
         self.nonfinite = nn.ModuleDict(counts).to(self.device)
         self.test_acc.reset()
@@ -453,15 +456,16 @@ class OODClassifier(LightningModule):
         """The dtype of the network's weights: float32 unless the Trainer's precision is ``*-true`` below 32 bits."""
         return next(self.backbone.parameters()).dtype
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        x, y = batch
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y, index = batch  # index: the images' places in their test set (the scores are kept in that order)
         dataset = self.test_set_names[dataloader_idx]
         logits, scores = self.score_batch(x, dataset)
         is_id = dataloader_idx == 0
         if is_id:
             self.test_acc.update(logits, y)
+        self.index_collectors[dataset].update(index)
         for label, s in scores.items():
-            self.score_collectors[self._key(label, dataset)].update(s.double())
+            self.score_collectors[self._key(label, dataset)].update(s)
             if is_id:
                 for ood in self.test_set_names[1:]:
                     self.ood_metrics[self._key(label, ood)].update(s, torch.ones_like(s, dtype=torch.long))
@@ -488,10 +492,8 @@ class OODClassifier(LightningModule):
                 except ValueError as err:
                     raise LightningOODError(f"Scorer {scorer!r} on OOD set {ood!r}: {err}") from err
                 metrics[scorer][ood] = {k: float(v) for k, v in values.items()}
-        counts = {}
-        for dataset in self.test_set_names:
-            collector = self.score_collectors[self._key(next(iter(self.scorers)), dataset)] if self.scorers else None
-            counts[dataset] = int(collector.compute().numel()) if collector is not None else 0
+        self.test_scores = self.gathered_scores()  # every rank takes part in the gather
+        counts = {d: int(self.index_collectors[d].compute().numel()) for d in self.test_set_names}
         self.ood_report = OODReport(
             id_name=self.test_set_names[0],
             backbone=self.hparams.backbone,
@@ -513,8 +515,17 @@ class OODClassifier(LightningModule):
                     self.log(f"ood/{scorer}/{report.output_key(metric)}", value, rank_zero_only=True)
 
     def gathered_scores(self) -> dict[str, dict[str, Tensor]]:
-        """``scores[scorer][dataset]`` from all ranks (call on every rank: it synchronises)."""
+        """``scores[scorer][dataset]`` from all ranks, in dataset order, on the CPU (call on every rank: it
+        synchronises); an image scored twice or lost is refused (:func:`lightning_ood.metrics.dataset_order`)."""
+        orders = {}
+        for dataset in self.test_set_names:
+            try:
+                orders[dataset] = dataset_order(self.index_collectors[dataset].compute(), f"test set {dataset!r}")
+            except ValueError as err:
+                raise DataError(str(err)) from err
         return {
-            scorer: {d: self.score_collectors[self._key(scorer, d)].compute().cpu() for d in self.test_set_names}
+            scorer: {
+                d: self.score_collectors[self._key(scorer, d)].compute()[orders[d]].cpu() for d in self.test_set_names
+            }
             for scorer in self.scorers
         }

@@ -1,14 +1,16 @@
 """Training-set feature statistics that post-hoc OOD scorers are fitted on, accumulated in one streaming pass.
 
-Everything a scorer needs is derived from sums that add up across batches and across processes, so the result is the
-same whatever the batching and the number of DDP ranks (up to float64 rounding of the sums).
+Everything a scorer needs is derived from sums and merges that combine across batches and across processes, so the
+result is the same whatever the batching and the number of DDP ranks (up to float64 rounding).
 
 The core statistics, which many methods share, are always accumulated:
 
 - per-class counts and feature sums -> class means (the paper's prototypes; Mahalanobis means; LINE contributions);
-- the sum of outer products -> the shared within-class covariance (Mahalanobis) and, with the class means, the
-  total second moment (RMDS's class-agnostic Gaussian, ViM's principal subspace);
-- per-unit sums of squares -> per-unit mean and standard deviation (BATS; the mean feature for DICE, fDBD, NCI);
+- the scatter of the features around their class means -> the shared within-class covariance (Mahalanobis) and,
+  with the class means, the covariance of all features (RMDS's class-agnostic Gaussian, ViM's principal subspace) and
+  the per-unit standard deviation (BATS); the mean feature (DICE, fDBD, NCI). The scatter is accumulated around the
+  means (:class:`ClassGaussians`), never as ``E[h h^T] - mu mu^T``: that difference leaves rounding noise of the size
+  of the squared means, of either sign, in every direction without variance, which an inverse turns into 1e16;
 - the activation values themselves -> exact percentiles of all activations (ReAct's clipping threshold).
 
 Extras that only some methods need live beside those methods as a :class:`Statistic` registered by name
@@ -190,6 +192,64 @@ def extra_fields() -> dict[str, str]:
     return {f: name for name, cls in registered_statistics().items() for f in cls.fields}
 
 
+class ClassGaussians:
+    """Per-class counts, means and the pooled within-class scatter ``sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T`` of a
+    stream of vectors, in float64, merged batch by batch and across DDP ranks by the pairwise update of Chan, Golub &
+    LeVeque (1979): each batch is centred on its own class means and the scatter grows by the batch's scatter plus
+    ``n_a n_b / (n_a + n_b) (mu_a - mu_b)(mu_a - mu_b)^T`` per class. Every term is a product of centred values, so a
+    direction in which the features do not vary gets a scatter of zero, or of the rounding of the variance itself;
+    the textbook ``sum h h^T - N mu mu^T`` leaves there the rounding of the squared means, of either sign.
+
+    Args:
+        num_classes: C (1 for the Gaussian of all vectors).
+        dim: L.
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        f64 = torch.float64
+        self.counts = torch.zeros(num_classes, dtype=f64)
+        self.means = torch.zeros(num_classes, dim, dtype=f64)
+        self.scatter = torch.zeros(dim, dim, dtype=f64)
+
+    def update(self, x: Tensor, labels: Tensor) -> None:
+        """Add a batch: vectors ``(B, L)`` (converted to float64 on the CPU) and their classes ``(B,)``."""
+        x = x.detach().to("cpu", torch.float64)
+        labels = labels.detach().cpu()
+        counts = torch.bincount(labels, minlength=len(self.counts)).double()  # (C,)
+        sums = torch.zeros_like(self.means).index_add_(0, labels, x)
+        means = sums / counts.clamp_min(1)[:, None]  # (C, L); a class absent from the batch: zeros, weight 0
+        centred = x - means[labels]  # (B, L)
+        self.merge(counts, means, centred.T @ centred)
+
+    def merge(self, counts: Tensor, means: Tensor, scatter: Tensor) -> None:
+        """Merge another part's ``(counts (C,), means (C, L), scatter (L, L))`` into this one."""
+        total = self.counts + counts
+        delta = means - self.means  # (C, L)
+        pair = torch.where(total > 0, self.counts * counts / total.clamp_min(1), 0.0)  # (C,)
+        self.scatter += scatter + (delta.T * pair) @ delta
+        self.means += delta * torch.where(total > 0, counts / total.clamp_min(1), 0.0)[:, None]
+        self.counts = total
+
+    def reduce(self, reduce: Reducers) -> tuple[Tensor, Tensor, Tensor]:
+        """``(counts (C,), means (C, L), scatter (L, L))`` over every DDP rank (each rank's part gathered and
+        merged in rank order; this process's alone in one process)."""
+        counts, means = reduce.gather(self.counts[None]), reduce.gather(self.means[None])  # (R, C), (R, C, L)
+        scatters = reduce.gather(self.scatter[None])  # (R, L, L)
+        merged = ClassGaussians(counts.shape[1], means.shape[2])
+        for part in range(len(counts)):
+            merged.merge(counts[part], means[part], scatters[part])
+        return merged.counts, merged.means, merged.scatter
+
+
+def between_scatter(counts: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean (L,), sum_c n_c (mu_c - mu)(mu_c - mu)^T (L, L))``: the overall mean and the scatter of the class
+    means around it, from centred values."""
+    counts = counts.double()
+    mean = counts @ means / counts.sum()
+    centred = means - mean
+    return mean, (centred.T * counts) @ centred
+
+
 @dataclass
 class FeatureStatistics:
     """Sufficient statistics of the penultimate features of the training set.
@@ -271,17 +331,17 @@ class FeatureStatistics:
         return int(self.counts.sum())
 
     @property
-    def second_moment(self) -> Tensor:
-        """(L, L) mean of h h^T over all training images: within-class covariance plus the class means' scatter."""
-        weights = (self.counts.double() / self.counts.sum())[:, None]
-        means = self.class_means.double()
-        return self.covariance.double() + (means * weights).T @ means
-
-    @property
     def total_covariance(self) -> Tensor:
-        """(L, L) covariance of all training features around their mean (RMDS's class-agnostic Gaussian)."""
-        mean = self.mean.double()
-        return self.second_moment - torch.outer(mean, mean)
+        """(L, L) covariance of all training features around their mean (RMDS's class-agnostic Gaussian): the
+        within-class covariance plus the class means' scatter around the mean, from centred values."""
+        _, between = between_scatter(self.counts, self.class_means.double())
+        return self.covariance.double() + between / self.counts.double().sum()
+
+    def moment_around(self, origin: Tensor) -> Tensor:
+        """(L, L) mean of ``(h - o)(h - o)^T`` over all training images, for an origin ``o`` (L,): the total
+        covariance plus ``(mu - o)(mu - o)^T`` (ViM's second moment around the head's origin)."""
+        offset = self.mean.double() - origin.double().to(self.mean.device)
+        return self.total_covariance + torch.outer(offset, offset)
 
     def provides(self, needs: set[str]) -> set[str]:
         """Which of ``needs`` (registered statistic names: ``"logits"``, ``"bank"``, ...) these statistics lack."""
@@ -385,11 +445,7 @@ class StatisticsAccumulator:
         self.feature_dim = feature_dim
         self.quantile_stride = quantile_stride
         self.extras = dict(extras or {})
-        c, f64 = num_classes, torch.float64
-        self.counts = torch.zeros(c, dtype=f64)
-        self.class_sums = torch.zeros(c, feature_dim, dtype=f64)
-        self.sum_sq = torch.zeros(feature_dim, dtype=f64)
-        self.outer = torch.zeros(feature_dim, feature_dim, dtype=f64)
+        self.gaussians = ClassGaussians(num_classes, feature_dim)
         self.kept: list[Tensor] = []
 
     def blocks(self) -> list[str]:
@@ -410,12 +466,8 @@ class StatisticsAccumulator:
             raise ValueError(f"expected features of shape (B, {self.feature_dim}), got {tuple(features.shape)}")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]")
-        h = features.detach().to("cpu", torch.float64)  # (B, L)
         labels = labels.detach().cpu()
-        self.counts += torch.bincount(labels, minlength=self.num_classes).double()
-        self.class_sums.index_add_(0, labels, h)
-        self.sum_sq += (h * h).sum(0)
-        self.outer += h.T @ h  # (L, L)
+        self.gaussians.update(features, labels)
         if self.quantile_stride > 1 and indices is None:
             raise ValueError("a stride > 1 needs the dataset indices of the batch")
         keep = features.detach().cpu()
@@ -444,21 +496,16 @@ class StatisticsAccumulator:
         ranks (identity by default)."""
         reduce = Reducers(sum_across or _identity, gather_across or _identity, min_across or _identity,
                           max_across or _identity)  # fmt: skip
-        counts = reduce.sum(self.counts)
-        class_sums = reduce.sum(self.class_sums)
-        sum_sq = reduce.sum(self.sum_sq)
-        outer = reduce.sum(self.outer)
+        counts, class_means, scatter = self.gaussians.reduce(reduce)
         n = counts.sum()
         if n == 0:
             raise ValueError("no training features were accumulated")
         if (counts == 0).any():
             empty = torch.nonzero(counts == 0).flatten().tolist()
             raise ValueError(f"classes {empty} have no training images: their prototypes are undefined")
-        class_means = class_sums / counts[:, None]
-        mean = class_sums.sum(0) / n
-        var = (sum_sq / n - mean * mean).clamp_min(0)
-        # Within-class scatter: sum_i h_i h_i^T - sum_c N_c mu_c mu_c^T, divided by N.
-        covariance = (outer - (class_means.T * counts) @ class_means) / n
+        mean, between = between_scatter(counts, class_means)
+        covariance = scatter / n  # within-class, maximum likelihood
+        var = (scatter.diagonal() + between.diagonal()) / n  # per unit, around the overall mean
         values = reduce.gather(torch.cat(self.kept) if self.kept else torch.empty(0))
         extras: dict[str, Any] = {}
         core = {"counts": counts, "n": n}

@@ -183,3 +183,18 @@ class CountTestHostReads(HostReadWindows):
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self.close()
+
+
+# Settings of the scorers whose defaults need more training images than a test's tiny data sets hold: their fits
+# refuse, with an error, k neighbours beyond the bank, mixture components beyond its features, and principal axes the
+# features do not span.
+SMALL_DATA_SETTINGS = {
+    "knn": {"k": 5},
+    "nnguide": {"k": 5, "fraction": 0.25},
+    "gmm": {"components": 4, "dim": 10},
+}
+
+
+def scorer_mapping(names) -> dict:
+    """``{name: {scorer: name, **settings}}`` of ``names``, with :data:`SMALL_DATA_SETTINGS` where a name has them."""
+    return {name: {"scorer": name, **SMALL_DATA_SETTINGS.get(name, {})} for name in names}

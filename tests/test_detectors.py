@@ -27,6 +27,7 @@ from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.gram import gram_features
 from lightning_ood.statistics import FeatureStatistics, ReferenceSet
 from tests.conftest import toy_features
+from tests.helpers import scorer_mapping
 
 pytorch_ood = pytest.importorskip("pytorch_ood.detector")
 
@@ -74,7 +75,8 @@ def theirs(detector) -> np.ndarray:
 # ============================================================================================ the paper's baselines
 def test_logit_baselines_agree_with_pytorch_ood(p):
     """MSP, Energy (T = 1 and 2) and MaxLogit against pytorch-ood's, which return outlier scores (higher = OOD)."""
-    close(ours(p, "msp"), -theirs(pytorch_ood.MaxSoftmax.score(p.logits)))
+    # msp scores log p_max (the same order, no ties at p = 1.0): its exponential is pytorch-ood's probability
+    close(np.exp(ours(p, "msp")), -theirs(pytorch_ood.MaxSoftmax.score(p.logits)))
     close(ours(p, "energy"), -theirs(pytorch_ood.EnergyBased.score(p.logits)))
     close(ours(p, "energy", temperature=2.0), -theirs(pytorch_ood.EnergyBased.score(p.logits, t=2.0)))
     close(ours(p, "maxlogit"), -theirs(pytorch_ood.MaxLogit.score(p.logits)))
@@ -205,12 +207,16 @@ def test_klm(p):
 
 @pytest.mark.parametrize(("gamma", "top"), [(0.1, 100), (0.5, 3)])
 def test_gen_and_entropy(p, gamma, top):
-    probs = np.clip(softmax(p.T @ p.W.T + p.b, axis=1), 1e-7, 1 - 1e-7)
+    probs = softmax(p.T @ p.W.T + p.b, axis=1)  # the authors' benchmark.py: no clipping
     m = min(top, p.C)
     best = np.sort(probs, axis=1)[:, ::-1][:, :m]
     close(ours(p, "gen", gamma=gamma, top=top), -(best**gamma * (1 - best) ** gamma).sum(1), rtol=1e-6)
-    reference = pytorch_ood.GEN(None, gamma=gamma, M=m).predict_logits(p.logits.double())  # float64, as ours
-    close(ours(p, "gen", gamma=gamma, top=top), -m * theirs(reference), rtol=1e-4)  # pytorch-ood: the mean
+    # pytorch-ood clips p to [1e-7, 1 - 1e-7] (the authors do not): the same numbers where nothing is clipped
+    mild = p.logits.double() / 8
+    assert float(mild.softmax(1).min()) > 1e-7 and float(mild.softmax(1).max()) < 1 - 1e-7
+    reference = pytorch_ood.GEN(None, gamma=gamma, M=m).predict_logits(mild)  # float64, as ours
+    gen = build_scorer("gen", gamma=gamma, top=top).fit_statistics(p.stats, p.head)
+    close(gen.score(p.test, mild).double().numpy(), -m * theirs(reference), rtol=1e-4)  # pytorch-ood: the mean
     exact = softmax(p.T @ p.W.T + p.b, axis=1)
     close(ours(p, "entropy"), (exact * np.log(exact)).sum(1), rtol=1e-5, atol=1e-8)  # float32 scores
     entropy_theirs = pytorch_ood.Entropy(None).predict_logits(p.logits.double())  # p clipped at 1e-7 there
@@ -228,7 +234,8 @@ def test_temperature_scaling_finds_the_nll_minimum(p):
     best = minimize_scalar(nll, bounds=(1e-3, 100), method="bounded", options={"xatol": 1e-10}).x
     scorer = build_scorer("temp_scaling").fit_statistics(p.stats, p.head)
     assert scorer.temperature == pytest.approx(best, rel=1e-5) and scorer.temperature > 1
-    close(scorer.score(p.test, p.logits).double().numpy(), softmax((p.T @ p.W.T + p.b) / best, axis=1).max(1), 1e-5)
+    expected = softmax((p.T @ p.W.T + p.b) / best, axis=1).max(1)
+    close(np.exp(scorer.score(p.test, p.logits).double().numpy()), expected, 1e-5)  # it scores log p_max
 
 
 # ============================================================================================ distances
@@ -421,7 +428,9 @@ def test_openmax_matches_pytorch_ood(p):
     reference = pytorch_ood.OpenMax(None, tailsize=20, alpha=3, euclid_weight=1.0)
     reference.fit_logits(p.train_logits[right], p.labels[right])
     # the Weibull fits are numerical maximum-likelihood optimisations (ours on float64 logits): agreement to ~1e-3
-    close(scorer.score(p.test, p.logits).double().numpy(), -theirs(reference.predict_logits(p.logits)), 5e-3, 1e-4)
+    # ours scores -log p(unknown), the same order as the authors' -p(unknown)
+    unknown = np.exp(-scorer.score(p.test, p.logits).double().numpy())
+    close(-unknown, -theirs(reference.predict_logits(p.logits)), 5e-3, 1e-4)
 
 
 def test_gram_statistics_and_score(network):
@@ -597,10 +606,12 @@ def test_every_method_in_one_pass_through_the_cli(tmp_path):
     run_cli("fit", *data, "--trainer.max_epochs", "1", "--model.scorers", "[msp]")
     fitted = torch.load(tmp_path / "c" / "last.ckpt", weights_only=True)["ood_statistics"]
     assert fitted["bank"] is None and fitted["gram"] is None  # msp needs neither: the checkpoint stays small
-    run_cli("test", *data, "--ckpt_path", str(tmp_path / "c" / "last.ckpt"), "--model.scorers", "all",
+    from lightning_ood.scoring.registry import GROUPS
+
+    every = json.dumps(scorer_mapping(GROUPS["all"]))  # all, with settings that 80 training images can fit
+    run_cli("test", *data, "--ckpt_path", str(tmp_path / "c" / "last.ckpt"), "--model.scorers", every,
             "--model.fpr_positive", "ood", "--trainer.logger.init_args.version", "all")  # fmt: skip
     report = json.loads((tmp_path / "logs" / "lightning_ood" / "all" / "ood_results.json").read_text())
-    from lightning_ood.scoring.registry import GROUPS
 
     assert list(report["metrics"]) == GROUPS["all"] and len(GROUPS["all"]) >= 40
     values = [v for per in report["metrics"].values() for m in per.values() for v in m.values()]

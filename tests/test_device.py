@@ -20,9 +20,10 @@ from torch import nn
 from lightning_ood.data import SyntheticDataModule
 from lightning_ood.module import OODClassifier
 from lightning_ood.scoring.registry import GROUPS
+from tests.helpers import scorer_mapping
 
 # every registered method, FeatureNorm on a named block (NormRatio's choice is tested through the CLI below)
-EVERY = {name: {"scorer": name} for name in GROUPS["all"] if name != "featurenorm"}
+EVERY = {name: spec for name, spec in scorer_mapping(GROUPS["all"]).items() if name != "featurenorm"}
 EVERY["featurenorm"] = {"scorer": "featurenorm", "block": "layer2.0"}
 
 
@@ -133,7 +134,8 @@ def test_cli_test_in_float64_fits_the_statistics_on_demand_with_every_scorer(tmp
     checkpoint = torch.load(tmp_path / "c" / "last.ckpt", weights_only=True)
     del checkpoint["ood_statistics"]
     torch.save(checkpoint, tmp_path / "c" / "bare.ckpt")
-    run_cli("test", *data, "--ckpt_path", str(tmp_path / "c" / "bare.ckpt"), "--model.scorers", "all",
+    every = json.dumps(scorer_mapping(GROUPS["all"]))  # all, with settings that 60 training images can fit
+    run_cli("test", *data, "--ckpt_path", str(tmp_path / "c" / "bare.ckpt"), "--model.scorers", every,
             "--trainer.precision", "64-true", "--trainer.logger.init_args.version", "f64")  # fmt: skip
     report = json.loads((tmp_path / "logs" / "lightning_ood" / "f64" / "ood_results.json").read_text())
     assert list(report["metrics"]) == GROUPS["all"]

@@ -36,7 +36,7 @@ def test_the_readme_plain_pytorch_loop_runs():
         code = code.replace(old, new)
     torch.manual_seed(0)
     namespace = {
-        "train_images": TensorDataset(torch.rand(40, 3, 32, 32), torch.arange(40) % 4),
+        "train_images": TensorDataset(torch.rand(64, 3, 32, 32), torch.arange(64) % 4),  # >= knn's k = 50
         "test_loader": DataLoader(TensorDataset(torch.rand(6, 3, 32, 32), torch.zeros(6)), batch_size=3),
     }
     exec(compile(code, str(README), "exec"), namespace)

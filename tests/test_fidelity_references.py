@@ -77,7 +77,7 @@ def test_temperature_scaling_fits_t_on_the_held_out_images(q):
     scorer = build_scorer("temp_scaling").fit_statistics(q.stats, q.head)  # the default reference: id_val
     assert scorer.reference == "id_val" and scorer.temperature == pytest.approx(t, rel=1e-5) and t > 1
     expected = softmax((q.T @ q.W.T + q.b) / t, axis=1).max(1)
-    np.testing.assert_allclose(ours(q, "temp_scaling"), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(ours(q, "temp_scaling")), expected, rtol=1e-5)  # it scores log p_max
     with pytest.raises(ConfigError, match="reference must be one of id_val, got 'id_test'"):
         build_scorer("temp_scaling", reference="id_test")  # scored images never choose T
 

@@ -94,19 +94,22 @@ def authors_class_gaussian(train: np.ndarray, y: np.ndarray, num_classes: int):
 def test_unit_gaussians_are_the_normalised_features_moments_whatever_the_batches_and_ranks(p):
     u = normalised(p.X)
     means = np.stack([u[p.y == c].mean(0) for c in range(p.C)])
+    within = sum((u[p.y == c] - means[c]).T @ (u[p.y == c] - means[c]) for c in range(p.C)) / p.N
     close(p.stats.unit_class_means.numpy(), means, rtol=1e-12, atol=1e-14)
-    close(p.stats.unit_second_moment.numpy(), u.T @ u / p.N, rtol=1e-12, atol=1e-14)
-    # two "ranks" on the two halves, their sums reduced in the order compute asks for them: the same statistics
+    close(p.stats.unit_covariance.numpy(), within, rtol=1e-10, atol=1e-14)
+    # two "ranks" on the two halves, their parts gathered in rank order as compute asks for them: the same statistics
     setup = StatisticsSetup(p.C, p.L, p.N)
     ranks = [build_statistics(("unit_gaussians",), setup)["unit_gaussians"] for _ in range(2)]
     for rank, part in zip(ranks, (slice(0, 150), slice(150, None)), strict=True):
         acc = StatisticsAccumulator(p.C, p.L, extras={"unit_gaussians": rank})
         acc.update(p.train[part], p.labels[part], torch.arange(p.N)[part], p.head(p.train[part]).detach())
-    other = [ranks[1].class_sums, ranks[1].outer]
+    second = ranks[1].gaussians
+    other = [second.counts[None], second.means[None], second.scatter[None]]
     reduced = ranks[0].compute({"counts": p.stats.counts.double(), "n": torch.tensor(float(p.N), dtype=torch.float64)},
-                               Reducers(sum=lambda t: t + other.pop(0)))  # fmt: skip
+                               Reducers(gather=lambda t: torch.cat([t, other.pop(0)])))  # fmt: skip
+    assert not other  # every part was gathered
     close(reduced["unit_class_means"].numpy(), means, rtol=1e-12, atol=1e-14)
-    close(reduced["unit_second_moment"].numpy(), u.T @ u / p.N, rtol=1e-12, atol=1e-14)
+    close(reduced["unit_covariance"].numpy(), within, rtol=1e-10, atol=1e-14)
 
 
 def test_mahalanobis_pp_matches_the_authors_code(p):

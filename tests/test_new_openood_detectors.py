@@ -22,7 +22,7 @@ from sklearn.mixture import GaussianMixture
 from torch import nn
 
 from lightning_ood.engine import FitContext
-from lightning_ood.errors import ConfigError
+from lightning_ood.errors import ConfigError, FitError
 from lightning_ood.models import build_backbone
 from lightning_ood.scoring import build_scorer
 from lightning_ood.scoring.base import Batch
@@ -120,7 +120,8 @@ def test_iodin_matches_the_authors_postprocessor(net, temperature, epsilon):
         h = net.net.features(net.x)
     scores = scorer(Batch(h, net.net.head(h), inputs=net.x, features_of=features_of, std=STD))
     moved, expected = iodin_reference(net.net, net.x, temperature, epsilon, STD)
-    np.testing.assert_allclose(scores.double().numpy(), expected.numpy(), rtol=1e-6, atol=1e-7)
+    # iodin scores log p_max (ODIN's MSP as its logarithm: the same order)
+    np.testing.assert_allclose(scores.double().numpy(), np.log(expected.numpy()), rtol=1e-6, atol=1e-7)
     delta = (net.x - seen[-1]).flatten(1)
     assert ((delta != 0).sum(dim=1) == 1).all()  # one input value per image, as the reference
     np.testing.assert_allclose(seen[-1].double().numpy(), moved.numpy(), atol=1e-6)
@@ -221,7 +222,10 @@ def test_gmm_with_more_clusters_than_groups_and_its_guards(p):
     logits = p.head(p.test)
     torch.testing.assert_close(all_axes.score(p.test, logits), unprojected.score(p.test, logits))
     small = FeatureStatistics.from_features(p.train[:30], p.labels[:30], p.C, p.head)
-    few = build_scorer("gmm", components=50, dim=4).fit_statistics(small, p.head)  # 30 bank features: 30 components
+    with pytest.raises(FitError, match="50 mixture components need at least 50 training features in the bank, which "
+                                       "holds 30: lower components to at most 30"):  # fmt: skip
+        build_scorer("gmm", components=50, dim=4).fit_statistics(small, p.head)  # never fewer components than asked
+    few = build_scorer("gmm", components=30, dim=4).fit_statistics(small, p.head)
     assert few.centres.shape == (30, 4) and torch.isfinite(few.score(p.test, p.head(p.test))).all()
 
 
@@ -276,7 +280,7 @@ def test_cfood_grid_and_guards():
             build_scorer("cfood", **bad)
     head = nn.Linear(4, 2)
     stats = FeatureStatistics.from_features(torch.rand(10, 4), torch.arange(10) % 2, 2, head)
-    with pytest.raises(ConfigError, match="at least 2"):
+    with pytest.raises(FitError, match="at least 2"):
         build_scorer("cfood").fit_statistics(stats, head)  # 10% of 10 features is 1
 
 

@@ -92,7 +92,8 @@ def weiper_msp(z, repeats):  # calculate_weiper_pred: the MSP of each copy's C l
 @pytest.mark.parametrize(("delta", "repeats"), [(1.8, 1), (2.4, 9), (0.5, 20)])
 def test_weiper_msp(p, delta, repeats):
     w, b = perturbed_head(p, delta, repeats)
-    close(ours(p, "weiper", delta=delta, repeats=repeats), weiper_msp(p.T @ w.T + b, repeats))
+    # weiper scores -log(1 - mean MSP): the same order; back to the authors' mean MSP
+    close(1 - np.exp(-ours(p, "weiper", delta=delta, repeats=repeats)), weiper_msp(p.T @ w.T + b, repeats))
 
 
 def test_weiper_perturbs_each_class_projection_by_delta_times_its_norm(p):
@@ -110,7 +111,7 @@ def test_weiper_is_seeded(p):
 
 def test_weiper_without_perturbation_is_pytorch_ood_msp(p):
     reference = pytorch_ood.MaxSoftmax.score(p.logits)
-    close(ours(p, "weiper", delta=0.0, repeats=3), -reference.double().numpy(), rtol=1e-12)
+    close(1 - np.exp(-ours(p, "weiper", delta=0.0, repeats=3)), -reference.double().numpy(), rtol=1e-6)  # float32
 
 
 # ============================================================================================ WeiPer+KLD

@@ -128,8 +128,8 @@ def test_datamodule_test_loaders_are_id_then_ood(cifar_folder, tmp_path):
     assert dm.test_set_names == ["cifar10", "tin", "gaussian_noise", "mine"]
     loaders = dm.test_dataloader()
     assert [len(loader.dataset) for loader in loaders] == [30, 5, 9, 5]
-    x, y = next(iter(loaders[2]))
-    assert x.shape == (8, 3, 32, 32) and (y == -1).all()
+    x, y, index = next(iter(loaders[2]))
+    assert x.shape == (8, 3, 32, 32) and (y == -1).all() and index.tolist() == list(range(8))  # dataset order
 
 
 def test_duplicate_ood_labels(cifar_folder):

@@ -60,7 +60,8 @@ def test_runs_of_one_setting_are_averaged_whatever_their_seed_weights_and_date(r
 
     def elsewhere(results):  # the same setting, run from other weights, on another machine, with another version
         results["provenance"].update(weights="other.pt", checkpoint="/elsewhere/last.ckpt", commit="abc123",
-                                     package="lightning-ood 9.9", date="2030-01-01T00:00:00+00:00")  # fmt: skip
+                                     package="lightning-ood 9.9", date="2030-01-01T00:00:00+00:00",
+                                     fingerprint="0123456789abcdef")  # fmt: skip
         results["provenance"]["input_normalization"] = "mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5), the weights'"
 
     third = copy_run(runs["seed1"], tmp_path / "elsewhere", elsewhere)
@@ -69,6 +70,17 @@ def test_runs_of_one_setting_are_averaged_whatever_their_seed_weights_and_date(r
     assert "synthetic / resnet20: mean ± standard deviation (n - 1) over 3 runs" in md
     assert "| fmls |" in md and "| msp |" in md
     assert "error" not in capsys.readouterr().err
+
+
+def test_one_run_given_twice_is_refused_naming_the_folders(runs, tmp_path, capsys):
+    stored_again = copy_run(runs["seed1"], tmp_path / "backup")  # the same weights' results in another folder
+    err = report_error(capsys, runs["seed1"], runs["seed2"], stored_again, output=tmp_path / "agg")
+    fingerprint = json.loads((runs["seed1"] / "ood_results.json").read_text())["provenance"]["fingerprint"]
+    assert f"error: 1 of the 3 runs repeat the weights of another: {runs['seed1']} and {stored_again} (fingerprint " \
+           f"{fingerprint}) are results of the same weights, one run stored twice" in err  # fmt: skip
+    assert str(runs["seed2"]) not in err
+    err = report_error(capsys, runs["seed1"], runs["seed2"], runs["seed1"] / "ood_results.json", output=tmp_path / "a")
+    assert f"error: {runs['seed1'] / 'ood_results.json'} is given twice: each run counts once." in err
 
 
 def test_runs_whose_scorer_hyperparameters_differ_are_refused(runs, tmp_path, capsys):

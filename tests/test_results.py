@@ -30,8 +30,8 @@ def runs(tmp_path_factory):
               "--trainer.logger.init_args.save_dir", str(tmp / "logs"), "--checkpoint.dirpath", str(tmp / "ckpt"),
               "--data.val_split", "16"]  # fmt: skip
     run_cli("fit", *common, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", "fit")
-    run_cli("test", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--model.scorers", "[msp, fmls, knn]",
-            "--trainer.logger.init_args.version", "test")  # fmt: skip
+    run_cli("test", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--model.scorers",
+            '{"msp": {}, "fmls": {}, "knn": {"k": 5}}', "--trainer.logger.init_args.version", "test")  # fmt: skip
     return tmp / "logs" / "lightning_ood"
 
 

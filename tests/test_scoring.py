@@ -8,6 +8,7 @@ higher score = more in-distribution. The references never call the project's hel
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from lightning_ood.scoring import SCORERS, build_scorer, class_weight_mask
 from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.fmls import CPU_BLOCK
 from lightning_ood.statistics import FeatureStatistics, StatisticsAccumulator, percentile
+from tests.helpers import SMALL_DATA_SETTINGS
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 paths against float64 references
 
@@ -37,12 +39,13 @@ def ref_logsumexp(logits: np.ndarray) -> np.ndarray:  # (N, C) -> (N,)
 
 
 def ref_msp(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The log of the maximum softmax probability (what msp scores: the same order as the probability),
+    ``-log1p(sum of the other classes' exp(z - max))``."""
     out = np.empty(len(logits))
     for i, row in enumerate(logits):
         z = [v / temperature for v in row]
-        m = max(z)
-        e = [math.exp(v - m) for v in z]
-        out[i] = max(e) / sum(e)
+        top = z.index(max(z))
+        out[i] = -math.log1p(sum(math.exp(v - z[top]) for j, v in enumerate(z) if j != top))
     return out
 
 
@@ -634,7 +637,7 @@ def ref_odin(x, features_fn, logits_fn, temperature, epsilon, std):
     perturbed = x.detach() - epsilon * sign
     with torch.no_grad():
         logits = logits_fn(features_fn(perturbed)).double()
-    return perturbed, F.softmax(logits / temperature, dim=1).max(dim=1).values
+    return perturbed, F.log_softmax(logits / temperature, dim=1).max(dim=1).values  # log MSP, as ODIN scores
 
 
 class Recorder:
@@ -668,7 +671,7 @@ def test_odin_matches_manual_autograd(odin_setup, temperature, epsilon, scale_by
     torch.testing.assert_close(delta[:, 2], torch.full_like(delta[:, 2], epsilon / scale[0, 2, 0, 0].item()))  # 0 -> +1
     torch.testing.assert_close((delta * scale / epsilon).abs(), torch.ones_like(delta))
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-9)
-    unperturbed = F.softmax(plain_logits(s.net)(s.net.features(s.x)).double() / temperature, 1).amax(1)
+    unperturbed = F.log_softmax(plain_logits(s.net)(s.net.features(s.x)).double() / temperature, 1).amax(1)
     assert (scores > unperturbed).all()  # stepping down the CE gradient raises the max softmax
 
 
@@ -720,7 +723,7 @@ def test_odin_on_a_base_scorer_uses_its_logits_in_both_passes(odin_setup, name):
     # Plain-head logits in either pass would give different scores.
     _, plain = ref_odin(s.x, s.net.features, plain_logits(s.net), 1000.0, 0.05, STD)
     with torch.no_grad():
-        plain_second_pass = F.softmax(plain_logits(s.net)(s.net.features(perturbed)).double() / 1000.0, 1).amax(1)
+        plain_second_pass = F.log_softmax(plain_logits(s.net)(s.net.features(perturbed)).double() / 1000.0, 1).amax(1)
     assert (scores - plain).abs().max() > 1e-7
     assert (scores - plain_second_pass).abs().max() > 1e-7
 
@@ -797,30 +800,55 @@ def resnet():
     return SimpleNamespace(net=net, images=images, labels=labels, x=torch.randn(6, 3, 32, 32))
 
 
-@pytest.mark.parametrize("name", list(SCORERS))
-def test_every_registered_scorer_builds_fits_and_scores(name, resnet):
-    """Each registered scorer through the evaluation engine, as the test pass runs it: the statistics it declares
-    (composed scorers: their parts' too) and its reference images, fitted, then one engine call; finite (N,)
-    scores."""
+def engine_scores(name: str, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, x: torch.Tensor):
+    """The scores of ``x`` by the registered scorer ``name`` through the evaluation engine, as the test pass runs it:
+    the statistics it declares (composed scorers: their parts' too) on ``images``, its reference images, fitted,
+    then one engine call, in the network's own precision."""
     from lightning_ood.data.base import IndexedDataset
     from lightning_ood.engine import Engine, FitContext, accumulate_statistics
     from lightning_ood.statistics import FeatureSet
 
-    net = resnet.net
-    engine = Engine(net, {name: {"scorer": name, **({"block": "layer1.0"} if name == "featurenorm" else {})}},
-                    std=(0.25, 0.25, 0.25))  # fmt: skip
-    dataset = IndexedDataset(torch.utils.data.TensorDataset(resnet.images, resnet.labels))
+    settings = {**SMALL_DATA_SETTINGS.get(name, {}), **({"block": "layer1.0"} if name == "featurenorm" else {})}
+    engine = Engine(net, {name: {"scorer": name, **settings}}, std=(0.25, 0.25, 0.25))
+    dataset = IndexedDataset(torch.utils.data.TensorDataset(images, labels))
     loader = torch.utils.data.DataLoader(dataset, batch_size=16)
     stats = accumulate_statistics(net, loader, engine.needs.statistics, progress=False)
     with torch.no_grad():
-        reference = net.features(resnet.images[:20])
+        reference = net.features(images[:20])
     for ref in engine.needs.references:
-        stats.reference[ref] = FeatureSet(reference, net.head(reference), resnet.labels[:20])
+        stats.reference[ref] = FeatureSet(reference, net.head(reference), labels[:20])
     # mahalanobis_paper and nac fit on ID training images, adascale on the (here: training) id_val images
     context = FitContext(net, lambda count, seed: loader, reference_images=lambda reference: loader)
-    _, scores = engine.fit(stats, context)(resnet.x)
-    scores = scores[name]
+    _, scores = engine.fit(stats, context)(x)
+    return scores[name]
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_every_registered_scorer_builds_fits_and_scores(name, resnet):
+    """Each registered scorer through the evaluation engine: finite (N,) scores."""
+    scores = engine_scores(name, resnet.net, resnet.images, resnet.labels, resnet.x)
     assert scores.shape == (6,) and scores.dtype.is_floating_point and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_no_scorer_ties_in_float32_what_float64_tells_apart(name, resnet):
+    """Confident predictions (the head scaled so that most logit gaps exceed 20) scored in float32, and with the same
+    network cast to float64: the float32 scores take as many distinct values as the float64 ones (one fewer allowed:
+    two scores that happen to fall within float32's resolution). A softmax probability rounded to 1.0 (a float32
+    MSP of most of these images), a ``1 - regret`` rounded to 1 (pNML), a probability clipped at 1 - 1e-7 would tie
+    them, and ties change AUROC and FPR."""
+    confident = copy.deepcopy(resnet.net)
+    with torch.no_grad():
+        confident.head.weight.mul_(150)
+        confident.head.bias.mul_(150)
+    generator = torch.Generator().manual_seed(1)
+    images, x = torch.randn(48, 3, 12, 12, generator=generator), torch.randn(32, 3, 12, 12, generator=generator)
+    single = engine_scores(name, confident, images, resnet.labels, x).double()
+    double = engine_scores(name, copy.deepcopy(confident).double(), images.double(), resnet.labels, x.double())
+    distinct_single, distinct_double = single.unique().numel(), double.unique().numel()
+    assert distinct_single >= distinct_double - 1, (
+        f"{distinct_single} distinct float32 scores, {distinct_double} in float64"
+    )
 
 
 # ============================================================================================ statistics

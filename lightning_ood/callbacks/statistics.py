@@ -48,6 +48,8 @@ class FitOODStatistics(Callback):
             checkpoint = trainer.checkpoint_callback
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
                 path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-                trainer.save_checkpoint(path)
+                # weights_only=False: the full state, as ModelCheckpoint saves it (Lightning otherwise notes after every
+                # fit that it is "defaulting to False", which reads like an unsafe load; nothing is loaded here)
+                trainer.save_checkpoint(path, weights_only=False)
                 checkpoint.last_model_path = str(path)
                 rank_zero_info(f"Saved {path} with the OOD statistics.")

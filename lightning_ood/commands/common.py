@@ -3,6 +3,7 @@ and the run folder they write into. The commands run in one process, outside Lig
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from lightning_ood.checkpoints import read_checkpoint
 from lightning_ood.data.base import OODDataModule, attach_normalization
 from lightning_ood.errors import ConfigError
 from lightning_ood.features import FeatureCache, FeatureSet
-from lightning_ood.io import check_writable_folder
+from lightning_ood.io import atomic_write_text, check_writable_folder
 from lightning_ood.module import OODClassifier
 
 
@@ -66,6 +67,29 @@ def run_folder(trainer: Trainer) -> Path:
     folder = Path(trainer.log_dir or trainer.default_root_dir)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+TEST_CONFIG = "test_config.yaml"
+
+
+def follow_up_command(trainer: Trainer, folder: Path, overlay: Path | None = None, fallback: Sequence[str] = ()) -> str:
+    """The ``lightning-ood test`` command that evaluates what a command produced, runnable as printed: the CLI hands
+    over the run's configuration as ``test`` reads it (``trainer.test_config``: the model with its weights, the
+    data, the trainer, the checkpoint), written here to ``folder/test_config.yaml``; then ``-c overlay``. Called
+    from Python (no configuration): a ``-c <config>`` to fill in and the ``fallback`` arguments (the weights)."""
+    config = getattr(trainer, "test_config", None)
+    extra = ["-c", str(overlay)] if overlay is not None else []
+    if config is None:
+        return " ".join(["lightning-ood test -c <config>", *map(shlex.quote, [*extra, *fallback])])
+    path = atomic_write_text(folder / TEST_CONFIG, config)
+    return shlex.join(["lightning-ood", "test", "-c", str(path), *extra])
+
+
+def weights_arguments(model: OODClassifier, ckpt_path: str | None) -> list[str]:
+    """The arguments that name the weights a command evaluated: ``--ckpt_path`` or ``--model.weights``."""
+    if ckpt_path:
+        return ["--ckpt_path", str(ckpt_path)]
+    return ["--model.weights", str(model.hparams.weights)] if model.hparams.weights else []
 
 
 def tensorboard(trainer: Trainer) -> TensorBoardLogger | None:

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ood.commands.common import check_output_file, load_model
+from lightning_ood.commands.common import check_output_file, follow_up_command, load_model, run_folder
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.errors import ConfigError
 from lightning_ood.io import atomic_write
@@ -61,10 +61,10 @@ def import_weights(
     model.on_save_checkpoint(checkpoint)
     atomic_write(target, lambda f: torch.save(checkpoint, f))
     elapsed = time.perf_counter() - start
+    command = follow_up_command(self, run_folder(self), fallback=["--ckpt_path", str(target)])
     rank_zero_info(
         f"Wrote {target}: the weights of {checkpoint['imported_from']} with OOD statistics on "
         f"{model.ood_statistics.num_samples} training images and the normalisation "
-        f"{model.input_normalization.describe()} ({elapsed:.1f}s). Evaluate it with: lightning-ood test -c <config> "
-        f"--ckpt_path {target}"
+        f"{model.input_normalization.describe()} ({elapsed:.1f}s). Evaluate it with: {command}"
     )
     return {"checkpoint": str(target), "seconds": elapsed}

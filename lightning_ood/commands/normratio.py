@@ -9,8 +9,16 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from rich.table import Table
 
-from lightning_ood.commands.common import check_output_file, load_model, run_folder, tensorboard
+from lightning_ood.commands.common import (
+    check_output_file,
+    follow_up_command,
+    load_model,
+    run_folder,
+    tensorboard,
+    weights_arguments,
+)
 from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.reproducible import check_seed
 from lightning_ood.errors import ConfigError
 from lightning_ood.fitting import normratio_selection
 from lightning_ood.io import atomic_write_text
@@ -44,6 +52,7 @@ def normratio(
     check_output_file(output)
     if images is not None and images < 1:
         raise ConfigError(f"normratio --images must be >= 1 (or left out: every training image), got {images}.")
+    check_seed("normratio --seed", seed)
     load_model(self, model, datamodule, ckpt_path)
     result = normratio_selection(model, datamodule, None, images, seed)
     table = Table(title=f"NormRatio on {result.images} ID training images (ID / jigsaw FeatureNorm)")
@@ -71,8 +80,9 @@ def normratio(
     paths = [atomic_write_text(folder / "featurenorm.yaml", text)]
     if output:
         paths.append(atomic_write_text(output, text))
+    command = follow_up_command(self, folder, paths[-1], weights_arguments(model, ckpt_path))
     rank_zero_info(
         f"FeatureNorm block: {result.selected}. Written: {folder / 'normratio.csv'}, {folder / 'normratio.png'}, "
-        f"overlay {', '.join(map(str, paths))}."
+        f"overlay {', '.join(map(str, paths))}. Test with: {command}"
     )
     return {"block": result.selected, "ratios": result.ratios, "overlay": str(paths[-1])}

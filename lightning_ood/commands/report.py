@@ -4,7 +4,8 @@ checkpoints) into mean +- std tables (``report.md``, ``report.csv``, ``report.te
 It reads the runs' ``ood_results.json`` only: no model, no data, so it is not a LightningCLI subcommand; ``main``
 dispatches it before the CLI is built. A damaged results file, and runs whose recorded settings differ (scorer
 hyperparameters, TPR, statistics images, ...: see :func:`lightning_ood.aggregate.run_settings`), are refused with one
-message naming the file or the setting.
+message naming the file or the setting; so are runs given twice: one results file named twice, or two run folders
+that evaluated the same weights (the weights fingerprint of their provenance), which would count one run as two.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from lightning_ood.aggregate import Aggregate, find_results
+from lightning_ood.aggregate import Aggregate, find_results, load_results
+from lightning_ood.errors import ConfigError
 from lightning_ood.io import atomic_write_text, check_writable_folder
 
 
@@ -29,7 +31,8 @@ def report(argv: list[str]) -> dict:
     parser.add_argument("--output", help="folder for report.{md,csv,tex} (default: the runs' common parent)")
     args = parser.parse_args(argv)
     paths = find_results(args.runs)
-    aggregate = Aggregate.of(paths)
+    aggregate = Aggregate.of(paths)  # refuses damaged files and runs of different settings
+    check_distinct_runs(paths)
     output = Path(args.output) if args.output else Path(*_common_parts([p.parent for p in paths])) / "report"
     check_writable_folder(output, "--output")
     written = [
@@ -50,3 +53,33 @@ def _common_parts(folders: list[Path]) -> list[str]:
             break
         common.append(level[0])
     return common or ["."]
+
+
+def check_distinct_runs(paths: list[Path]) -> None:
+    """Refuse runs of one setting given twice: the same results file (under two spellings), or results of the same
+    weights in two run folders (the ``fingerprint`` of their provenance: every backbone tensor and the input
+    normalisation), which the mean ± std would count as two runs."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        real = path.resolve()
+        if real in seen:
+            also = f" (also as {seen[real]})" if seen[real] != path else ""
+            raise ConfigError(f"{path} is given twice{also}: each run counts once. Name each run folder once.")
+        seen[real] = path
+    by_weights: dict[str, list[Path]] = {}
+    for path in paths:
+        fingerprint = load_results(path).get("provenance", {}).get("fingerprint")
+        if fingerprint:  # older results files record none
+            by_weights.setdefault(fingerprint, []).append(path)
+    same = [group for group in by_weights.values() if len(group) > 1]
+    if same:
+        described = "; ".join(
+            f"{' and '.join(str(p.parent) for p in group)} (fingerprint {fingerprint})"
+            for fingerprint, group in by_weights.items()
+            if len(group) > 1
+        )
+        raise ConfigError(
+            f"{sum(len(g) - 1 for g in same)} of the {len(paths)} runs repeat the weights of another: {described} "
+            f"are results of the same weights, one run stored twice, and would count as several. report averages "
+            f"runs of different weights (seeds, checkpoints): give each of them once."
+        )

@@ -59,12 +59,13 @@ def sweep(
     check_grid("lambdas", lambdas, high=None)
     check_grid("lambda_percentiles", lambda_percentiles, step=QUANTILE_STEP)
     check_grid("percentiles", percentiles)
+    cache = FeatureCache(cache_dir)
+    cache.check("sweep --cache_dir")
     if lambdas is not None:
         lambdas = without_repeats("lambdas", lambdas, noun="lambdas")
     else:
         lambda_percentiles = without_repeats("lambda_percentiles", lambda_percentiles, noun="lambdas")
     percentiles = without_repeats("percentiles", percentiles, noun="percentiles")
-    cache = FeatureCache(cache_dir)
     device = load_with_statistics(self, model, datamodule, ckpt_path, cache)
     if len(datamodule.test_sets) < 2:
         raise ConfigError("sweep needs OOD sets: set data.init_args.ood.")

@@ -23,12 +23,15 @@ from lightning_ood.commands.common import (
     check_grid,
     check_output_file,
     distinct_lambdas,
+    follow_up_command,
     load_model,
     run_folder,
+    weights_arguments,
     without_repeats,
 )
-from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.base import OODDataModule, check_ood_entry
 from lightning_ood.data.ood import build_ood_set, ood_entry
+from lightning_ood.data.reproducible import check_seed
 from lightning_ood.data.sets import NoiseImages
 from lightning_ood.errors import ConfigError
 from lightning_ood.features import FeatureCache, weights_fingerprint
@@ -97,6 +100,11 @@ def tune(
     for name, value in (("val_size", val_size), ("noise_size", noise_size)):
         if value is not None and value < 1:
             raise ConfigError(f"tune --{name} must be >= 1, got {value}.")
+    check_seed("tune --seed", seed)
+    if validation != "noise":
+        check_ood_entry(validation, "tune --validation")
+    cache = FeatureCache(cache_dir)
+    cache.check("tune --cache_dir")
     selection = type(tuned).selection
     if selection == "paper":  # each setting once: the percentiles, and the lambdas the command runs over
         lambdas = clips if clips is not None else clip_percentiles
@@ -107,7 +115,6 @@ def tune(
             clip_percentiles = without_repeats("clip_percentiles", clip_percentiles, len(percentiles))
     elif grid:
         grid = unique_grid(grid)
-    cache = FeatureCache(cache_dir)
     device = load_model(self, model, datamodule, ckpt_path)
     datamodule.setup("test")
     chosen = ""
@@ -147,10 +154,10 @@ def tune(
     paths = [atomic_write_text(folder / "selected.yaml", text)]
     if output:
         paths.append(atomic_write_text(output, text))
+    command = follow_up_command(self, folder, paths[-1], weights_arguments(model, ckpt_path))
     rank_zero_info(
         f"Selected {result.summary} (grid of {result.size} in {elapsed:.2f}s). Overlay: "
-        f"{', '.join(map(str, paths))}; grid: {folder / 'tune_grid.csv'}. Test with: lightning-ood test -c <config> "
-        f"-c {paths[-1]}" + (f" --ckpt_path {ckpt_path}" if ckpt_path else "")
+        f"{', '.join(map(str, paths))}; grid: {folder / 'tune_grid.csv'}. Test with: {command}"
     )
     return {"scorer": scorer, "params": result.params, "fpr95": result.fpr95, "auroc": result.auroc,
             "overlay": str(paths[-1])}  # fmt: skip

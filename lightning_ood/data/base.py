@@ -8,7 +8,7 @@ scored exactly once whatever the number of processes, so metrics equal the singl
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_ood.data.cifar_files import DATA_ROOT_ENV
+from lightning_ood.data.folders import few
 from lightning_ood.data.images import check_bad_images
 from lightning_ood.data.ood import build_ood_set, check_ood_set, download_ood_set, ood_entry, ood_group, ood_spec
-from lightning_ood.data.reproducible import EpochShuffle, SeededItems
+from lightning_ood.data.reproducible import EpochShuffle, SeededItems, check_seed
+from lightning_ood.data.sets import dataset_files
 from lightning_ood.data.tensors import RawBatch, TrainingImages, crop_and_flip, normalize_uint8, pass_batch
 from lightning_ood.data.transforms import InputNormalization, Normalization, eval_transform
 from lightning_ood.errors import ConfigError, DataError
@@ -51,13 +53,34 @@ def check_at_least(name: str, value: int | float | None, minimum: int, null: str
 
 
 def check_ood_entries(entries: list[str | dict[str, Any]]) -> None:
-    """Refuse, before any data is read, an OOD entry without a name, an unregistered set and a size below 1."""
+    """Refuse, before any data is read, an OOD entry without a name, an unregistered set, a size below 1 and a seed
+    outside 0..2^32 - 1."""
     for entry in entries:
-        label, name, options = ood_entry(entry)
-        ood_spec(name)
-        size = options.get("size")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-            raise ConfigError(f"{DATA_ARGS}ood: the size of OOD set {label!r} must be an integer >= 1, got {size!r}.")
+        check_ood_entry(entry, f"{DATA_ARGS}ood")
+
+
+def check_ood_entry(entry: str | dict[str, Any], where: str) -> None:
+    """The checks of :func:`check_ood_entries` on one entry; ``where`` names the argument that holds it."""
+    label, name, options = ood_entry(entry)
+    ood_spec(name)
+    size = options.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ConfigError(f"{where}: the size of OOD set {label!r} must be an integer >= 1, got {size!r}.")
+    if "seed" in options:
+        check_seed(f"{where}: the seed of OOD set {label!r}", options["seed"])
+
+
+def check_not_id_images(label: str, dataset: Dataset, id_test: set[str], id_name: str) -> None:
+    """Refuse an OOD set that holds images of the ID test set (``id_test``: their resolved paths)."""
+    if not id_test:
+        return
+    shared = [path for path in dataset_files(dataset) if os.path.realpath(path) in id_test]
+    if shared:
+        raise ConfigError(
+            f"OOD set {label!r} holds {len(shared)} of the {len(id_test)} {id_name} test images (first: "
+            f"{few([str(p) for p in shared], 3)}): they would be scored as ID and as OOD at once. Remove them from "
+            f"its image list, or point its root at other images."
+        )
 
 
 class IndexedDataset(Dataset):
@@ -170,6 +193,7 @@ class OODDataModule(LightningDataModule):
         check_at_least("num_workers", num_workers, 0, null="one per core beyond the first, at most 8")
         check_at_least("train_per_class", train_per_class, 1, null="all images")
         check_at_least("val_split", val_split, 0)
+        check_seed(f"{DATA_ARGS}val_seed", val_seed)
         check_ood_entries(list(ood or []))
         self.train_per_class = train_per_class
         self.val_split = val_split
@@ -265,8 +289,11 @@ class OODDataModule(LightningDataModule):
             self.skipped_images[label] = len(dataset.skipped)
         return dataset
 
-    def build_ood_sets(self) -> dict[str, Dataset]:
-        """The configured OOD sets by display name, transformed by :meth:`ood_transform`."""
+    def build_ood_sets(self, id_files: Iterable[str | Path] = ()) -> dict[str, Dataset]:
+        """The configured OOD sets by display name, transformed by :meth:`ood_transform`. ``id_files``: the image files
+        of the ID test set, when it has files; an OOD set that holds any of them is refused (those images would be
+        scored as ID and as OOD at once)."""
+        id_test = {os.path.realpath(p) for p in id_files}
         transform = self.ood_transform()
         shape = (3, self.image_size, self.image_size)
         sets: dict[str, Dataset] = {}
@@ -286,6 +313,7 @@ class OODDataModule(LightningDataModule):
                 rank_zero_warn(f"Skipping OOD set {label!r}: {err}")
                 self.skipped_ood[label] = str(err).split(". ")[0]
                 continue
+            check_not_id_images(label, dataset, id_test, self.id_name)
             sets[label] = self.count_skipped(label, dataset)
             if ood_group(entry):
                 self.ood_groups[label] = ood_group(entry)
@@ -433,7 +461,9 @@ class OODDataModule(LightningDataModule):
         return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self.eval_loader(dataset) for dataset in self.test_sets.values()]
+        """One ordered loader per test set, ID first, items ``(image, label, index)``: the index puts the scores of
+        every process back in dataset order."""
+        return [self.eval_loader(IndexedDataset(dataset)) for dataset in self.test_sets.values()]
 
     def validation_dataloader(self) -> DataLoader:
         """The held-out training images (``val_split``): Lightning's ``val_dataloader`` when ``val_split`` is set

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ood.data.base import OODDataModule, default_data_root
+from lightning_ood.data.base import DATA_ARGS, OODDataModule, default_data_root
 from lightning_ood.data.cifar_files import CIFAR, DATA_ROOT_ENV, check_cifar_folders, check_writable, cifar_split
 from lightning_ood.data.folders import has_split_folders
+from lightning_ood.data.sets import dataset_files
 from lightning_ood.data.tensors import DECODER, DecodedImages, TrainingImages, decode_files
 from lightning_ood.data.transforms import NORMALIZATION, cifar_train_transform, eval_transform
 from lightning_ood.errors import ConfigError, DataError, unknown_name
-from lightning_ood.io import remove_empty_folders
+from lightning_ood.io import check_writable_folder, remove_empty_folders
 
 PIPELINES = ("tensor", "pil")
 
@@ -59,6 +60,7 @@ class CIFARDataModule(OODDataModule):
         self.pipeline = pipeline
         self.decoded_cache = decoded_cache
         self._decoded: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._files: dict[bool, list[str]] = {}  # the image files of a decoded split (image folders)
         self.dataset = dataset
         self.spec = CIFAR[dataset]
         self.root = Path(root or default_data_root()).expanduser()
@@ -71,6 +73,8 @@ class CIFARDataModule(OODDataModule):
 
     def prepare_data(self) -> None:
         check_cifar_folders(self.dataset, self.root)  # before the run writes anything; setup checks on every rank
+        if self.decoded_cache is not None:  # before any image is decoded
+            check_writable_folder(self.decoded_cache, f"{DATA_ARGS}decoded_cache")
         self.prepare_ood_sets()
         if has_split_folders(self.root) or (self.root / self.spec.folder).is_dir() or not self.download:
             return
@@ -95,7 +99,7 @@ class CIFARDataModule(OODDataModule):
             if hasattr(split, "data"):  # torchvision's arrays (N, H, W, 3)
                 images = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
             else:
-                paths = [path for path, _ in split.samples]
+                paths = self._files[train] = [path for path, _ in split.samples]
                 images = self.decode_folder(name, paths)
                 self.count_skipped(self.dataset if not train else f"{self.dataset} (training)", split)
             if tuple(images.shape[2:]) != (self.image_size, self.image_size):
@@ -131,7 +135,8 @@ class CIFARDataModule(OODDataModule):
             self.train_set = cifar_split(self.dataset, self.root, True, train_tf, False, bad)
         if stage in (None, "test", "validate", "predict") and not self.test_sets:
             id_test = cifar_split(self.dataset, self.root, False, test_tf, self.download, bad)
-            self.test_sets = {self.dataset: self.count_skipped(self.dataset, id_test), **self.build_ood_sets()}
+            ood_sets = self.build_ood_sets(dataset_files(id_test))
+            self.test_sets = {self.dataset: self.count_skipped(self.dataset, id_test), **ood_sets}
         if stage in (None, "fit", "statistics") and self.statistics_set is None:
             statistics = cifar_split(self.dataset, self.root, True, test_tf, self.download, bad)
             self.statistics_set = self.count_skipped(f"{self.dataset} (training)", statistics)
@@ -144,4 +149,5 @@ class CIFARDataModule(OODDataModule):
             self.statistics_set = DecodedImages(images, targets, self.normalization)
         if stage in (None, "test", "validate", "predict") and not self.test_sets:
             images, targets = self.decoded(False)
-            self.test_sets = {self.dataset: DecodedImages(images, targets, self.normalization), **self.build_ood_sets()}
+            id_test = DecodedImages(images, targets, self.normalization)
+            self.test_sets = {self.dataset: id_test, **self.build_ood_sets(self._files.get(False, []))}

@@ -67,6 +67,11 @@ def check_writable(root: Path, what: str) -> None:
     existing = root
     while not existing.exists():
         existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(
+            f"{what}: cannot download into {root}: {existing} is a file, not a folder. Give a folder as the data root "
+            f"(--data.root or ${DATA_ROOT_ENV}; an OOD set's: --data.ood_root or its root)."
+        )
     if not is_writable(existing):
         raise DataError(
             f"{what}: cannot download into {root}: {existing} is not writable. Choose a writable data root "

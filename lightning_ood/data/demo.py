@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from lightning_ood.data.base import DATA_ARGS, OODDataModule
+from lightning_ood.data.reproducible import check_seed
 from lightning_ood.data.sets import ArrayImages
 from lightning_ood.data.transforms import Normalization, Normalize, to_rgb
 from lightning_ood.errors import ConfigError, DataError, unknown_name
@@ -118,6 +119,7 @@ class DemoDataModule(OODDataModule):
             raise ConfigError(f"{DATA_ARGS}id_classes must be in [2, 9], got {id_classes}.")
         if not 0.0 < test_fraction < 1.0:
             raise ConfigError(f"{DATA_ARGS}test_fraction must be in (0, 1), got {test_fraction}.")
+        check_seed(f"{DATA_ARGS}seed", seed)
         self.demo_ood = list(DEMO_OOD if demo_ood is None else demo_ood)
         for name in self.demo_ood:
             if name not in DEMO_OOD:

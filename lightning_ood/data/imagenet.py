@@ -21,6 +21,7 @@ from torchvision import transforms as T
 
 from lightning_ood.data.base import DATA_ARGS, DATA_ROOT_ENV, OODDataModule, check_at_least, default_data_root
 from lightning_ood.data.folders import CheckedImageFolder, class_folders
+from lightning_ood.data.sets import dataset_files
 from lightning_ood.data.transforms import NORMALIZATION, Normalize, to_rgb
 from lightning_ood.errors import ConfigError, DataError
 
@@ -199,7 +200,7 @@ class ImageNetDataModule(OODDataModule):
             self.train_set = self.split("train", train_tf)
         if stage in (None, "test", "validate", "predict") and not self.test_sets:
             id_test = self.count_skipped(self.id_name, self.split("val", test_tf))
-            self.test_sets = {self.id_name: id_test, **self.build_ood_sets()}
+            self.test_sets = {self.id_name: id_test, **self.build_ood_sets(dataset_files(id_test))}
         if stage in (None, "fit", "statistics") and self.statistics_set is None:
             statistics = self.split("train", test_tf)  # train_per_class: OODDataModule.statistics_images
             self.statistics_set = self.count_skipped(f"{self.id_name} (training)", statistics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from lightning_ood.data.images import check_bad_images, decodable, decode_image
-from lightning_ood.errors import DataError
+from lightning_ood.errors import ConfigError, DataError
 
 OOD_LABEL = -1
 
@@ -64,15 +65,22 @@ def read_image_list(list_file: Path, root: Path, name: str) -> list[Path]:
 
     OpenOOD's lists start each path with a dataset folder name (``tin/val/images/...``); when that first component is
     not a folder under ``root``, it is dropped (so ``root`` may point at ``tiny-imagenet-200`` directly).
+
+    Raises:
+        DataError: the list is missing or empty, or names images that are not there.
+        ConfigError: the list names files outside ``root`` (``..``, absolute paths, symbolic links that lead out of
+            it) or names one image on several lines (it would count several times in the metrics).
     """
     if not list_file.is_file():
         raise DataError(f"{name}: image list {list_file} does not exist.")
-    rel_paths = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
-    if not rel_paths:
+    lines = [(number, line.split()[0]) for number, line in enumerate(list_file.read_text().splitlines(), 1)
+             if line.strip()]  # fmt: skip
+    if not lines:
         raise DataError(f"{name}: image list {list_file} is empty.")
-    first = Path(rel_paths[0])
+    first = Path(lines[0][1])
     strip = not (root / first).exists() and (root / Path(*first.parts[1:])).exists()
-    paths = [root / (Path(*Path(p).parts[1:]) if strip else Path(p)) for p in rel_paths]
+    paths = [root / (Path(*Path(p).parts[1:]) if strip else Path(p)) for _, p in lines]
+    check_listed_paths(list_file, root, name, lines, paths)
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DataError(
@@ -80,6 +88,46 @@ def read_image_list(list_file: Path, root: Path, name: str) -> list[Path]:
             f"(first: {missing[0]}). Point the set's root at the folder the list is relative to."
         )
     return paths
+
+
+def check_listed_paths(list_file: Path, root: Path, name: str, lines: list[tuple[int, str]], paths: list[Path]) -> None:
+    """Refuse list entries (``lines``: line number and path as written; ``paths``: where they point) that lie outside
+    ``root`` once resolved, and entries that name an image of an earlier line: the count and the first examples."""
+    inside = Path(os.path.realpath(root))
+    resolved = [Path(os.path.realpath(p)) for p in paths]
+    outside = [(line, text, real) for (line, text), real in zip(lines, resolved, strict=True)
+               if not real.is_relative_to(inside)]  # fmt: skip
+    if outside:
+        shown = "; ".join(f"line {line}: {text} -> {real}" for line, text, real in outside[:3])
+        raise ConfigError(
+            f"{name}: {len(outside)} of {len(lines)} entries of the image list {list_file} lie outside its root "
+            f"{root} (first: {shown}). A list names images under its root only: no '..', no absolute paths, no "
+            f"symbolic links leading out. Fix those lines, or set the set's root to the folder that holds the images."
+        )
+    first_line: dict[Path, int] = {}
+    repeats = []
+    for (line, text), real in zip(lines, resolved, strict=True):
+        if real in first_line:
+            repeats.append(f"line {line} repeats line {first_line[real]}: {text}")
+        first_line.setdefault(real, line)
+    if repeats:
+        raise ConfigError(
+            f"{name}: {len(repeats)} of the {len(lines)} lines of the image list {list_file} repeat an image of an "
+            f"earlier line ({len(first_line)} distinct images; first: {'; '.join(repeats[:3])}). A repeated image "
+            f"would count several times in the metrics: give each image once."
+        )
+
+
+def dataset_files(dataset: Dataset | None) -> list[Path]:
+    """The image files of a file-based dataset (:class:`ImageFiles`, an image folder, through wrappers such as
+    :class:`OODLabels`); empty for in-memory ones."""
+    while dataset is not None and not hasattr(dataset, "paths") and not hasattr(dataset, "samples"):
+        dataset = getattr(dataset, "dataset", None)
+    if dataset is None:
+        return []
+    if hasattr(dataset, "paths"):
+        return [Path(p) for p in dataset.paths]
+    return [Path(p) for p, _ in dataset.samples]
 
 
 def find_idx_file(root: Path, stem: str) -> Path | None:

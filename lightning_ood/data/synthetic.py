@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_ood.data.base import DATA_ARGS, OODDataModule, check_at_least
+from lightning_ood.data.reproducible import check_seed
 from lightning_ood.data.transforms import Normalization
 from lightning_ood.errors import ConfigError
 
@@ -56,6 +57,7 @@ class SyntheticDataModule(OODDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
         check_at_least("num_classes", num_classes, 1)
+        check_seed(f"{DATA_ARGS}seed", seed)
         if train_size < num_classes:  # every class has a training image
             raise ConfigError(f"{DATA_ARGS}train_size must be >= num_classes ({num_classes}), got {train_size}.")
         check_at_least("test_size", test_size, 1)

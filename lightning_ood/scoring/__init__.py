@@ -6,7 +6,7 @@ scorer.fit(train_features, train_labels, head)   # (N, L), (N,), nn.Linear with 
 scores = scorer.score(features, logits)           # (M, L), (M, C) -> (M,)
 """
 
-from lightning_ood.scoring.base import LogitScorer, Scorer, energy, max_softmax
+from lightning_ood.scoring.base import LogitScorer, Scorer, energy, log_max_softmax
 from lightning_ood.scoring.dice import DICE
 from lightning_ood.scoring.featurenorm import FeatureNorm
 from lightning_ood.scoring.fmls import FMLS, class_weight_mask, prototype_cosine
@@ -37,7 +37,7 @@ __all__ = [
     "build_scorer",
     "class_weight_mask",
     "energy",
-    "max_softmax",
+    "log_max_softmax",
     "paper_name",
     "prototype_cosine",
 ]

@@ -51,6 +51,7 @@ from lightning_ood.scoring.base import (
     check_number,
     check_percentile,
     check_reference,
+    check_seed,
     energy,
 )
 from lightning_ood.scoring.logits import check_choice
@@ -168,7 +169,7 @@ class AdaSCALE(Scorer):
         self.perturbed_share = perturbed_share
         self.images = images
         self.reference = check_reference(reference, FIT_REFERENCES)
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self.context = None
 
     def prepare(self, context) -> AdaSCALE:

@@ -9,16 +9,21 @@ persistent: checkpoints store the statistics, and a scorer is fitted from them a
 
 Feature scorers implement ``score(features, logits)``, the pure form their tests call; scorers that read block
 outputs or the inputs override ``forward(batch)``.
+
+Scores are at least float32, and a scorer that computes in float64 returns float64: rounding such a score to float32
+would tie images it tells apart (a distance of 1,000 that differs in its 9th digit), and ties change AUROC and FPR.
+Softmax scores are computed in a form that keeps their order where the probability itself rounds to 1.0
+(:func:`log_max_softmax`, :func:`exact_log_softmax`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
@@ -34,7 +39,9 @@ __all__ = [
     "Scorer",
     "as_float",
     "energy",
-    "max_softmax",
+    "exact_log_softmax",
+    "log_max_softmax",
+    "log_rest_softmax",
 ]
 
 try:  # Python 3.11+
@@ -238,12 +245,38 @@ def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:  # (N, C) -> (N,
     return temperature * torch.logsumexp(logits / temperature, dim=1)
 
 
-def max_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:  # (N, C) -> (N,)
-    """Maximum softmax probability (Hendrycks & Gimpel, 2017); ``temperature`` as in ODIN."""
-    return F.softmax(logits / temperature, dim=1).amax(dim=1)
+def exact_log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:  # (N, C) -> (N, C) float64
+    """``log softmax(f / T)`` in float64 with the log-sum-exp taken as ``max + log1p(sum of the others' exp(f - max))``,
+    so that ``log p`` of a confident prediction keeps its value ``-log1p(...)`` down to 1e-308 instead of rounding to 0
+    (``torch.log_softmax`` loses everything below float64's eps, 2e-16; a float32 softmax rounds ``p`` to exactly 1.0
+    once the others' share is below 6e-8, a logit gap of about 17)."""
+    z = logits.double() / temperature
+    top, top_index = z.max(dim=1, keepdim=True)
+    others = (z - top).exp().scatter(1, top_index, 0.0).sum(dim=1, keepdim=True)  # (N, 1): sum over j != argmax
+    return z - top - torch.log1p(others)
 
 
-OUTPUTS = {"energy": energy, "msp": max_softmax}
+def log_max_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:  # (N, C) -> (N,) float64
+    """The maximum softmax probability (Hendrycks & Gimpel, 2017; ``temperature`` as in ODIN) as its logarithm
+    ``log p_max = -log1p(sum_{j != c} exp((f_j - f_c) / T))``, in float64: strictly increasing in ``p_max``, so every
+    AUROC and FPR is MSP's, without the ties of ``p_max`` rounded to 1.0 (see :func:`exact_log_softmax`)."""
+    return exact_log_softmax(logits, temperature).amax(dim=1)
+
+
+def log_rest_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:  # (N, C) -> (N,) float64
+    """``log(1 - p_max)``, the log of the other classes' share, as the log-sum-exp of their ``log p``: exact however
+    confident the prediction (no ``1 - p`` is formed)."""
+    log_p = exact_log_softmax(logits, temperature)
+    top = log_p.argmax(dim=1, keepdim=True)
+    return torch.logsumexp(log_p.scatter(1, top, float("-inf")), dim=1)
+
+
+def one_minus_softmax(log_p: Tensor) -> Tensor:
+    """``1 - p`` from ``log p`` (:func:`exact_log_softmax`), exact for ``p`` near 1 (``-expm1(log p)``)."""
+    return -torch.expm1(log_p)
+
+
+OUTPUTS = {"energy": energy, "msp": log_max_softmax}
 
 
 def check_output(output: str) -> str:
@@ -269,6 +302,26 @@ def check_positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}.")
 
 
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """An integer setting (a count, a dimension, ``k``): a value with a fraction, a bool or a value below ``minimum``
+    is refused, never rounded (a whole float such as ``50.0`` is its integer)."""
+    check_number(name, value)
+    if value is None or not math.isfinite(value) or value != int(value) or value < minimum:  # type: ignore[arg-type]
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)  # type: ignore[arg-type]
+
+
+SEED_RANGE = (0, 2**32 - 1)  # numpy's and Lightning's seed_everything's
+
+
+def check_seed(name: str, value: object) -> int:
+    """A seed: an integer in [0, 2^32 - 1]."""
+    seed = check_count(name, value, minimum=0)
+    if seed > SEED_RANGE[1]:
+        raise ConfigError(f"{name} must be an integer in [0, 2^32 - 1], got {value!r}.")
+    return seed
+
+
 REFERENCES = ("train", "id_val", "id_test")
 
 
@@ -289,8 +342,8 @@ def reference_set(stats: FeatureStatistics, reference: str):
     return stats.reference[reference]
 
 
-def softmax_entropy(logits: Tensor) -> Tensor:  # (N, C) -> (N,): sum p log p (the negative entropy)
-    log_p = F.log_softmax(logits.double(), dim=1)
+def softmax_entropy(logits: Tensor) -> Tensor:  # (N, C) -> (N,) float64: sum p log p (the negative entropy)
+    log_p = exact_log_softmax(logits)
     return (log_p.exp() * log_p).sum(dim=1)
 
 

@@ -42,7 +42,7 @@ class FDBD(Scorer):
         gaps = (z.gather(1, predicted[:, None]) - z).abs() / self.pair_norms[predicted]  # (N, C); 0 at the prediction
         boundary = gaps.sum(dim=1) / (z.shape[1] - 1)
         h = features if self.center is None else features - self.center
-        return (boundary / h.double().norm(dim=1).clamp_min(1e-12)).to(features.dtype)
+        return boundary / h.double().norm(dim=1).clamp_min(1e-12)
 
 
 class NCI(Scorer):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import Scorer
+from lightning_ood.scoring.base import Scorer, log_max_softmax
+from lightning_ood.scoring.logits import generalized_entropy
 from lightning_ood.statistics import (
     FeatureStatistics,
     Reducers,
@@ -29,14 +30,12 @@ from lightning_ood.statistics import (
 def gen_inverse(logits: Tensor, gamma: float = 0.1) -> Tensor:  # (N, C) -> (N,)
     """CADRef's GEN logit score: ``1 / sum over the M largest p_c of p_c^gamma (1 - p_c)^gamma``, M = C // 10 but at
     least 10, no clipping of p (CADRef.py lines 83-89)."""
-    p = logits.softmax(dim=1)
-    top = p.topk(min(max(logits.shape[1] // 10, 10), logits.shape[1]), dim=1).values
-    return 1 / (top**gamma * (1 - top) ** gamma).sum(dim=1)
+    return 1 / generalized_entropy(logits, gamma, max(logits.shape[1] // 10, 10))
 
 
 LOGIT_SCORES = {  # CADRef.py lines 42-50 and 79-95: its --logit_method choices
     "energy": lambda z: torch.logsumexp(z, dim=1),
-    "msp": lambda z: z.softmax(dim=1).amax(dim=1),
+    "msp": lambda z: log_max_softmax(z).exp().to(z.dtype),
     "maxlogit": lambda z: z.amax(dim=1),
     "gen": gen_inverse,
 }
@@ -67,7 +66,7 @@ class CARef(Scorer):
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
         h = features.double()
         error = (h - self.means[logits.argmax(dim=1)].double()).abs().sum(dim=1, keepdim=True) / relative_l1(h)
-        return -error[:, 0].to(features.dtype)
+        return -error[:, 0]
 
 
 class CADRef(Scorer):
@@ -104,7 +103,7 @@ class CADRef(Scorer):
         along = F.relu(aligned).sum(dim=1) / norm
         against = F.relu(-aligned).sum(dim=1) / norm
         error = along / LOGIT_SCORES[self.logit_score](z) + against / self.train_logit_score.double()
-        return -error.to(features.dtype)
+        return -error
 
 
 @statistic

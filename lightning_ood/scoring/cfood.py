@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.errors import ConfigError
-from lightning_ood.scoring.base import Scorer, as_float, check_number
+from lightning_ood.errors import ConfigError, FitError
+from lightning_ood.scoring.base import Scorer, as_float, check_number, check_seed
 from lightning_ood.scoring.neighbours import unit
 from lightning_ood.statistics import FeatureStatistics
 
@@ -77,7 +77,7 @@ class CFOOD(Scorer):
                 raise ConfigError(f"cfood {name} must be in (0, 1], got {value}.")
         self.alpha = float(alpha)
         self.k = float(k)
-        self.seed = int(seed)
+        self.seed = check_seed("seed", seed)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> CFOOD:
         super().fit_statistics(stats, head)
@@ -85,7 +85,10 @@ class CFOOD(Scorer):
         total = len(bank)
         n = int(self.alpha * total) if self.alpha < 1.0 else total
         if n < 2:
-            raise ConfigError(f"cfood needs at least 2 reference features; alpha {self.alpha} of {total} gives {n}.")
+            raise FitError(
+                f"it needs at least 2 reference features, and alpha {self.alpha} of the {total} training features in "
+                f"the bank gives {n}: raise alpha, or keep more training images in the bank (model.bank_images)"
+            )
         if self.alpha < 1.0:
             order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[:n]
             bank = bank[order.to(bank.device)]

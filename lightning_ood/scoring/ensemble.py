@@ -27,9 +27,10 @@ from lightning_ood.errors import ConfigError
 from lightning_ood.hooks import block_outputs
 from lightning_ood.metrics import fpr_at_tpr
 from lightning_ood.precision import device_constant, network_device, network_dtype
-from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_nonnegative, check_positive
+from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_nonnegative, check_positive, check_seed
 from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
 from lightning_ood.statistics import (
+    ClassGaussians,
     FeatureStatistics,
     Reducers,
     Statistic,
@@ -131,8 +132,9 @@ def stage_terms(stats: FeatureStatistics, names: Sequence[str], scorer: str) -> 
             f"they were fitted for other layers by an earlier version. Fit the statistics again: delete the "
             f"'ood_statistics_*stages*' entries of model.statistics_cache, or the checkpoint's statistics."
         )
-    return FittedTensors({name: mahalanobis_terms(stats.stages[name]["class_means"], stats.stages[name]["covariance"])
-                          for name in names})  # fmt: skip
+    stages = stats.stages
+    return FittedTensors({name: mahalanobis_terms(stages[name]["class_means"], stages[name]["covariance"],
+                                                  stages[name]["counts"]) for name in names})  # fmt: skip
 
 
 def lee_layers(backbone: nn.Module, scorer: str) -> list[str]:
@@ -201,7 +203,7 @@ class MahalanobisEnsemble(Scorer):
         signs = descent_signs(self.backbone, self.terms, names, inputs, features_fn) if self.epsilon else []
         distances = moved_distances(self.backbone, self.terms, names, inputs, features_fn, signs, self.epsilon, scale)
         weights = device_constant(self.weights or (1.0,) * len(names), torch.float64, inputs.device)
-        return (-(distances @ weights)).to(inputs.dtype)
+        return -(distances @ weights)
 
 
 # ------------------------------------------------------------------------------------------------ mahalanobis_paper
@@ -268,7 +270,7 @@ class MahalanobisPaper(Scorer):
         check_positive("adversarial_noise", adversarial_noise)
         self.images = images
         self.adversarial_noise = adversarial_noise
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self.backbone: nn.Module | None = None
         self.context: Any = None
         self.magnitude: float | None = None
@@ -445,8 +447,7 @@ class StageGaussians(Statistic):
     def __init__(self, setup: StatisticsSetup) -> None:
         super().__init__(setup)
         self.names = list(setup.backbone.stages()) if setup.backbone is not None else []
-        self.sums: dict[str, Tensor] = {}
-        self.outer: dict[str, Tensor] = {}
+        self.gaussians: dict[str, ClassGaussians] = {}
 
     def blocks(self) -> list[str]:
         return self.names
@@ -455,22 +456,13 @@ class StageGaussians(Statistic):
         for name in self.names:
             out = batch.blocks[name]
             pooled = out.flatten(2).mean(dim=2) if out.ndim == 4 else out.mean(dim=1)
-            s = pooled.detach().to("cpu", torch.float64)  # (B, S)
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(self.setup.num_classes, s.shape[1], dtype=torch.float64)
-                self.outer[name] = torch.zeros(s.shape[1], s.shape[1], dtype=torch.float64)
-            self.sums[name].index_add_(0, batch.labels, s)
-            self.outer[name] += s.T @ s
+            if name not in self.gaussians:
+                self.gaussians[name] = ClassGaussians(self.setup.num_classes, pooled.shape[1])
+            self.gaussians[name].update(pooled, batch.labels)  # (B, S)
 
     def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
-        counts, n = core["counts"], core["n"]
         stages = {}
         for name in self.names:
-            sums, outer = reduce.sum(self.sums[name]), reduce.sum(self.outer[name])
-            means = sums / counts[:, None]
-            stages[name] = {
-                "counts": counts.round().long(),
-                "class_means": means,
-                "covariance": (outer - (means.T * counts) @ means) / n,
-            }
+            counts, means, scatter = self.gaussians[name].reduce(reduce)
+            stages[name] = {"counts": counts.round().long(), "class_means": means, "covariance": scatter / counts.sum()}
         return {"stages": stages}

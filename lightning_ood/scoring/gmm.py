@@ -39,7 +39,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import Scorer, check_nonnegative, check_positive
+from lightning_ood.errors import FitError
+from lightning_ood.linalg import spectrum
+from lightning_ood.scoring.base import Scorer, check_count, check_nonnegative, check_seed
 from lightning_ood.statistics import FeatureStatistics
 
 EPS = torch.finfo(torch.float64).eps  # numpy's float64 eps: sklearn adds 10 eps to every component's weight
@@ -110,7 +112,12 @@ def tied_parameters(x: Tensor, resp: Tensor, reg: float) -> tuple[Tensor, Tensor
 
 
 def precision_cholesky(covariance: Tensor) -> Tensor:  # (D, D) -> U with U U^T = covariance^-1 (sklearn's layout)
-    lower = torch.linalg.cholesky(covariance)
+    lower, info = torch.linalg.cholesky_ex(covariance)
+    if int(info):  # sklearn's message for the same failure
+        raise FitError(
+            "a component's covariance is not positive definite (some components collapsed onto too few features): "
+            "lower components, or raise reg"
+        )
     eye = torch.eye(len(covariance), dtype=covariance.dtype, device=covariance.device)
     return torch.linalg.solve_triangular(lower, eye, upper=False).T
 
@@ -149,8 +156,14 @@ def principal_axes(stats: FeatureStatistics, dim: int | None) -> Tensor:  # -> (
     covariance = stats.total_covariance.double()
     if dim is None or dim >= len(covariance):
         return torch.eye(len(covariance), dtype=torch.float64, device=covariance.device)
-    values, vectors = torch.linalg.eigh(covariance)
-    return vectors[:, values.argsort(descending=True)[:dim]]
+    found = spectrum(covariance)
+    if found.rank < dim:
+        raise FitError(
+            f"its {dim} principal axes are not determined: the features of its {stats.num_samples} training images "
+            f"span {found.rank} (the rest is rounding noise); it needs a dim of at most {found.rank} (or none: no "
+            f"projection), or more training images"
+        )
+    return found.vectors[:, :dim]
 
 
 class GMM(Scorer):
@@ -159,7 +172,7 @@ class GMM(Scorer):
 
     Args:
         components: mixture components (50, OpenOOD ``configs/postprocessors/gmm.yml`` line 11); at most one per
-            feature of the bank (a bank of fewer features, e.g. a toy run's, fits as many components as features).
+            feature of the bank (more is refused, as sklearn does).
         dim: principal axes kept (50, ``pca_50``, line 14); ``None`` or at least the feature size: no projection.
         seed: seeds the k-means++ initialisation (OpenOOD: sklearn's ``random_state=0``).
         reg: added to the covariance's diagonal (sklearn's ``reg_covar``).
@@ -171,20 +184,23 @@ class GMM(Scorer):
 
     def __init__(self, components: int = 50, dim: int | None = 50, seed: int = 0, reg: float = 1e-6) -> None:
         super().__init__()
-        check_positive("components", components)
-        if dim is not None:
-            check_positive("dim", dim)
         check_nonnegative("reg", reg)
-        self.components = int(components)
-        self.dim = None if dim is None else int(dim)
-        self.seed = int(seed)
+        self.components = check_count("components", components)
+        self.dim = None if dim is None else check_count("dim", dim)
+        self.seed = check_seed("seed", seed)
         self.reg = reg
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> GMM:
         super().fit_statistics(stats, head)
         axes = principal_axes(stats, self.dim)  # (L, D)
         z = stats.bank.to(axes.device, torch.float64) @ axes  # (M, D), uncentred as OpenOOD
-        k = min(self.components, len(z))  # sklearn refuses more components than samples; a tiny bank fits fewer
+        k = self.components
+        if len(z) < k:  # sklearn refuses more components than samples
+            raise FitError(
+                f"its {k} mixture components need at least {k} training features in the bank, which holds "
+                f"{len(z)}: lower components to at most {len(z)}, or keep more training images in the bank "
+                f"(model.bank_images)"
+            )
         weights, means, chol = fit_tied_gmm(z, kmeans_labels(z, k, self.seed), k, self.reg)
         self.whitening = axes @ chol  # (L, D): h -> z U, so that (z - mu)^T P (z - mu) = ||z U - mu U||^2
         self.centres = means @ chol  # (K, D)
@@ -195,7 +211,7 @@ class GMM(Scorer):
         # float64: d_k reaches thousands for far images, and the whitening can be ill-conditioned
         y = features.double() @ self.whitening.double()  # (N, D)
         d = squared_distances(y, self.centres.double())  # (N, K)
-        return torch.logsumexp(self.log_weights.double() - 0.5 * d, dim=1).to(features.dtype)
+        return torch.logsumexp(self.log_weights.double() - 0.5 * d, dim=1)
 
 
 __all__ = ["GMM", "fit_tied_gmm", "kmeans_labels"]

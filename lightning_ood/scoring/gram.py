@@ -98,7 +98,7 @@ class Gram(Scorer):
         for name in self.blocks:
             mins, maxs, normalizer = self.bounds[name]
             total += gram_deviation(gram_features(outputs[name]), mins, maxs, classes) / normalizer
-        return (-total).to(logits.dtype)
+        return -total
 
 
 @statistic

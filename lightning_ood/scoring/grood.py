@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
 from lightning_ood.precision import network_device, network_dtype
-from lightning_ood.scoring.base import Scorer, as_float, check_positive
+from lightning_ood.scoring.base import Scorer, as_float, check_count, check_seed
 from lightning_ood.scoring.logits import check_choice
 from lightning_ood.scoring.neighbours import kth_smallest_squared_distance
 from lightning_ood.statistics import FeatureStatistics
@@ -80,9 +80,8 @@ class GrOOD(Scorer):
     def __init__(self, ood_prototype: str = "mean", noise_images: int = 100, seed: int = 0) -> None:
         super().__init__()
         self.ood_prototype = check_choice("ood_prototype", ood_prototype, self.SOURCES)
-        check_positive("noise_images", noise_images)
-        self.noise_images = int(noise_images)
-        self.seed = int(seed)
+        self.noise_images = check_count("noise_images", noise_images)
+        self.seed = check_seed("seed", seed)
         self.noise: Tensor | None = None
 
     def prepare(self, context) -> GrOOD:
@@ -125,7 +124,7 @@ class GrOOD(Scorer):
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
         g = self.gradients(as_float(features))
-        return -kth_smallest_squared_distance(g, self.indexed.to(g.dtype), 1).to(features.dtype)
+        return -kth_smallest_squared_distance(g, self.indexed.to(g.dtype), 1)
 
 
 __all__ = ["GrOOD", "noise_prototype"]

@@ -14,9 +14,13 @@ from torch import Tensor, nn
 from lightning_ood.errors import ConfigError
 from lightning_ood.scoring.base import (
     Scorer,
+    check_count,
     check_number,
     check_positive,
     check_reference,
+    exact_log_softmax,
+    log_max_softmax,
+    one_minus_softmax,
     reference_set,
     softmax_entropy,
 )
@@ -34,11 +38,13 @@ class Entropy(Scorer):
     """The negative Shannon entropy of the softmax, ``sum_c p_c log p_c`` (higher = more confident = ID)."""
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        return softmax_entropy(logits).to(logits.dtype)
+        return softmax_entropy(logits)
 
 
 class GEN(Scorer):
-    """Generalized entropy (Liu et al., CVPR 2023): ``-sum over the M largest p_c of p_c^gamma (1 - p_c)^gamma``.
+    """Generalized entropy (Liu et al., CVPR 2023): ``-sum over the M largest p_c of p_c^gamma (1 - p_c)^gamma``, as
+    the authors' ``benchmark.py`` and OpenOOD (pytorch-ood 0.4 clips p to [1e-7, 1 - 1e-7] first, which ties every
+    confident image; here ``1 - p`` is exact down to 1e-308).
 
     Args:
         gamma: the exponent (0.1, the authors' and OpenOOD's default).
@@ -53,14 +59,19 @@ class GEN(Scorer):
     def __init__(self, gamma: float = 0.1, top: int = 100) -> None:
         super().__init__()
         check_positive("gamma", gamma)
-        check_positive("top", top)
         self.gamma = gamma
-        self.top = int(top)
+        self.top = check_count("top", top)
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        p = logits.double().softmax(dim=1)
-        p = p.topk(min(self.top, p.shape[1]), dim=1).values.clamp(1e-7, 1 - 1e-7)
-        return -(p**self.gamma * (1 - p) ** self.gamma).sum(dim=1).to(logits.dtype)
+        return -generalized_entropy(logits, self.gamma, self.top)
+
+
+def generalized_entropy(logits: Tensor, gamma: float, top: int) -> Tensor:  # (N, C) -> (N,) float64
+    """``sum over the top largest p_c of p_c^gamma (1 - p_c)^gamma`` (every class when ``top`` exceeds them, as the
+    authors' slice), with ``1 - p`` exact for ``p`` near 1 (:func:`~lightning_ood.scoring.base.exact_log_softmax`):
+    a float32 softmax rounds it to 0 there, which makes ``(1 - p)^gamma`` 0 instead of e.g. 0.02."""
+    log_p = exact_log_softmax(logits).topk(min(top, logits.shape[1]), dim=1).values
+    return (log_p.exp() ** gamma * one_minus_softmax(log_p) ** gamma).sum(dim=1)
 
 
 class TemperatureScaling(Scorer):
@@ -89,7 +100,7 @@ class TemperatureScaling(Scorer):
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        return (logits.double() / self.temperature).softmax(dim=1).amax(dim=1).to(logits.dtype)
+        return log_max_softmax(logits, self.temperature)  # its logarithm: the same order, no ties at 1.0
 
 
 def fit_temperature(logits: Tensor, labels: Tensor) -> float:
@@ -144,9 +155,9 @@ class KLMatching(Scorer):
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        log_p = F.log_softmax(logits.double(), dim=1)  # (N, C)
+        log_p = exact_log_softmax(logits)  # (N, C)
         kl = (log_p.exp() * log_p).sum(dim=1, keepdim=True) - log_p.exp() @ self.log_templates.T  # (N, C)
-        return -kl.min(dim=1).values.to(logits.dtype)
+        return -kl.min(dim=1).values
 
 
 class GradNorm(Scorer):
@@ -166,7 +177,7 @@ class GradNorm(Scorer):
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
         p = (logits.double() / self.temperature).softmax(dim=1)
         uniform = 1.0 / p.shape[1]
-        return (features.double().abs().sum(dim=1) * (p - uniform).abs().sum(dim=1) / self.temperature).to(logits.dtype)
+        return features.double().abs().sum(dim=1) * (p - uniform).abs().sum(dim=1) / self.temperature
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

@@ -6,33 +6,62 @@ Not the paper's Table I "Mahalanobis": its code adds Lee et al.'s layers, input 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
+from lightning_ood.errors import FitError
+from lightning_ood.linalg import spectrum
 from lightning_ood.scoring.base import Scorer
 from lightning_ood.statistics import FeatureStatistics
 
 
 class Mahalanobis(Scorer):
     """``score = max_c -(h - mu_c)^T P (h - mu_c)`` with P the pseudo-inverse of the tied within-class covariance
-    (a singular covariance, e.g. from dead units, does not fail). Computed in float64: the expansion
-    ``hPh - 2 hP mu + mu P mu`` cancels badly in float32."""
+    (a singular covariance, from dead or duplicated units or fewer images than units, has its rounding noise treated
+    as zero, :mod:`lightning_ood.linalg`; a covariance that is zero up to rounding is refused). Computed in float64:
+    the expansion ``hPh - 2 hP mu + mu P mu`` cancels badly in float32."""
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Mahalanobis:
         super().fit_statistics(stats, head)
-        self.means, self.precision, self.mean_term = mahalanobis_terms(stats.class_means, stats.covariance)
+        self.means, self.precision, self.mean_term = mahalanobis_terms(
+            stats.class_means, stats.covariance, stats.counts
+        )
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
         distance = squared_distances(features.double(), self.means, self.precision, self.mean_term)  # (N, C)
-        return (-distance.min(dim=1).values).to(features.dtype)
+        return -distance.min(dim=1).values
 
 
-def mahalanobis_terms(means: Tensor, covariance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(means, precision, mu_c^T P mu_c)`` in float64 for fast distances (pseudo-inverse: singular is fine)."""
+def mahalanobis_terms(means: Tensor, covariance: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(means, precision, mu_c^T P mu_c)`` in float64 for fast distances, from the class means (K, L), their
+    shared covariance and the training images per class ``counts`` (K,) it was estimated from (K = 1: the Gaussian
+    of all images). The precision is the pseudo-inverse with rounding noise as zero (singular is fine).
+
+    Raises:
+        FitError: the covariance is zero up to rounding (every class has one image, or copies of one).
+    """
     means = means.double()
-    precision = torch.linalg.pinv(covariance.double(), hermitian=True)
+    found = spectrum(covariance)
+    if found.rank == 0:
+        raise FitError(zero_covariance(counts))
+    precision = found.pinv().to(means.device)
     return means, precision, ((means @ precision) * means).sum(1)
+
+
+def zero_covariance(counts: Tensor) -> str:
+    """Why a covariance estimated from ``counts`` images per class (K,) is zero, and what its fit needs."""
+    counts = counts.long().cpu()
+    n, k = int(counts.sum()), len(counts)
+    if k == 1:
+        return (
+            f"the covariance of its {n} training image{'s' * (n != 1)} is zero up to rounding: it needs at least "
+            f"two different images"
+        )
+    per_class = "one image each" if int(counts.max()) == 1 else f"at most {int(counts.max())} per class"
+    return (
+        f"the within-class covariance of its {n} training images ({k} classes, {per_class}) is zero up to rounding: "
+        f"it needs two different images of one class at least ({k + 1} images or more)"
+    )
 
 
 def squared_distances(h: Tensor, means: Tensor, precision: Tensor, mean_term: Tensor) -> Tensor:
@@ -48,12 +77,12 @@ class RMDS(Scorer):
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> RMDS:
         super().fit_statistics(stats, head)
-        self.class_terms = mahalanobis_terms(stats.class_means, stats.covariance)
-        self.background = mahalanobis_terms(stats.mean[None, :], stats.total_covariance)
+        self.class_terms = mahalanobis_terms(stats.class_means, stats.covariance, stats.counts)
+        self.background = mahalanobis_terms(stats.mean[None, :], stats.total_covariance, stats.counts.sum()[None])
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
         h = features.double()
         d = squared_distances(h, *self.class_terms)  # (N, C)
         d0 = squared_distances(h, *self.background)  # (N, 1)
-        return (-(d - d0).min(dim=1).values).to(features.dtype)
+        return -(d - d0).min(dim=1).values

@@ -52,7 +52,9 @@ class MahalanobisODIN(Scorer):
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> MahalanobisODIN:
         super().fit_statistics(stats, head)
-        self.means, self.precision, self.mean_term = mahalanobis_terms(stats.class_means, stats.covariance)
+        self.means, self.precision, self.mean_term = mahalanobis_terms(
+            stats.class_means, stats.covariance, stats.counts
+        )
         return self
 
     def closest(self, features: Tensor) -> Tensor:  # (N, L) -> (N,) squared distance to the closest class mean
@@ -73,4 +75,4 @@ class MahalanobisODIN(Scorer):
                 step = step / device_constant(batch.std, step.dtype, step.device).view(1, -1, 1, 1)
             x = x - self.epsilon * step
         with torch.no_grad():
-            return (-self.closest(features_fn(x))).to(inputs.dtype)
+            return -self.closest(features_fn(x))

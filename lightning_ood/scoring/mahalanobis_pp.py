@@ -8,8 +8,8 @@ its L2 norm; the class means and the tied covariance (maximum likelihood, ``Empi
 mean and covariance of all normalised training features, are those of the normalised features; the precision is the
 pseudo-inverse (``pinvh``). No hyperparameters.
 
-The normalised features' Gaussians come from the one statistics pass (``unit_gaussians``: per-class sums of
-``h / ||h||`` and the sum of their outer products, exact under DDP), not from a second pass over the training set.
+The normalised features' Gaussians come from the one statistics pass (``unit_gaussians``: per-class means of
+``h / ||h||`` and their scatter around them, merged exactly under DDP), not from a second pass over the training set.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from lightning_ood.errors import ConfigError
 from lightning_ood.scoring.base import Scorer
 from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
 from lightning_ood.statistics import (
+    ClassGaussians,
     FeatureStatistics,
     Reducers,
     Statistic,
     StatisticsBatch,
     StatisticsSetup,
+    between_scatter,
     statistic,
 )
 
@@ -47,12 +49,12 @@ class MahalanobisPP(Scorer):
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> MahalanobisPP:
         super().fit_statistics(stats, head)
         means, within, _, _ = unit_gaussians(stats, "mahalanobis_pp")
-        self.means, self.precision, self.mean_term = mahalanobis_terms(means, within)
+        self.means, self.precision, self.mean_term = mahalanobis_terms(means, within, stats.counts)
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
         d = squared_distances(unit(features.double()), self.means, self.precision, self.mean_term)  # (N, C)
-        return (-d.min(dim=1).values).to(features.dtype)
+        return -d.min(dim=1).values
 
 
 class RMDSPP(Scorer):
@@ -70,15 +72,15 @@ class RMDSPP(Scorer):
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> RMDSPP:
         super().fit_statistics(stats, head)
         means, within, mean, total = unit_gaussians(stats, "rmds_pp")
-        self.class_terms = mahalanobis_terms(means, within)
-        self.background = mahalanobis_terms(mean[None, :], total)
+        self.class_terms = mahalanobis_terms(means, within, stats.counts)
+        self.background = mahalanobis_terms(mean[None, :], total, stats.counts.sum()[None])
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
         u = unit(features.double())
         d = squared_distances(u, *self.class_terms)  # (N, C)
         d0 = squared_distances(u, *self.background)  # (N, 1)
-        return (-(d - d0).min(dim=1).values).to(features.dtype)
+        return -(d - d0).min(dim=1).values
 
 
 def unit_gaussians(stats: FeatureStatistics, scorer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -89,34 +91,28 @@ def unit_gaussians(stats: FeatureStatistics, scorer: str) -> tuple[Tensor, Tenso
             f"{scorer} needs the 'unit_gaussians' statistics, which these statistics lack: fit them again."
         )
     counts = stats.counts.double().cpu()
-    weights = counts / counts.sum()  # (C,)
     means = stats.unit_class_means.double().cpu()  # (C, L)
-    moment = stats.unit_second_moment.double().cpu()  # (L, L): mean of u u^T
-    mean = weights @ means  # (L,)
-    within = moment - (means * weights[:, None]).T @ means
-    return means, within, mean, moment - torch.outer(mean, mean)
+    within = stats.unit_covariance.double().cpu()  # (L, L)
+    mean, between = between_scatter(counts, means)
+    return means, within, mean, within + between / counts.sum()
 
 
 @statistic
 class UnitGaussians(Statistic):
-    """``unit_gaussians``: the class means and the second moment ``E[u u^T]`` of the L2-normalised training features
-    ``u = h / ||h||`` (Mahalanobis++ and RMDS++), from sums that add up across batches and DDP ranks."""
+    """``unit_gaussians``: the class means and the within-class covariance of the L2-normalised training features
+    ``u = h / ||h||`` (Mahalanobis++ and RMDS++), accumulated around the class means (:class:`ClassGaussians`) and
+    merged across batches and DDP ranks."""
 
     name = "unit_gaussians"
-    fields = ("unit_class_means", "unit_second_moment")
+    fields = ("unit_class_means", "unit_covariance")
 
     def __init__(self, setup: StatisticsSetup) -> None:
         super().__init__(setup)
-        c, dim, f64 = setup.num_classes, setup.feature_dim, torch.float64
-        self.class_sums = torch.zeros(c, dim, dtype=f64)
-        self.outer = torch.zeros(dim, dim, dtype=f64)
+        self.gaussians = ClassGaussians(setup.num_classes, setup.feature_dim)
 
     def update(self, batch: StatisticsBatch) -> None:
-        u = unit(batch.features.detach().to("cpu", torch.float64))  # (B, L)
-        self.class_sums.index_add_(0, batch.labels, u)
-        self.outer += u.T @ u
+        self.gaussians.update(unit(batch.features.detach().to("cpu", torch.float64)), batch.labels)  # (B, L)
 
     def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
-        counts, n = core["counts"], core["n"]
-        sums, outer = reduce.sum(self.class_sums), reduce.sum(self.outer)
-        return {"unit_class_means": sums / counts[:, None], "unit_second_moment": outer / n}
+        counts, means, scatter = self.gaussians.reduce(reduce)
+        return {"unit_class_means": means, "unit_covariance": scatter / counts.sum()}

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from lightning_ood.errors import ConfigError
 from lightning_ood.hooks import block_outputs, unknown_blocks
 from lightning_ood.precision import as_float, device_constant, network_device, network_dtype
-from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_positive
+from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_positive, check_seed
 from lightning_ood.statistics import FeatureStatistics
 
 FEATURES = "features"  # the pooled penultimate features: the authors' ``avgpool`` layer
@@ -172,7 +172,7 @@ class NAC(Scorer):
         if len(sizes) != 1:
             raise ConfigError(f"nac needs one bins, full_counts and alphas value per layer, got {sorted(sizes)}.")
         self.images = images
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self.layer_names: tuple[str, ...] = ()
         self.backbone: nn.Module | None = None
         self.context: Any = None

@@ -19,8 +19,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.errors import ConfigError
-from lightning_ood.scoring.base import Scorer, as_float, check_positive
+from lightning_ood.errors import ConfigError, FitError
+from lightning_ood.linalg import spectrum
+from lightning_ood.scoring.base import Scorer, as_float, check_count
 from lightning_ood.statistics import FeatureStatistics
 
 VARIANTS = ("resnet", "vit", "deit", "swin")  # the authors' model_architecture_type
@@ -58,7 +59,7 @@ class NECO(Scorer):
     def __init__(self, dim: int | None = None, variant: str = "resnet") -> None:
         super().__init__()
         if dim is not None:
-            check_positive("dim", dim)
+            dim = check_count("dim", dim)
         if variant not in VARIANTS:
             raise ConfigError(f"NECO's variant must be one of {', '.join(VARIANTS)}, got {variant!r}.")
         self.dim = dim
@@ -71,9 +72,14 @@ class NECO(Scorer):
         if not 0 < dim <= feature_dim:
             raise ConfigError(f"NECO's dim must be in [1, {feature_dim}] for {feature_dim}-d features, got {dim}.")
         mean, scale = standardiser(stats)
-        correlation = stats.total_covariance.cpu() / torch.outer(scale, scale)  # covariance of (h - mean) / scale
-        values, vectors = torch.linalg.eigh(correlation)  # ascending
-        top = vectors[:, values.argsort(descending=True)[:dim]]  # (L, dim)
+        found = spectrum(stats.total_covariance.cpu() / torch.outer(scale, scale))  # covariance of (h - mean) / scale
+        if found.rank < dim < feature_dim:  # all of them: the projection is the identity, whatever the noise
+            raise FitError(
+                f"its principal subspace of {dim} dimensions is not determined: the standardised features of its "
+                f"{stats.num_samples} training images span {found.rank} (the rest is rounding noise); it needs a dim "
+                f"of at most {found.rank}, or more training images"
+            )
+        top = found.vectors[:, :dim]  # (L, dim)
         dtype = self.weight.dtype
         self.mean, self.scale, self.components = mean.to(dtype), scale.to(dtype), top.contiguous().to(dtype)
         return self

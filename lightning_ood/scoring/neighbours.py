@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import Scorer, as_float, check_nonnegative, check_positive, energy
+from lightning_ood.errors import ConfigError, FitError
+from lightning_ood.scoring.base import Scorer, as_float, check_count, check_nonnegative, check_positive, energy
 from lightning_ood.statistics import (
     FeatureStatistics,
     Reducers,
@@ -41,6 +42,15 @@ def kth_smallest_squared_distance(queries: Tensor, bank: Tensor, k: int, chunk: 
     return best[:, -1].clamp_min(0)
 
 
+def check_neighbours(k: int, available: int, where: str) -> None:
+    """Refuse ``k`` neighbours among fewer training features (a search would silently take them all)."""
+    if k > available:
+        raise FitError(
+            f"k = {k} nearest neighbours need at least {k} training features in {where}, which holds {available}: "
+            f"lower k, or keep more training images in the bank (model.bank_images)"
+        )
+
+
 class KNN(Scorer):
     """Deep nearest neighbours (Sun et al., ICML 2022): minus the Euclidean distance from the L2-normalised feature to
     its k-th nearest L2-normalised training feature.
@@ -55,12 +65,12 @@ class KNN(Scorer):
 
     def __init__(self, k: int = 50) -> None:
         super().__init__()
-        check_positive("k", k)
-        self.k = int(k)
+        self.k = check_count("k", k)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> KNN:
         super().fit_statistics(stats, head)
         self.bank = unit(stats.bank.to(self.weight.dtype))  # (M, L)
+        check_neighbours(self.k, len(self.bank), "the bank")
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
@@ -80,16 +90,18 @@ class NNGuide(Scorer):
 
     def __init__(self, k: int = 100, fraction: float = 0.01) -> None:
         super().__init__()
-        check_positive("k", k)
         check_positive("fraction", fraction)
-        self.k = int(k)
-        self.fraction = min(1.0, fraction)
+        if fraction > 1:
+            raise ConfigError(f"fraction (of the bank) must be in (0, 1], got {fraction}.")
+        self.k = check_count("k", k)
+        self.fraction = fraction
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> NNGuide:
         super().fit_statistics(stats, head)
         step = max(1, round(1 / self.fraction))
         bank = stats.bank[::step].to(self.weight.dtype)
         self.guided = unit(bank) * energy(self.head_logits(bank))[:, None]  # (M', L)
+        check_neighbours(self.k, len(bank), f"the guided bank ({self.fraction:g} of the bank's {len(stats.bank)})")
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
@@ -133,7 +145,7 @@ class Relation(Scorer):
             r = (h @ self.bank_units[start : start + CHUNK].T).clamp_min(0)
             r = r * (p @ self.bank_probs[start : start + CHUNK].T)  # (N, m)
             total += torch.where(r > self.threshold, r.double() ** self.power, 0.0).sum(dim=1)
-        return total.to(features.dtype)
+        return total
 
 
 @statistic

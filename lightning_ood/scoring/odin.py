@@ -8,8 +8,8 @@ the inputs and the network from inputs to features::
 
 Steps: ``y = argmax f(x)``; ``g = sign(grad_x CE(f(x) / T, y))`` (a zero gradient counts as +1), divided per channel
 by the normalisation std when given (OpenOOD; the step is then ``epsilon`` in pixel units); ``x' = x - epsilon * g``;
-score = max softmax ``(f(x') / T)``. With a ``base`` logit scorer (ReAct, FMLS, ...) the base's modified logits are
-used in both passes (ODIN + ReAct / ODIN + Ours of the paper's Table IV).
+score = max softmax ``(f(x') / T)``, as its logarithm (the same order). With a ``base`` logit scorer (ReAct, FMLS,
+...) the base's modified logits are used in both passes (ODIN + ReAct / ODIN + Ours of the paper's Table IV).
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ood.precision import device_constant
-from lightning_ood.scoring.base import Batch, LogitScorer, Needs, Scorer, check_nonnegative, check_positive, max_softmax
+from lightning_ood.scoring.base import (
+    Batch,
+    LogitScorer,
+    Needs,
+    Scorer,
+    check_nonnegative,
+    check_positive,
+    log_max_softmax,
+)
 from lightning_ood.statistics import FeatureStatistics
 
 
@@ -102,4 +110,4 @@ class ODIN(Scorer):
         perturbed = inputs.detach() - self.epsilon * step
         with torch.no_grad():
             # float64: at T = 1000 the probabilities differ from 1/C in the 5th digit, below float32 resolution
-            return max_softmax(self.modified_logits(features_fn(perturbed)).double(), self.temperature)
+            return log_max_softmax(self.modified_logits(features_fn(perturbed)), self.temperature)

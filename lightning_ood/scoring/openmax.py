@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import Scorer, check_positive
+from lightning_ood.scoring.base import Scorer, check_count, exact_log_softmax
 from lightning_ood.statistics import FeatureStatistics
 
 TRANSLATION = 10_000.0  # libMR shifts the tail by this constant before fitting, as its FitHigh does
@@ -46,10 +46,8 @@ class OpenMax(Scorer):
 
     def __init__(self, tail: int = 20, alpha: int = 3) -> None:
         super().__init__()
-        check_positive("tail", tail)
-        check_positive("alpha", alpha)
-        self.tail = int(tail)
-        self.alpha = int(alpha)
+        self.tail = check_count("tail", tail)
+        self.alpha = check_count("alpha", alpha)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> OpenMax:
         super().fit_statistics(stats, head)
@@ -85,4 +83,6 @@ class OpenMax(Scorer):
         kept = z.numpy() * (1 - weights)
         unknown = (z.numpy() * weights).sum(axis=1, keepdims=True)
         revised = torch.from_numpy(np.concatenate([unknown, kept], axis=1))
-        return -revised.softmax(dim=1)[:, 0].to(device=logits.device, dtype=logits.dtype)
+        # -log p(unknown) rather than the authors' -p(unknown): the same order, without the ties of a probability
+        # that underflows to 0 (float32 below 1e-45) or rounds to 1
+        return -exact_log_softmax(revised)[:, 0].to(device=logits.device)

@@ -69,7 +69,7 @@ class ORA(Scorer):
         cos = (u_sq - t * along) / (u_sq.sqrt().clamp_min(1e-12) * moved_sq.sqrt().clamp_min(1e-12))
         angle = torch.arccos(cos) / torch.pi
         angle = torch.where(angle.isnan(), 0.0, angle)
-        return angle.amax(dim=1).to(features.dtype)
+        return angle.amax(dim=1)
 
 
 __all__ = ["ORA"]

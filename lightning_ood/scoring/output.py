@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_ood.scoring.base import LogitScorer, Scorer, check_positive, energy, max_softmax
+from lightning_ood.scoring.base import LogitScorer, Scorer, check_positive, energy, log_max_softmax
 
 
 class MSP(LogitScorer):
-    """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017)."""
+    """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017), scored as its logarithm in float64
+    (:func:`~lightning_ood.scoring.base.log_max_softmax`): the same order, so the same AUROC and FPR as the
+    probability computed exactly; a float32 softmax instead ties every image whose probability rounds to 1.0."""
 
     def __init__(self) -> None:
         super().__init__("msp")
@@ -33,4 +35,4 @@ class MaxLogit(Scorer):
         return logits.amax(dim=1)
 
 
-__all__ = ["MSP", "Energy", "MaxLogit", "energy", "max_softmax"]
+__all__ = ["MSP", "Energy", "MaxLogit", "energy", "log_max_softmax"]

@@ -2,8 +2,9 @@
 features, measured from the head's origin ``u = -pinv(W) b``.
 
 The principal subspace comes from the training features' second moment around ``u``, which the statistics hold
-exactly (``E[(h - u)(h - u)^T] = E[h h^T] - u E[h]^T - E[h] u^T + u u^T``); ViM's scale ``alpha`` averages over the
-training images in the bank, as the authors and OpenOOD do over the training set.
+exactly (``E[(h - u)(h - u)^T] = Cov(h) + (E[h] - u)(E[h] - u)^T``); ViM's scale ``alpha`` averages over the
+training images in the bank, as the authors and OpenOOD do over the training set. A subspace of more dimensions than
+the training features span (fewer images than ``dim``) would be completed by rounding noise: it is refused.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.errors import ConfigError
-from lightning_ood.scoring.base import Scorer, as_float, check_positive, energy
+from lightning_ood.errors import ConfigError, FitError
+from lightning_ood.linalg import spectrum
+from lightning_ood.scoring.base import Scorer, as_float, check_count, energy
 from lightning_ood.statistics import FeatureStatistics
 
 
@@ -38,11 +40,20 @@ def residual_space(stats: FeatureStatistics, head: nn.Linear, dim: int) -> tuple
             f"ViM's principal dimension must be in [1, {feature_dim - 1}] for {feature_dim}-d features, got {dim}."
         )
     u = -torch.linalg.pinv(weight) @ bias  # (L,)
-    mean = stats.mean.double().cpu()
-    moment = stats.second_moment.cpu() - torch.outer(u, mean) - torch.outer(mean, u) + torch.outer(u, u)
-    values, vectors = torch.linalg.eigh(moment)  # ascending
-    order = values.argsort(descending=True)
-    return u, vectors[:, order[dim:]].contiguous()
+    found = spectrum(stats.moment_around(u).cpu())
+    if found.rank < dim:
+        raise FitError(
+            f"its principal subspace of {dim} dimensions is not determined: the {stats.num_samples} training images "
+            f"span {found.rank} dimension{'s' * (found.rank != 1)} around the head's origin (the rest is rounding "
+            f"noise); it needs a dim of at most {found.rank}, or more training images"
+        )
+    return u, found.vectors[:, dim:].contiguous()
+
+
+def residual_norm(features: Tensor, null_space: Tensor, origin_residual: Tensor) -> Tensor:  # (N, L) -> (N,) float64
+    """``||(h - u) NS||`` as ``||h NS - u NS||`` in float64: the origin ``u`` can be far larger than the features, and
+    in float32 the difference of two large projections keeps only the rounding of the features' part."""
+    return (features.double() @ null_space.double() - origin_residual.double()).norm(dim=1)
 
 
 class ViM(Scorer):
@@ -58,15 +69,13 @@ class ViM(Scorer):
 
     def __init__(self, dim: int | None = None) -> None:
         super().__init__()
-        if dim is not None:
-            check_positive("dim", dim)
-        self.dim = dim
+        self.dim = None if dim is None else check_count("dim", dim)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> ViM:
         super().fit_statistics(stats, head)
         dim = self.dim or default_dim(head.in_features)
         u, ns = residual_space(stats, head, dim)
-        self.origin, self.null_space = u.to(self.weight.dtype), ns.to(self.weight.dtype)
+        self.null_space, self.origin_residual = ns, u @ ns  # float64: see residual_norm
         bank = stats.bank.double().cpu()
         residual = ((bank - u) @ ns).norm(dim=1)
         max_logit = (bank @ head.weight.detach().double().T.cpu() + head.bias.detach().double().cpu()).amax(dim=1)
@@ -74,8 +83,8 @@ class ViM(Scorer):
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        residual = ((as_float(features) - self.origin) @ self.null_space).norm(dim=1)
-        return energy(as_float(logits)) - self.alpha * residual
+        residual = residual_norm(features, self.null_space, self.origin_residual)
+        return energy(as_float(logits)).double() - self.alpha * residual
 
 
 class Residual(Scorer):
@@ -86,15 +95,13 @@ class Residual(Scorer):
 
     def __init__(self, dim: int | None = None) -> None:
         super().__init__()
-        if dim is not None:
-            check_positive("dim", dim)
-        self.dim = dim
+        self.dim = None if dim is None else check_count("dim", dim)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Residual:
         super().fit_statistics(stats, head)
         u, ns = residual_space(stats, head, self.dim or default_dim(head.in_features))
-        self.origin, self.null_space = u.to(self.weight.dtype), ns.to(self.weight.dtype)
+        self.null_space, self.origin_residual = ns, u @ ns  # float64: see residual_norm
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        return -((as_float(features) - self.origin) @ self.null_space).norm(dim=1)
+        return -residual_norm(features, self.null_space, self.origin_residual)

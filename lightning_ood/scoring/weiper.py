@@ -12,12 +12,22 @@ one fixed draw, which is what ours is.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import Scorer, as_float, check_nonnegative, check_positive
+from lightning_ood.scoring.base import (
+    Scorer,
+    as_float,
+    check_count,
+    check_nonnegative,
+    check_positive,
+    check_seed,
+    log_max_softmax,
+    log_rest_softmax,
+)
 from lightning_ood.statistics import FeatureStatistics
 
 CHUNK_VALUES = 1 << 23  # perturbed logits per block of rows (the ImageNet head has 100 x 1000 per image)
@@ -41,9 +51,19 @@ def perturbed_head(weight: Tensor, bias: Tensor, delta: float, repeats: int, see
     return torch.cat(copies).to(weight.dtype), bias.detach().repeat(repeats)
 
 
-def mean_max_softmax(perturbed: Tensor, repeats: int) -> Tensor:  # (N, repeats * C) -> (N,)
-    """The MSP of each perturbed copy's logits, averaged over the copies (utils.py lines 426-438)."""
-    return perturbed.unflatten(1, (repeats, -1)).softmax(dim=2).amax(dim=2).mean(dim=1)
+def mean_max_softmax(perturbed: Tensor, repeats: int) -> Tensor:  # (N, repeats * C) -> (N,) float64
+    """The MSP of each perturbed copy's logits, averaged over the copies (utils.py lines 426-438), in float64."""
+    copies = perturbed.unflatten(1, (repeats, -1)).flatten(0, 1)  # (N * repeats, C)
+    return log_max_softmax(copies).exp().unflatten(0, (-1, repeats)).mean(dim=1)
+
+
+def order_of_mean_max_softmax(perturbed: Tensor, repeats: int) -> Tensor:  # (N, repeats * C) -> (N,) float64
+    """``-log(1 - mean MSP)`` over the copies: strictly increasing in the mean MSP, so the same order (and AUROC and
+    FPR), computed from each copy's ``log(1 - MSP)`` (:func:`~lightning_ood.scoring.base.log_rest_softmax`), so
+    that images whose MSPs all round to 1.0 do not tie."""
+    copies = perturbed.unflatten(1, (repeats, -1)).flatten(0, 1)  # (N * repeats, C)
+    log_rest = log_rest_softmax(copies).unflatten(0, (-1, repeats))  # (N, repeats)
+    return -(torch.logsumexp(log_rest, dim=1) - math.log(repeats))
 
 
 def bin_edges(low: float, high: float, bins: int) -> Tensor:  # -> (bins + 1,) float64
@@ -81,7 +101,8 @@ def symmetric_kl(train: Tensor, density: Tensor, eps: float) -> Tensor:  # (B,),
 
 
 class WeiPer(Scorer):
-    """WeiPer+MSP: the mean over ``repeats`` perturbed copies of the head of the maximum softmax probability.
+    """WeiPer+MSP: the mean over ``repeats`` perturbed copies of the head of the maximum softmax probability, scored
+    as ``-log(1 - mean MSP)`` (the same order: :func:`order_of_mean_max_softmax`).
 
     Args:
         delta: the perturbation's length relative to each class projection's (the paper's delta): 1.8 on CIFAR-10,
@@ -99,8 +120,8 @@ class WeiPer(Scorer):
         check_positive("repeats", repeats)
         check_nonnegative("seed", seed)
         self.delta = delta
-        self.repeats = int(repeats)
-        self.seed = int(seed)
+        self.repeats = check_count("repeats", repeats)
+        self.seed = check_seed("seed", seed)
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> WeiPer:
         super().fit_statistics(stats, head)
@@ -117,8 +138,8 @@ class WeiPer(Scorer):
         return features.split(max(1, CHUNK_VALUES // len(self.perturbed_bias)))
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        parts = [mean_max_softmax(self.perturbed_logits(h), self.repeats) for h in self.row_blocks(features)]
-        return torch.cat(parts).to(features.dtype)
+        parts = [order_of_mean_max_softmax(self.perturbed_logits(h), self.repeats) for h in self.row_blocks(features)]
+        return torch.cat(parts)
 
 
 class WeiPerKLD(WeiPer):
@@ -168,13 +189,11 @@ class WeiPerKLD(WeiPer):
         seed: int = 0,
     ) -> None:
         super().__init__(delta, repeats, seed)
-        for name, value in (("bins", bins), ("smoothing", smoothing), ("smoothing_perturbed", smoothing_perturbed)):
-            check_positive(name, value)
         check_nonnegative("lambda_1", lambda_1)
         check_nonnegative("lambda_2", lambda_2)
-        self.bins = int(bins)
-        self.smoothing = int(smoothing)
-        self.smoothing_perturbed = int(smoothing_perturbed)
+        self.bins = check_count("bins", bins)
+        self.smoothing = check_count("smoothing", smoothing)
+        self.smoothing_perturbed = check_count("smoothing_perturbed", smoothing_perturbed)
         self.lambda_1 = lambda_1
         self.lambda_2 = lambda_2
 
@@ -204,7 +223,7 @@ class WeiPerKLD(WeiPer):
             kl_perturbed = symmetric_kl(self.train_perturbed_density.double(), perturbed_q, PERTURBED_EPS)
             msp = mean_max_softmax(z, self.repeats).double()
             parts.append(self.lambda_2 * msp - kl - self.lambda_1 * kl_perturbed)
-        return torch.cat(parts).to(features.dtype)
+        return torch.cat(parts)
 
 
 __all__ = ["WeiPer", "WeiPerKLD", "perturbed_head"]
