@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_ood.errors import FitError
 from lightning_ood.scoring import GROUPS, build_scorer
 from lightning_ood.scoring.base import Batch
 from lightning_ood.statistics import FeatureStatistics, ReferenceSet
@@ -106,8 +107,14 @@ def main() -> None:
     stats = FeatureStatistics.from_features(train, labels, args.classes, head, extras)  # once, for every scorer
     with torch.no_grad():
         stats.reference["id_val"] = ReferenceSet(train[:2000], head(train[:2000]), labels[:2000])
+    refused = {}
     for name, scorer in scorers.items():
-        scorer = scorer.fit_statistics(stats, head)
+        try:
+            scorer = scorer.fit_statistics(stats, head)
+        except FitError as err:  # e.g. nnguide's 1% of a small --train holds fewer features than its k
+            refused[name] = str(err)
+            print(f"{name:14s} not timed: its fit is refused on these statistics: {err}", flush=True)
+            continue
 
         def run(scorer=scorer) -> None:
             with torch.no_grad():
@@ -120,7 +127,8 @@ def main() -> None:
         print(f"{name:14s} {seconds:8.3f}s  {seconds / baseline:8.2f}x the head product ({baseline:.3f}s)", flush=True)
     baseline = statistics.median(row["head_seconds"] for row in rows.values())
     summary = {"n": args.n, "dim": args.dim, "classes": args.classes, "train": args.train, "chunk": args.chunk,
-               "threads": torch.get_num_threads(), "head_seconds": baseline, "scorers": rows}  # fmt: skip
+               "threads": torch.get_num_threads(), "head_seconds": baseline, "scorers": rows,
+               "refused": refused}  # fmt: skip
     print(
         f"\nbare head product: {baseline:.3f}s (median) for {args.n} vectors ({args.dim}-d, {args.classes} classes) "
         f"in chunks of {args.chunk}, {torch.get_num_threads()} threads"

@@ -10,7 +10,8 @@ from typing import ClassVar, NoReturn
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
@@ -23,7 +24,7 @@ from lightning_ood.data.reproducible import check_seed
 from lightning_ood.errors import ConfigError, LightningOODError, OutputError
 from lightning_ood.io import describe_write_failure, is_write_failure
 from lightning_ood.module import OODClassifier
-from lightning_ood.run_folder import RunFolder
+from lightning_ood.run_folder import RunFolder, check_checkpoint_folder
 from lightning_ood.trainer import OODTrainer
 
 TRAINER_DEFAULTS = {
@@ -61,6 +62,32 @@ class ConciseParser(LightningArgumentParser):
         more = "\n".join(f"  {shortened(line, LINE_LIMIT)}" for line in message.strip().splitlines()[1:12])
         sys.stderr.write(f"error: {first}\n{more + chr(10) if more else ''}See `{prog} --help` for the options.\n")
         sys.exit(2)
+
+
+class SaveConfigBeside(SaveConfigCallback):
+    """LightningCLI's config file in the run's log folder, never over another's: ``config.yaml``, or beside an earlier
+    run's (a resumed fit writing into its own folder, ``--overwrite_results``) as ``config-2.yaml``, ``config-3.yaml``,
+    ... with a line saying so."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            folder = Path(trainer.log_dir)  # broadcast under DDP
+            name = free_config_name(folder) if trainer.is_global_zero else None
+            self.config_filename = trainer.strategy.broadcast(name)
+            if self.config_filename != "config.yaml":
+                rank_zero_info(
+                    f"Config saved as {folder / self.config_filename}, beside the earlier run's config.yaml."
+                )
+        super().setup(trainer, pl_module, stage)
+
+
+def free_config_name(folder: Path) -> str:
+    """``config.yaml``, else the first of ``config-2.yaml``, ``config-3.yaml``, ... that ``folder`` does not hold."""
+    name, number = "config.yaml", 1
+    while (folder / name).exists():
+        number += 1
+        name = f"config-{number}.yaml"
+    return name
 
 
 class Interrupted(Exception):
@@ -217,14 +244,18 @@ class OODCLI(LightningCLI):
         logger = self.trainer.logger
         folder = Path(logger.log_dir) if logger is not None and logger.log_dir else Path(self.trainer.default_root_dir)
         writable = []
+        overwrite = bool(self.config_init[self.subcommand].get("overwrite_results"))
         checkpoint = self.trainer.checkpoint_callback
         if checkpoints and isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
             writable.append((Path(checkpoint.dirpath), "checkpoint.dirpath"))
+            check_checkpoint_folder(Path(checkpoint.dirpath), self._ckpt_path(), overwrite)
+            # asked to replace another run's checkpoints: replace them (Lightning would write last-v1.ckpt beside)
+            checkpoint._enable_version_counter = checkpoint._enable_version_counter and not overwrite
         statistics_cache = self.model.hparams.get("statistics_cache")
         if statistics_cache:
             writable.append((Path(statistics_cache).expanduser(), "--model.statistics_cache"))
-        overwrite = bool(self.config_init[self.subcommand].get("overwrite_results"))
-        self.runs.append(RunFolder.claim(folder, overwrite, tuple(writable)))
+        resuming = self.subcommand == "fit" and self._ckpt_path() is not None
+        self.runs.append(RunFolder.claim(folder, overwrite, tuple(writable), resuming))
 
     def _check_weights(self) -> None:
         """A test of random weights is refused unless asked for (``--model.weights random``)."""
@@ -399,7 +430,8 @@ def main(args=None) -> None:
             trainer_defaults=dict(TRAINER_DEFAULTS),
             seed_everything_default=42,
             load_from_checkpoint_support=False,  # plain hyperparameters in checkpoints (see _parse_ckpt_path)
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=SaveConfigBeside,
+            save_config_kwargs={"overwrite": True},  # the name is a free one (SaveConfigBeside)
             parser_kwargs={
                 "epilog": "Also: lightning-ood report RUN_DIR... [--output DIR] aggregates runs (seeds, checkpoints) "
                 "into mean ± std tables (markdown, CSV, LaTeX)."

@@ -139,7 +139,8 @@ class FPRAtTPR(Metric):
 class Concatenated(Metric):
     """Every value passed to ``update`` (flattened, in its own dtype: no cast, unlike torchmetrics' ``CatMetric``,
     which rounds float64 scores to float32), concatenated over the batches and, synchronised, over every process in
-    rank order. :func:`dataset_order` puts the values of a test set back in dataset order."""
+    rank order. :func:`dataset_order` puts the values of a test set back in dataset order. (torchmetrics squeezes a
+    result of one value to a 0-d tensor: ``compute().reshape(-1)`` restores the 1-d one.)"""
 
     is_differentiable = False
     full_state_update = False
@@ -161,6 +162,7 @@ class Concatenated(Metric):
 def dataset_order(indices: Tensor, name: str = "the test set") -> Tensor:
     """The permutation that sorts the gathered values of a test set by their dataset ``indices``; refuses indices
     seen twice or missing (an image scored twice, or lost, by a sampler under DDP)."""
+    indices = indices.reshape(-1)  # one image: torchmetrics' compute squeezed it to 0-d
     order = indices.argsort()
     ordered = indices[order]
     expected = torch.arange(len(indices), device=indices.device, dtype=ordered.dtype)

@@ -525,7 +525,8 @@ class OODClassifier(LightningModule):
                 raise DataError(str(err)) from err
         return {
             scorer: {
-                d: self.score_collectors[self._key(scorer, d)].compute()[orders[d]].cpu() for d in self.test_set_names
+                d: self.score_collectors[self._key(scorer, d)].compute().reshape(-1)[orders[d]].cpu()
+                for d in self.test_set_names
             }
             for scorer in self.scorers
         }

@@ -2,8 +2,13 @@
 again when a failed or interrupted run created it and left it truly empty.
 
 - Writability of the logs and checkpoint folders is checked up front, not after the first epoch or the whole test.
-- A folder that already holds results (``ood_results.*``, ``selected.yaml``, ...) is not written into unless the user
-  asks (``--overwrite_results true``): two runs with the same explicit version would silently overwrite each other.
+- A folder that already holds another run's files is not written into unless the user asks
+  (``--overwrite_results true``): its results (``ood_results.*``, ``selected.yaml``, ...) or its logs (``config.yaml``,
+  ``hparams.yaml``, TensorBoard events), which two runs with the same explicit version would overwrite or mix. A
+  ``fit`` that resumes (``--ckpt_path``) continues its own run and may write into that run's folder. A checkpoint
+  folder holding another run's checkpoints is refused the same way (see :func:`check_checkpoint_folder`).
+- The run's config is never written over an earlier one: beside it as ``config-2.yaml``, ... (see
+  :class:`lightning_ood.cli.SaveConfigBeside`).
 - A lock file ``.lightning-ood.lock`` holding the writer's process id keeps a concurrent run out; a lock left by a
   process that no longer runs is taken over.
 - A run that fails or is interrupted keeps every file it wrote (TensorBoard events, ``config.yaml``, checkpoints): an
@@ -25,8 +30,39 @@ RESULT_FILES = ("ood_results.*", "selected.yaml", "tune_grid.csv", "sensitivity.
 LOCK = ".lightning-ood.lock"
 
 
+RUN_FILES = ("config*.yaml", "hparams.yaml", "events.out.tfevents.*")  # what any run writes into its log folder
+
+
 def holds_results(folder: Path) -> list[Path]:
     return sorted(p for pattern in RESULT_FILES for p in folder.glob(pattern))
+
+
+def holds_logs(folder: Path) -> list[Path]:
+    return sorted(p for pattern in RUN_FILES for p in folder.glob(pattern))
+
+
+def named(paths: list[Path], limit: int = 4) -> str:
+    names = ", ".join(p.name for p in paths[:limit])
+    return names + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def check_checkpoint_folder(folder: Path, resumes_from: str | None, overwrite: bool) -> None:
+    """Refuse a ``fit`` into a checkpoint folder holding another run's checkpoints: Lightning would write this run's
+    beside them as ``last-v1.ckpt``, ``epoch009-v1.ckpt`` and its statistics would end up in one of them; ``--ckpt_path
+    last`` would then resume the other run. ``resumes_from``: the fit's ``--ckpt_path`` (a resume of the run whose
+    checkpoints these are is its own run: ``last`` or a checkpoint in this folder)."""
+    found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not found or overwrite:
+        return
+    if resumes_from == "last" or (
+        resumes_from is not None and Path(resumes_from).expanduser().resolve().parent == folder.resolve()
+    ):
+        return
+    raise OutputError(
+        f"{folder} already holds the checkpoints of another run ({named(found)}); this fit would mix its own with "
+        f"them. Resume that run with --ckpt_path last, choose another --checkpoint.dirpath, or pass "
+        f"--overwrite_results true to replace them."
+    )
 
 
 @dataclass
@@ -39,12 +75,19 @@ class RunFolder:
     extra: list[Path] = field(default_factory=list)  # other folders this run created (checkpoints)
 
     @classmethod
-    def claim(cls, path: Path, overwrite: bool, also_writable: tuple[tuple[Path, str], ...] = ()) -> RunFolder:
-        """Check, lock and remember ``path`` before the run starts.
+    def claim(
+        cls,
+        path: Path,
+        overwrite: bool,
+        also_writable: tuple[tuple[Path, str], ...] = (),
+        resuming: bool = False,
+    ) -> RunFolder:
+        """Check, lock and remember ``path`` before the run starts; ``resuming``: a ``fit`` that continues the run
+        whose logs ``path`` may hold.
 
         Raises:
-            OutputError: a folder cannot be written, ``path`` holds results and ``overwrite`` is false, or another
-                running process holds it.
+            OutputError: a folder cannot be written, ``path`` holds another run's results or logs and ``overwrite``
+                is false, or another running process holds it.
         """
         check_writable_folder(path, "logs")
         for folder, what in also_writable:
@@ -52,8 +95,16 @@ class RunFolder:
         existing = holds_results(path) if path.is_dir() else []
         if existing and not overwrite:
             raise OutputError(
-                f"{path} already holds the results of an earlier run ({', '.join(p.name for p in existing)}); choose "
-                f"another --trainer.logger.init_args.version, or pass --overwrite_results true to replace them."
+                f"{path} already holds the results of an earlier run ({named(existing)}); choose another "
+                f"--trainer.logger.init_args.version, or pass --overwrite_results true to replace them."
+            )
+        logs = holds_logs(path) if path.is_dir() else []
+        if logs and not (overwrite or resuming):
+            raise OutputError(
+                f"{path} already holds the logs of an earlier run ({named(logs)}); this run would replace its "
+                f"hparams.yaml and mix its curves with them. Choose another --trainer.logger.init_args.version (or "
+                f"none: a new version_N), resume that run with fit --ckpt_path, or pass --overwrite_results true to "
+                f"write into it anyway (its config.yaml is kept; this run's is saved beside it)."
             )
         run = cls(path, created=not path.exists())
         # other folders this run creates: the checkpoint folder, and the parents of the log folder (logs/<name>)

@@ -515,3 +515,18 @@ def test_a_long_value_in_an_error_is_cut_with_a_count(case, capsys):
                     str(tmp / "logs"))  # fmt: skip
     assert err.startswith("error: ") and "max_epochs" in err
     assert re.search(r"… \([\d,]+ more characters\)", err) and len(err) < 6000
+
+
+@pytest.mark.parametrize("scorer", ["mahalanobis", "rmds_pp"])
+def test_a_degenerate_fit_is_refused_naming_the_scorer(case, capsys, scorer):
+    """One training image per class (real statistics through the CLI): the within-class covariance is zero, and its
+    pseudo-inverse would score a constant (AUROC 50) or rounding noise (a result that changes with the batch size):
+    refused before any image is scored, naming the scorer, the images it had and what it needs."""
+    tmp, data, ckpt, _ = case
+    err = cli_error(capsys, "test", *args(tmp, data, "--ckpt_path", str(ckpt), "--data.train_per_class", "1",
+                                          "--model.scorers", f"[msp, {scorer}]"))  # fmt: skip
+    assert err.startswith(
+        f"error: {scorer} cannot be fitted: the within-class covariance of its 10 training images (10 classes, one "
+        f"image each) is zero up to rounding: it needs two different images of one class at least (11 images or more)"
+    ), err
+    no_results(tmp)

@@ -40,3 +40,4 @@ def test_bench_score_times_every_scorer():
     rows = summary["scorers"]
     assert {"msp", "energy", "fmls", "line", "mahalanobis", "knn", "vim", "react", "dice"} <= rows.keys()
     assert all(row["ratio"] == row["seconds"] / row["head_seconds"] > 0 for row in rows.values())
+    assert set(summary["refused"]) == {"nnguide"}  # 1% of 300 training features is fewer than its k = 100

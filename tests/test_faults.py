@@ -384,6 +384,50 @@ def test_results_are_readable_and_a_second_run_does_not_overwrite_them(trained, 
     assert not (folder / ".lightning-ood.lock").exists()
 
 
+def fit_args(tmp: Path, data: Path, *extra: str) -> list[str]:
+    return ["--data", "CIFARDataModule", "--data.root", str(data), "--data.num_workers", "0", "--data.batch_size",
+            "20", "--model.backbone", "resnet20", "--model.scorers", "[msp]", "--trainer.max_epochs", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
+            "--checkpoint.dirpath", str(tmp / "ckpt"), *extra]  # fmt: skip
+
+
+def test_a_second_fit_never_replaces_the_first_runs_checkpoints(trained, tmp_path, capsys):
+    """Two fits into one checkpoint folder: the second is refused with the ways out, and the first run's last.ckpt (with
+    its statistics) is untouched; asked to replace them, it replaces them (its statistics in last.ckpt, no
+    last-v1.ckpt without any)."""
+    data, _ = trained
+    run_cli("fit", *fit_args(tmp_path, data))
+    last = tmp_path / "ckpt" / "last.ckpt"
+    before = last.read_bytes()
+    err = cli_error(capsys, "fit", *fit_args(tmp_path, data, "--seed_everything", "1"))
+    one_line(err)
+    assert f"{tmp_path / 'ckpt'} already holds the checkpoints of another run (epoch000.ckpt, last.ckpt)" in err
+    assert "--ckpt_path last" in err and "--checkpoint.dirpath" in err and "--overwrite_results true" in err
+    assert last.read_bytes() == before
+    run_cli("fit", *fit_args(tmp_path, data, "--seed_everything", "1", "--overwrite_results", "true"))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+    replaced = read_checkpoint(last)
+    assert replaced["ood_statistics"] is not None and last.read_bytes() != before
+
+
+def test_a_second_run_never_writes_into_an_earlier_runs_log_folder(trained, tmp_path, capsys):
+    """A fit into an existing logger version is refused (its config.yaml and hparams.yaml untouched); a fit that
+    resumes that run writes into it, its config beside the first one as config-2.yaml, and says so."""
+    data, _ = trained
+    version = ["--trainer.logger.init_args.version", "mine"]
+    run_cli("fit", *fit_args(tmp_path, data, *version))
+    folder = tmp_path / "logs" / "lightning_ood" / "mine"
+    config = (folder / "config.yaml").read_bytes()
+    err = cli_error(capsys, "fit", *fit_args(tmp_path, data, *version, "--checkpoint.dirpath", str(tmp_path / "c2")))
+    one_line(err)
+    assert f"{folder} already holds the logs of an earlier run (config.yaml" in err
+    assert "--trainer.logger.init_args.version" in err and "--overwrite_results true" in err
+    assert (folder / "config.yaml").read_bytes() == config and not (tmp_path / "c2").exists()
+    run_cli("fit", *fit_args(tmp_path, data, *version, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    assert (folder / "config.yaml").read_bytes() == config
+    assert "ckpt_path: last" in (folder / "config-2.yaml").read_text()
+
+
 def test_a_concurrent_run_into_the_same_folder_is_refused(trained, tmp_path, capsys):
     data, ckpt = trained
     folder = tmp_path / "logs" / "lightning_ood" / "shared"

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lightning_ood.data import SyntheticDataModule
+from lightning_ood.data.base import IndexedDataset
 from lightning_ood.errors import ConfigError
 from lightning_ood.scoring import build_scorer
 from lightning_ood.statistics import FeatureSet, FeatureStatistics
@@ -135,7 +136,9 @@ class RecordingDataModule(SyntheticDataModule):
         return super().eval_loader(Recorded(dataset, RecordingDataModule.log, tag), persistent)
 
     def test_dataloader(self):
-        return [self.eval_loader(dataset, tag=f"scored/{name}") for name, dataset in self.test_sets.items()]
+        return [
+            self.eval_loader(IndexedDataset(dataset), tag=f"scored/{name}") for name, dataset in self.test_sets.items()
+        ]
 
 
 def keys(tag_prefix: str) -> dict[str, set[str]]:

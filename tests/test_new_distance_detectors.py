@@ -294,7 +294,7 @@ def test_fitted_tensors_follow_the_scorer(p, name):
     head = nn.Linear(p.L, p.C)  # float32, as a network's
     scorer = build_scorer(name).fit_statistics(p.stats, head)
     buffers = dict(scorer.named_buffers())
-    assert {"means", "components", "class_terms.t0", "precision"} & set(buffers)
+    assert {"terms.t2", "components", "class_terms.t2"} & set(buffers)  # the precision matrices and NECO's axes
     if name in FEATURE_SCORERS:
         float32 = scorer.score(p.test[:-1].float(), p.logits[:-1].float()).double()
         scorer.double()

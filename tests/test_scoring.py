@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.linalg import pinvh
 from sklearn.covariance import EmpiricalCovariance
 from torch import nn
 
-from lightning_ood.errors import ConfigError
+from lightning_ood.errors import ConfigError, FitError
 from lightning_ood.scoring import SCORERS, build_scorer, class_weight_mask
 from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.fmls import CPU_BLOCK
@@ -572,8 +573,34 @@ def test_mahalanobis_matches_sklearn_and_pinv(prob):
     assert (expected < 0).all()
 
 
-@pytest.mark.parametrize("case", ["dead-unit", "duplicate-unit", "more-units-than-samples"])
-def test_mahalanobis_singular_covariance(case):
+def ref_gaussian_scores(name: str, train: np.ndarray, labels: np.ndarray, test: np.ndarray, classes: int):
+    """The Mahalanobis family from centred numpy covariances and scipy's ``pinvh`` (sklearn's): ``mahalanobis``,
+    ``rmds`` and, on L2-normalised features, ``mahalanobis_pp`` and ``rmds_pp``."""
+    if name.endswith("_pp"):
+        norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)  # noqa: E731
+        train, test = norm(train), norm(test)
+    means = np.stack([train[labels == c].mean(0) for c in range(classes)])
+    centred = train - means[labels]
+    precision = pinvh(centred.T @ centred / len(train))
+    d = np.stack([np.einsum("ij,jk,ik->i", test - m, precision, test - m) for m in means], axis=1)  # (N, C)
+    if not name.startswith("rmds"):
+        return -d.min(1)
+    mean = train.mean(0)
+    background = pinvh((train - mean).T @ (train - mean) / len(train))
+    d0 = np.einsum("ij,jk,ik->i", test - mean, background, test - mean)
+    return -(d - d0[:, None]).min(1)
+
+
+GAUSSIAN_SCORERS = ["mahalanobis", "rmds", "mahalanobis_pp", "rmds_pp"]
+
+
+@pytest.mark.parametrize("name", GAUSSIAN_SCORERS)
+@pytest.mark.parametrize("case", ["dead-unit", "duplicate-unit", "more-units-than-samples", "offset-features"])
+def test_gaussian_scorers_on_singular_covariances_match_a_pinvh_reference(case, name):
+    """Rank-deficient covariances: dead and duplicated units, fewer images than units (rounding noise of either sign
+    in the null space, which a default-cutoff pseudo-inverse turned into scores of 1e16), and features far from 0
+    (the textbook E[hh^T] - mu mu^T leaves noise of the size of mu^2): the scores are those of centred numpy
+    covariances and scipy's pinvh."""
     p0 = random_problem(2, n_train=48 if case != "more-units-than-samples" else 8, dim=10)
     train, test = p0.train64.copy(), p0.test64.copy()
     if case == "dead-unit":
@@ -582,11 +609,26 @@ def test_mahalanobis_singular_covariance(case):
     elif case == "duplicate-unit":
         train[:, 5] = train[:, 4]
         test[:, 5] = test[:, 4]
+    elif case == "offset-features":  # every feature around 300, a spread of ~1, one constant unit
+        train, test = train + 300.0, test + 300.0
+        train[:, 2] = test[:, 2] = 300.0
     p = make_problem(train, p0.labels64, test, p0.W, p0.b)
-    scores = score_with("mahalanobis", p)
+    scores = score_with(name, p)
     assert np.isfinite(scores).all()
-    expected = ref_mahalanobis(p.test64, p.train64, p.labels64, p.num_classes)
-    assert_scores(scores, expected, rtol=1e-4, atol=1e-4)
+    expected = ref_gaussian_scores(name, p.train64, p.labels64, p.test64, p.num_classes)
+    scale = np.abs(expected).max()
+    assert_scores(scores, expected, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("name", GAUSSIAN_SCORERS)
+def test_gaussian_scorers_refuse_one_image_per_class(name):
+    """One training image per class: the within-class covariance is zero (every image is its class mean), and a
+    pseudo-inverse of it would score noise (a constant, or whatever the rounding gives): refused, saying why."""
+    p0 = random_problem(3, num_classes=4, n_train=4, dim=10)
+    with pytest.raises(FitError, match=r"within-class covariance of its 4 training images \(4 classes, one image "
+                                       r"each\) is zero up to rounding: it needs two different images of one class "
+                                       r"at least \(5 images or more\)"):  # fmt: skip
+        build_scorer(name).fit(p0.train, p0.labels, p0.head)
 
 
 # ============================================================================================ ODIN

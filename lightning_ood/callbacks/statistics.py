@@ -47,7 +47,9 @@ class FitOODStatistics(Callback):
         if self.save_checkpoint and not trainer.fast_dev_run:
             checkpoint = trainer.checkpoint_callback
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
-                path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+                # this run's last checkpoint, under the name Lightning gave it (never another run's file)
+                last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+                path = Path(checkpoint.last_model_path) if checkpoint.last_model_path else last
                 # weights_only=False: the full state, as ModelCheckpoint saves it (Lightning otherwise notes after every
                 # fit that it is "defaulting to False", which reads like an unsafe load; nothing is loaded here)
                 trainer.save_checkpoint(path, weights_only=False)

@@ -6,6 +6,7 @@ Not the paper's Table I "Mahalanobis": its code adds Lee et al.'s layers, input 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lightning_ood.errors import FitError
@@ -22,20 +23,20 @@ class Mahalanobis(Scorer):
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> Mahalanobis:
         super().fit_statistics(stats, head)
-        self.means, self.precision, self.mean_term = mahalanobis_terms(
-            stats.class_means, stats.covariance, stats.counts
-        )
+        self.terms = mahalanobis_terms(stats.class_means, stats.covariance, stats.counts)
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        distance = squared_distances(features.double(), self.means, self.precision, self.mean_term)  # (N, C)
+        distance = squared_distances(features.double(), *self.terms)  # (N, C)
         return -distance.min(dim=1).values
 
 
-def mahalanobis_terms(means: Tensor, covariance: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(means, precision, mu_c^T P mu_c)`` in float64 for fast distances, from the class means (K, L), their
-    shared covariance and the training images per class ``counts`` (K,) it was estimated from (K = 1: the Gaussian
-    of all images). The precision is the pseudo-inverse with rounding noise as zero (singular is fine).
+def mahalanobis_terms(means: Tensor, covariance: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(centre, means - centre, precision, mu_c^T P mu_c)`` in float64 for fast distances, from the class means
+    (K, L), their shared covariance and the training images per class ``counts`` (K,) it was estimated from (K = 1:
+    the Gaussian of all images). The precision is the pseudo-inverse with rounding noise as zero (singular is fine).
+    Distances are taken around the training features' mean (the centre): far from the origin, the expansion
+    ``hPh - 2 hP mu + mu P mu`` would lose to float64 rounding what an ill-conditioned P resolves.
 
     Raises:
         FitError: the covariance is zero up to rounding (every class has one image, or copies of one).
@@ -45,7 +46,10 @@ def mahalanobis_terms(means: Tensor, covariance: Tensor, counts: Tensor) -> tupl
     if found.rank == 0:
         raise FitError(zero_covariance(counts))
     precision = found.pinv().to(means.device)
-    return means, precision, ((means @ precision) * means).sum(1)
+    weights = counts.to(means.device, torch.float64)
+    centre = weights @ means / weights.sum()  # (L,)
+    centred = means - centre
+    return centre, centred, precision, ((centred @ precision) * centred).sum(1)
 
 
 def zero_covariance(counts: Tensor) -> str:
@@ -64,8 +68,10 @@ def zero_covariance(counts: Tensor) -> str:
     )
 
 
-def squared_distances(h: Tensor, means: Tensor, precision: Tensor, mean_term: Tensor) -> Tensor:
-    """``(N, K)`` squared Mahalanobis distances of ``h`` (N, L) to each mean, as one (N, L) x (L, L) product."""
+def squared_distances(h: Tensor, centre: Tensor, means: Tensor, precision: Tensor, mean_term: Tensor) -> Tensor:
+    """``(N, K)`` squared Mahalanobis distances of ``h`` (N, L) to each mean, as one (N, L) x (L, L) product around
+    the centre (:func:`mahalanobis_terms`)."""
+    h = h - centre
     hp = h @ precision  # (N, L)
     return (hp * h).sum(1, keepdim=True) - 2 * hp @ means.T + mean_term  # (N, K)
 

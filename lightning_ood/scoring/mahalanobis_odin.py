@@ -52,13 +52,11 @@ class MahalanobisODIN(Scorer):
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> MahalanobisODIN:
         super().fit_statistics(stats, head)
-        self.means, self.precision, self.mean_term = mahalanobis_terms(
-            stats.class_means, stats.covariance, stats.counts
-        )
+        self.terms = mahalanobis_terms(stats.class_means, stats.covariance, stats.counts)
         return self
 
     def closest(self, features: Tensor) -> Tensor:  # (N, L) -> (N,) squared distance to the closest class mean
-        d = squared_distances(features.double(), self.means, self.precision, self.mean_term)
+        d = squared_distances(features.double(), *self.terms)
         return d.min(dim=1).values
 
     def forward(self, batch: Batch) -> Tensor:

@@ -49,11 +49,11 @@ class MahalanobisPP(Scorer):
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> MahalanobisPP:
         super().fit_statistics(stats, head)
         means, within, _, _ = unit_gaussians(stats, "mahalanobis_pp")
-        self.means, self.precision, self.mean_term = mahalanobis_terms(means, within, stats.counts)
+        self.terms = mahalanobis_terms(means, within, stats.counts)
         return self
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        d = squared_distances(unit(features.double()), self.means, self.precision, self.mean_term)  # (N, C)
+        d = squared_distances(unit(features.double()), *self.terms)  # (N, C)
         return -d.min(dim=1).values
 
 
