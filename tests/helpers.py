@@ -195,6 +195,13 @@ SMALL_DATA_SETTINGS = {
 }
 
 
-def scorer_mapping(names) -> dict:
-    """``{name: {scorer: name, **settings}}`` of ``names``, with :data:`SMALL_DATA_SETTINGS` where a name has them."""
-    return {name: {"scorer": name, **SMALL_DATA_SETTINGS.get(name, {})} for name in names}
+# A cheaper setting of the one costly scorer, where a test checks something its magnitude search does not change
+# (shapes, dtypes, devices, float32 ties): one magnitude instead of the authors' seven.
+QUICK_SETTINGS = {**SMALL_DATA_SETTINGS, "mahalanobis_paper": {"magnitudes": [0.0]}}
+
+
+def scorer_mapping(names, settings: dict | None = None) -> dict:
+    """``{name: {scorer: name, **settings}}`` of ``names``, with ``settings`` (default :data:`SMALL_DATA_SETTINGS`)
+    where a name has them."""
+    settings = SMALL_DATA_SETTINGS if settings is None else settings
+    return {name: {"scorer": name, **settings.get(name, {})} for name in names}

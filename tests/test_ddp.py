@@ -2,6 +2,7 @@
 size: statistics, every scorer's metrics and the written results equal the single-process ones."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -20,12 +21,13 @@ from tests.conftest import REPO
 from tests.helpers import scorer_mapping
 
 # every registered method (the paper's, OpenOOD's and pytorch-ood's, FeatureNorm with NormRatio), with settings that
-# 101 training images can fit
+# 81 training images can fit
 SCORERS = scorer_mapping(GROUPS["all"])
-DATA = {"num_classes": 4, "train_size": 101, "test_size": 53, "ood_sizes": {"shifted": 37, "noise": 41}}
+DATA = {"num_classes": 4, "train_size": 101, "val_split": 20, "test_size": 53,
+        "ood_sizes": {"shifted": 37, "noise": 41}}  # fmt: skip
 DATA_ARGS = ["--data", "SyntheticDataModule", "--data.num_classes", "4", "--data.train_size", "101",
-             "--data.test_size", "53", "--data.ood_sizes", json.dumps(DATA["ood_sizes"]), "--data.batch_size", "8",
-             "--data.eval_batch_size", "8"]  # fmt: skip
+             "--data.val_split", "20", "--data.test_size", "53", "--data.ood_sizes", json.dumps(DATA["ood_sizes"]),
+             "--data.batch_size", "8", "--data.eval_batch_size", "8"]  # fmt: skip
 
 
 def free_port() -> str:
@@ -76,7 +78,7 @@ def test_statistics_callback_under_ddp_equals_one_process(runs):
     dm.setup("fit")
     single = compute_feature_statistics(model, dm.statistics_dataloader(), progress=False,
                                         needs=model.statistics_needs())  # fmt: skip
-    assert ddp_stats.num_samples == single.num_samples == 101  # every image exactly once
+    assert ddp_stats.num_samples == single.num_samples == 81  # every image exactly once (20 held out)
     assert torch.equal(ddp_stats.counts, single.counts)
     torch.testing.assert_close(ddp_stats.class_means, single.class_means, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ddp_stats.covariance, single.covariance, rtol=1e-9, atol=1e-12)
@@ -91,7 +93,7 @@ def test_statistics_callback_under_ddp_equals_one_process(runs):
     assert torch.equal(ddp_stats.predicted_class_counts, single.predicted_class_counts)
     torch.testing.assert_close(ddp_stats.unit_quantiles, single.unit_quantiles)  # gathered values, the same grid
     assert torch.equal(ddp_stats.bank, single.bank) and torch.equal(ddp_stats.bank_labels, single.bank_labels)
-    assert len(single.bank) == 101
+    assert len(single.bank) == 81
     torch.testing.assert_close(ddp_stats.predicted_softmax, single.predicted_softmax, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ddp_stats.correct_means, single.correct_means, rtol=1e-10, atol=1e-12)
     for name, bounds in single.gram.items():
@@ -113,6 +115,7 @@ def update_a_share_and_compute(rank: int, port: str, shares: list, results: dict
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.numerics
 def test_the_metrics_synchronised_over_processes_are_those_of_one_process_on_the_union():
     """The metric objects themselves, in two gloo processes holding 1,234 and 767 scores (ties included, in uneven
     batches): every rank computes, bit for bit, the single-process metrics of all 2,001 scores."""
@@ -146,6 +149,7 @@ def test_the_metrics_of_two_processes_are_those_of_the_union_of_their_scores(run
         "synthetic": 53, "shifted": 37, "noise": 41}  # fmt: skip
     for scorer, per_set in two["metrics"].items():
         for ood, metrics in per_set.items():
+            assert all(math.isfinite(v) for v in metrics.values()), (scorer, ood, metrics)
             assert ood_metrics(scores[scorer]["synthetic"], scores[scorer][ood]) == metrics, (scorer, ood)
 
 

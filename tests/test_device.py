@@ -9,9 +9,6 @@ on the GPU where `lightning-ood test` crashed.
 
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -20,10 +17,10 @@ from torch import nn
 from lightning_ood.data import SyntheticDataModule
 from lightning_ood.module import OODClassifier
 from lightning_ood.scoring.registry import GROUPS
-from tests.helpers import scorer_mapping
+from tests.helpers import QUICK_SETTINGS, scorer_mapping
 
 # every registered method, FeatureNorm on a named block (NormRatio's choice is tested through the CLI below)
-EVERY = {name: spec for name, spec in scorer_mapping(GROUPS["all"]).items() if name != "featurenorm"}
+EVERY = {name: spec for name, spec in scorer_mapping(GROUPS["all"], QUICK_SETTINGS).items() if name != "featurenorm"}
 EVERY["featurenorm"] = {"scorer": "featurenorm", "block": "layer2.0"}
 
 
@@ -120,24 +117,5 @@ def test_every_scorer_scores_float64_inputs_of_a_float64_model(tmp_path):
     torch.testing.assert_close(logits, logits32.double(), rtol=1e-4, atol=1e-4)
 
 
-def test_cli_test_in_float64_fits_the_statistics_on_demand_with_every_scorer(tmp_path):
-    """The GPU crash, seen on the CPU: the test pass with the network cast by the Trainer (``64-true``) and the
-    statistics (a checkpoint without them) and the reference images computed at the start of the test."""
-    from tests.test_cli import run_cli
-
-    data = ["--data", "SyntheticDataModule", "--data.num_classes", "4", "--data.train_size", "80", "--data.test_size",
-            "30", "--data.val_split", "20", "--data.ood_sizes", "{}", "--data.ood",
-            '[{"name": "gaussian_noise", "size": 20}]', "--model.backbone", "resnet20",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-            "--checkpoint.dirpath", str(tmp_path / "c")]  # fmt: skip
-    run_cli("fit", *data, "--trainer.max_epochs", "1", "--model.scorers", "[msp]")
-    checkpoint = torch.load(tmp_path / "c" / "last.ckpt", weights_only=True)
-    del checkpoint["ood_statistics"]
-    torch.save(checkpoint, tmp_path / "c" / "bare.ckpt")
-    every = json.dumps(scorer_mapping(GROUPS["all"]))  # all, with settings that 60 training images can fit
-    run_cli("test", *data, "--ckpt_path", str(tmp_path / "c" / "bare.ckpt"), "--model.scorers", every,
-            "--trainer.precision", "64-true", "--trainer.logger.init_args.version", "f64")  # fmt: skip
-    report = json.loads((tmp_path / "logs" / "lightning_ood" / "f64" / "ood_results.json").read_text())
-    assert list(report["metrics"]) == GROUPS["all"]
-    values = [v for per in report["metrics"].values() for m in per.values() for v in m.values()]
-    assert all(math.isfinite(v) for v in values)
+# The test pass in float64 (--trainer.precision 64-true) with every scorer and the statistics and reference images
+# computed at its start (a checkpoint without them): tests/test_ddp.py runs it, once per process count.

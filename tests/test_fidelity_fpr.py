@@ -17,6 +17,8 @@ from lightning_ood.errors import ConfigError
 from lightning_ood.metrics import FPRAtTPR, OODMetrics, fpr_at_tpr, ood_metrics
 from lightning_ood.report import OODReport
 
+pytestmark = pytest.mark.numerics  # run again at another thread count by make test
+
 
 def paper_fpr(is_id: np.ndarray, scores: np.ndarray, recall_level: float = 0.95) -> float:
     """``fpr_and_fdr_at_recall``: distinct scores high to low, cut where every ID score is kept, reversed (low to

@@ -35,6 +35,8 @@ from lightning_ood.scoring.ensemble import PAPER_MAGNITUDES, logistic_regression
 from lightning_ood.scoring.registry import paper_name
 from tests.test_fidelity_fpr import paper_fpr
 
+pytestmark = pytest.mark.numerics  # run again at another thread count by make test
+
 NUM_CLASSES = 3
 
 

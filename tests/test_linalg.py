@@ -8,6 +8,8 @@ from scipy.linalg import pinvh
 
 from lightning_ood.linalg import pinv_psd, spectrum
 
+pytestmark = pytest.mark.numerics  # run again at another thread count by make test
+
 
 def low_rank(rank: int, size: int = 12, seed: int = 0) -> torch.Tensor:
     """A PSD matrix of the given rank, eigenvalues 1 ... 10 on a random basis (float64)."""

@@ -17,6 +17,8 @@ from torchmetrics.classification import BinaryAUROC
 
 from lightning_ood.metrics import FPRAtTPR, OODMetrics, fpr_at_tpr
 
+pytestmark = pytest.mark.numerics  # run again at another thread count by make test
+
 NUM_RANDOM_CASES = 1000
 NUM_CHUNKS = 4  # the random cases run as 4 test items of 250 cases each
 

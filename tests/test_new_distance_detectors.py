@@ -25,6 +25,8 @@ from lightning_ood.statistics import (
     build_statistics,
 )
 
+pytestmark = pytest.mark.numerics  # run again at another thread count by make test
+
 pytorch_ood = pytest.importorskip("pytorch_ood.detector")
 
 FEATURE_SCORERS = ("mahalanobis_pp", "rmds_pp", "neco")

@@ -25,7 +25,9 @@ from lightning_ood.scoring import SCORERS, build_scorer, class_weight_mask
 from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.fmls import CPU_BLOCK
 from lightning_ood.statistics import FeatureStatistics, StatisticsAccumulator, percentile
-from tests.helpers import SMALL_DATA_SETTINGS
+from tests.helpers import QUICK_SETTINGS
+
+pytestmark = pytest.mark.numerics  # run again at another thread count by make test
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 paths against float64 references
 
@@ -850,7 +852,7 @@ def engine_scores(name: str, net: nn.Module, images: torch.Tensor, labels: torch
     from lightning_ood.engine import Engine, FitContext, accumulate_statistics
     from lightning_ood.statistics import FeatureSet
 
-    settings = {**SMALL_DATA_SETTINGS.get(name, {}), **({"block": "layer1.0"} if name == "featurenorm" else {})}
+    settings = {**QUICK_SETTINGS.get(name, {}), **({"block": "layer1.0"} if name == "featurenorm" else {})}
     engine = Engine(net, {name: {"scorer": name, **settings}}, std=(0.25, 0.25, 0.25))
     dataset = IndexedDataset(torch.utils.data.TensorDataset(images, labels))
     loader = torch.utils.data.DataLoader(dataset, batch_size=16)
