@@ -28,7 +28,7 @@ DATA ?= data
 OOD_ROOT ?= $(DATA)
 
 .PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared tune-shared sweep-shared normratio-shared \
-	reproduce reproduce-shared import-published bench-train bench-eval bench-score profile-step gpu-check clean
+	reproduce reproduce-shared import-published bench-train bench-ddp bench-eval bench-score profile-step gpu-check clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -134,6 +134,9 @@ import-published: $(STAMP) ## Convert a published checkpoint + fit its statistic
 
 bench-train: $(STAMP) ## Training throughput on ../shared/data/cifar10-jpeg: fit vs a plain loop vs PIL (ARGS=--cuda-graphs)
 	$(BIN)/python benchmarks/bench_train.py --data $(SHARED_DATA)/cifar10-jpeg $(ARGS)
+
+bench-ddp: $(STAMP) ## How far N processes' scores are from one's, every scorer (ARGS: --devices, --accelerator gpu, --precision)
+	$(BIN)/python benchmarks/bench_ddp.py $(ARGS)
 
 bench-eval: $(STAMP) ## Evaluation cost (ResNet-18): one forward pass vs the full test with every scorer (ARGS: --backbone, --per-scorer, --device)
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)
