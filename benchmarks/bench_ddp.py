@@ -1,5 +1,5 @@
 """How far the scores of N processes are from those of one: the same checkpoint tested with every registered scorer
-(`lightning-ood test`, the statistics fitted at the start of each test) in 1 and in ``--devices`` processes, then,
+(`lightning-ood test`, with the same statistics) in 1 and in ``--devices`` processes, then,
 per scorer, the largest difference of one image's score over every test image as a share of the scorer's largest
 |score|, and the metrics that differ.
 
@@ -68,13 +68,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         logs = ["--trainer.logger.init_args.save_dir", str(tmp / "logs")]
-        run(["fit", *DATA, *logs, "--trainer.max_epochs", "1", "--model.scorers", "[msp]", "--checkpoint.dirpath",
+        run(["fit", *DATA, *logs, "--trainer.max_epochs", "1", "--model.scorers", scorers, "--checkpoint.dirpath",
              str(tmp / "ckpt")], 1, args.accelerator)  # fmt: skip
         seconds, scores, results = {}, {}, {}
-        for devices in (1, args.devices):
+        # N processes first: the statistics of these weights in this precision are the checkpoint's, or computed by
+        # that run and kept in the cache, where the 1-process run finds them: both score with the same statistics
+        for devices in (args.devices, 1):
             version = f"test{devices}"
             test = ["test", *DATA, *logs, "--model.scorers", scorers, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
-                    "--trainer.precision", args.precision, "--trainer.logger.init_args.version", version]  # fmt: skip
+                    "--trainer.precision", args.precision, "--trainer.logger.init_args.version", version,
+                    "--histograms", "false", "--model.statistics_cache", str(tmp / "statistics")]  # fmt: skip
             seconds[devices] = run(test, devices, args.accelerator)
             folder_of = tmp / "logs" / "lightning_ood" / version
             scores[devices] = torch.load(folder_of / "ood_scores.pt", weights_only=True)["scores"]

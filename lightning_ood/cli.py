@@ -146,6 +146,10 @@ class OODCLI(LightningCLI):
             }
         )
         parser.add_argument(
+            "--histograms", type=bool, default=True,
+            help="Draw every scorer's score histograms after test (PNG in the run folder and in TensorBoard).",
+        )  # fmt: skip
+        parser.add_argument(
             "--overwrite_results", type=bool, default=False,
             help="Write into a log folder that already holds results of an earlier run (off: refuse).",
         )  # fmt: skip
@@ -182,7 +186,8 @@ class OODCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         # Always on: statistics after fit, the result table and TensorBoard histograms after test; a rich progress
         # bar unless the user turned progress bars off; atomic checkpoint writes unless the user brings a CheckpointIO.
-        callbacks = [FitOODStatistics(), OODResultsTable(), ScoreHistograms()]
+        figures = self._get(self.config_init, "histograms") is not False
+        callbacks = [FitOODStatistics(), OODResultsTable(), ScoreHistograms(figures=figures)]
         if self._get(self.config_init, "trainer.logger") not in (False, None):  # the learning rate curve during fit
             callbacks.append(LearningRateMonitor("epoch"))
         if self._get(self.config_init, "trainer.enable_progress_bar") is not False:

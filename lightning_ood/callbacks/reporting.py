@@ -7,16 +7,19 @@ score, gathered from every rank in dataset order); only rank 0 writes.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
 from rich.console import Console
 from torch import Tensor
 
@@ -147,11 +150,13 @@ class ScoreHistograms(Callback):
         if self.figures:
             for scorer, per_set in scores.items():
                 figure = histogram_figure(scorer, per_set, report, self.bins)
-                target = folder / "histograms" / f"{scorer}.png"
-                atomic_write(target, lambda f, figure=figure: figure.savefig(f, format="png"))
-                if writer is not None:
-                    writer.add_figure(f"scores/{scorer}", figure, step, close=False)
+                png = io.BytesIO()
+                figure.savefig(png, format="png")  # drawn once, for the file and for TensorBoard
                 plt.close(figure)
+                atomic_write(folder / "histograms" / f"{scorer}.png", lambda f, png=png: f.write(png.getvalue()))
+                if writer is not None:
+                    pixels = np.asarray(Image.open(png).convert("RGB"))  # (H, W, 3)
+                    writer.add_image(f"scores/{scorer}", pixels, step, dataformats="HWC")
         if tensorboard is None:
             return
         metrics = {"hparam/accuracy": 100 * report.accuracy}
