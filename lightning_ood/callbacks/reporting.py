@@ -150,13 +150,14 @@ class ScoreHistograms(Callback):
         if self.figures:
             for scorer, per_set in scores.items():
                 figure = histogram_figure(scorer, per_set, report, self.bins)
-                png = io.BytesIO()
-                figure.savefig(png, format="png")  # drawn once, for the file and for TensorBoard
+                figure.canvas.draw()  # drawn once, for the file and for TensorBoard
+                rgba = np.asarray(figure.canvas.buffer_rgba())  # (H, W, 4)
                 plt.close(figure)
+                png = io.BytesIO()
+                Image.fromarray(rgba).save(png, format="png")
                 atomic_write(folder / "histograms" / f"{scorer}.png", lambda f, png=png: f.write(png.getvalue()))
                 if writer is not None:
-                    pixels = np.asarray(Image.open(png).convert("RGB"))  # (H, W, 3)
-                    writer.add_image(f"scores/{scorer}", pixels, step, dataformats="HWC")
+                    writer.add_image(f"scores/{scorer}", rgba[..., :3], step, dataformats="HWC")
         if tensorboard is None:
             return
         metrics = {"hparam/accuracy": 100 * report.accuracy}
