@@ -153,7 +153,8 @@ def statistics_on_demand(
     module_needs, bank_images = statistics_needs(module)
     needs = module_needs if needs is None else frozenset(needs)
     cache = FeatureCache(cache_dir) if cache_dir else None
-    name = "_".join(["ood_statistics", *sorted(needs)]) + (f"_bank{bank_images}" if "bank" in needs else "")
+    names = sorted(need.name for need in needs)
+    name = "_".join(["ood_statistics", *names]) + (f"_bank{bank_images}" if "bank" in names else "")
     key = cache.dataset_key(module.backbone, datamodule.statistics_images) if cache else ""
     stored = cache.load(name, key) if cache else None
     hit = stored is not None
@@ -236,7 +237,8 @@ def ensure_statistics(
         reason = (
             "were fitted on other weights or inputs" if other_weights
             else f"were fitted on other images ({stats.images}; this run: {wanted_images})" if other_images
-            else f"do not include what the configured scorers need ({', '.join(sorted(lacking))})" if lacking
+            else f"do not include what the configured scorers need ({', '.join(sorted(n.name for n in lacking))})"
+            if lacking
             else "are not in this checkpoint" if module.checkpoint_loaded
             else "are not stored with these weights"
         )  # fmt: skip

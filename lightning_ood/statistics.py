@@ -13,12 +13,13 @@ The core statistics, which many methods share, are always accumulated:
   of the squared means, of either sign, in every direction without variance, which an inverse turns into 1e16;
 - the activation values themselves -> exact percentiles of all activations (ReAct's clipping threshold).
 
-Extras that only some methods need live beside those methods as a :class:`Statistic` registered by name
-(:func:`statistic`), and are accumulated in the same pass only when a configured scorer lists them in its
-``needs_statistics``, so a checkpoint carries only what its scorers use: ``logits`` (KL matching, SHE:
-:mod:`lightning_ood.scoring.logits`), ``bank`` (KNN & co.: :mod:`lightning_ood.scoring.neighbours`), ``stages``
-(Lee et al.'s layer ensemble: :mod:`lightning_ood.scoring.ensemble`), ``gram`` (:mod:`lightning_ood.scoring.gram`).
-Their fields are stored flat beside the core ones, as this project's checkpoints always stored them.
+Extras that only some methods need are a :class:`Statistic` each, declared by the scorers that read them (their
+``needs_statistics``, the classes themselves: no registry, nothing filled by importing) and accumulated in the same
+pass only when a configured scorer declares them, so a checkpoint carries only what its scorers use. The ones that
+scorers of several files share live here: ``bank`` (the training features: KNN & co.) and ``logits`` (KL matching,
+SHE, Gram); the others beside their scorers (``stages``: :mod:`lightning_ood.scoring.ensemble`, ``gram``,
+``unit_gaussians``, ...). Their fields are stored flat beside the core ones, as this project's checkpoints always
+stored them.
 """
 
 from __future__ import annotations
@@ -145,10 +146,11 @@ class StatisticsSetup:
 class Statistic:
     """An extra statistic that some scorers need beyond the core ones, accumulated in the same single pass.
 
-    A subclass lives beside the scorers that use it, is registered by name with :func:`statistic` (the name a
-    scorer lists in ``needs_statistics``), and declares the ``fields`` it stores in the statistics (flat keys of
-    the checkpoint). ``update`` sees every batch; ``compute`` reduces across DDP ranks with ``reduce`` and returns
-    ``{field: value}``; ``core`` holds the core results (``counts`` per class, ``n``).
+    A subclass lives beside the scorers that use it (here when scorers of several files share it), which list the
+    class in their ``needs_statistics``; it has a ``name`` (for messages and cache entries) and declares the
+    ``fields`` it stores in the statistics (flat keys of the checkpoint). ``update`` sees every batch; ``compute``
+    reduces across DDP ranks with ``reduce`` and returns ``{field: value}``; ``core`` holds the core results
+    (``counts`` per class, ``n``).
     """
 
     name: ClassVar[str] = ""
@@ -167,29 +169,6 @@ class Statistic:
 
     def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
         raise NotImplementedError
-
-
-STATISTICS: dict[str, type[Statistic]] = {}
-
-
-def statistic(cls: type[Statistic]) -> type[Statistic]:
-    """Register an extra statistic under ``cls.name`` (the one registry line of a detector with a new statistic)."""
-    if not cls.name or cls.name in STATISTICS:
-        raise ValueError(f"statistic {cls.__name__} needs a unique name, got {cls.name!r}")
-    STATISTICS[cls.name] = cls
-    return cls
-
-
-def registered_statistics() -> dict[str, type[Statistic]]:
-    """Every registered extra statistic (importing the scorers registers theirs)."""
-    import lightning_ood.scoring  # noqa: F401  (registers the statistics that live beside the scorers)
-
-    return STATISTICS
-
-
-def extra_fields() -> dict[str, str]:
-    """``{field: statistic name}`` of every registered statistic."""
-    return {f: name for name, cls in registered_statistics().items() for f in cls.fields}
 
 
 class ClassGaussians:
@@ -283,14 +262,15 @@ class FeatureStatistics:
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
     reference: dict[str, FeatureSet] = field(default_factory=dict, repr=False)
 
-    def __getattr__(self, name: str) -> Any:  # an extra's field: its value, or None when it was not accumulated
+    def __getattr__(self, name: str) -> Any:  # an extra's field
         if name.startswith("__") or name in ("extras", "reference"):
             raise AttributeError(name)
         if name in self.extras:
             return self.extras[name]
-        if name in extra_fields():
-            return None
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(
+            f"these statistics hold no {name!r}: the statistic that stores it was not accumulated (they hold "
+            f"{', '.join(sorted(self.extras)) or 'the core fields only'})"
+        )
 
     @property
     def num_classes(self) -> int:
@@ -343,13 +323,9 @@ class FeatureStatistics:
         offset = self.mean.double() - origin.double().to(self.mean.device)
         return self.total_covariance + torch.outer(offset, offset)
 
-    def provides(self, needs: set[str]) -> set[str]:
-        """Which of ``needs`` (registered statistic names: ``"logits"``, ``"bank"``, ...) these statistics lack."""
-        known = registered_statistics()
-        return {
-            need for need in needs
-            if need not in known or any(self.extras.get(f) is None for f in known[need].fields)
-        }  # fmt: skip
+    def provides(self, needs: Iterable[type[Statistic]]) -> set[type[Statistic]]:
+        """Which of ``needs`` (:class:`Statistic` classes) these statistics lack."""
+        return {need for need in needs if any(self.extras.get(f) is None for f in need.fields)}
 
     def activation_percentile(self, p: float, reference: str = "train") -> float:
         """The p-th percentile of all training activations (exact for p on the 0.1 grid); with ``reference`` of the
@@ -370,12 +346,9 @@ class FeatureStatistics:
     )  # fmt: skip
 
     def state_dict(self) -> dict:
-        """The core fields and every registered extra field (``None`` when not accumulated): flat keys, the layout
-        this project's checkpoints have always had."""
-        state = {name: getattr(self, name) for name in self.CORE}
-        state.update({f: self.extras.get(f) for f in extra_fields()})
-        state.update({f: v for f, v in self.extras.items() if f not in state})
-        return state
+        """The core fields and the extras' fields: flat keys, the layout this project's checkpoints have always had
+        (earlier versions also stored ``None`` for the extras they did not accumulate)."""
+        return {**{name: getattr(self, name) for name in self.CORE}, **self.extras}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> FeatureStatistics:
@@ -383,8 +356,7 @@ class FeatureStatistics:
         missing = required - set(state)
         if missing:
             raise KeyError(f"OOD statistics are missing {sorted(missing)}")
-        known = extra_fields()
-        extras = {k: v for k, v in state.items() if k in known and v is not None}
+        extras = {k: v for k, v in state.items() if k not in cls.CORE and v is not None}
         if not extras.get("bank_stride"):  # checkpoints of earlier versions store 0 when there is no bank
             extras.pop("bank_stride", None)
         return cls(**{k: state[k] for k in cls.CORE if k in state}, extras=extras)
@@ -396,16 +368,16 @@ class FeatureStatistics:
         labels: Tensor,
         num_classes: int | None = None,
         head: torch.nn.Module | None = None,
-        extras: Iterable[str] = (),
+        extras: Iterable[type[Statistic]] = (),
     ) -> FeatureStatistics:
         """Statistics of an in-memory feature matrix ``(N, L)`` with labels ``(N,)``; with the ``head`` also the
-        logit-based statistics and a bank of every feature; ``extras``: further registered statistics, those that
-        features and logits determine (one that reads block outputs is left out: it needs the statistics pass)."""
+        logit-based statistics and a bank of every feature; ``extras``: further statistics, those that features and
+        logits determine (one that reads block outputs is left out: it needs the statistics pass)."""
         num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
         setup = StatisticsSetup(num_classes, features.shape[1], len(labels), bank_images=len(labels))
-        needs = {*(("logits", "bank") if head is not None else ()), *extras}
+        needs = {*((LogitStatistics, Bank) if head is not None else ()), *extras}
         if head is None:
-            needs = {n for n in needs if not registered_statistics().get(n, Statistic).needs_logits}
+            needs = {n for n in needs if not n.needs_logits}
         built = {n: st for n, st in build_statistics(needs, setup).items() if type(st).blocks is Statistic.blocks}
         acc = StatisticsAccumulator(num_classes, features.shape[1], extras=built)
         with torch.no_grad():
@@ -414,13 +386,9 @@ class FeatureStatistics:
         return acc.compute()
 
 
-def build_statistics(needs, setup: StatisticsSetup) -> dict[str, Statistic]:
-    """The registered extra statistics of ``needs``, set up; an unknown name is refused."""
-    known = registered_statistics()
-    unknown = sorted(set(needs) - set(known))
-    if unknown:
-        raise ValueError(f"unknown statistics {unknown}; registered: {', '.join(sorted(known))}")
-    return {name: known[name](setup) for name in sorted(set(needs))}
+def build_statistics(needs: Iterable[type[Statistic]], setup: StatisticsSetup) -> dict[str, Statistic]:
+    """The extra statistics ``needs`` (their classes), set up, by name (in name order)."""
+    return {cls.name: cls(setup) for cls in sorted(set(needs), key=lambda cls: cls.name)}
 
 
 class StatisticsAccumulator:
@@ -530,3 +498,75 @@ def quantile_stride(num_samples: int, feature_dim: int, max_values: int) -> int:
 def bank_stride(num_samples: int, bank_images: int) -> int:
     """Smallest stride such that at most about ``bank_images`` training images are in the bank."""
     return max(1, math.ceil(num_samples / max(1, bank_images)))
+
+
+# ------------------------------------------------------------------------------------------------ shared extras
+class Bank(Statistic):
+    """``bank``: the features of (a stride of) the training images, float16 (float32 beyond its range), with their
+    labels, in dataset-index order whatever the number of ranks; at most about ``bank_images`` of them."""
+
+    name = "bank"
+    fields = ("bank", "bank_labels", "bank_stride")
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        self.stride = bank_stride(setup.num_samples, setup.bank_images)
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []  # (indices, features float32, labels)
+
+    def update(self, batch: StatisticsBatch) -> None:
+        chosen = batch.indices % self.stride == 0
+        self.parts.append((batch.indices[chosen], batch.features.cpu()[chosen].float(), batch.labels[chosen]))
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
+        if self.parts:
+            indices, bank, labels = (torch.cat(parts) for parts in zip(*self.parts, strict=True))
+        else:
+            dim = self.setup.feature_dim
+            indices, bank, labels = (
+                torch.empty(0, dtype=torch.long),
+                torch.empty(0, dim),
+                torch.empty(0, dtype=torch.long),
+            )
+        # float16 (half the bytes) unless a feature on some rank is beyond its range (it would become inf)
+        largest = float(reduce.max(bank.abs().amax() if len(bank) else torch.tensor(0.0)))
+        bank = bank.to(torch.float16 if largest <= torch.finfo(torch.float16).max else torch.float32)
+        indices, bank, labels = reduce.gather(indices), reduce.gather(bank), reduce.gather(labels)
+        order = indices.argsort()  # the same bank whatever the number of ranks
+        return {"bank": bank[order], "bank_labels": labels[order], "bank_stride": self.stride}
+
+
+class LogitStatistics(Statistic):
+    """``logits``: per predicted class, the count and the mean softmax of the training images (KL matching's
+    templates); per class, the count and the mean feature of the correctly classified ones (SHE's patterns)."""
+
+    name = "logits"
+    fields = ("predicted_counts", "predicted_softmax", "correct_counts", "correct_means")
+    needs_logits = True
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        c, f64 = setup.num_classes, torch.float64
+        self.predicted_counts = torch.zeros(c, dtype=f64)
+        self.predicted_softmax = torch.zeros(c, c, dtype=f64)
+        self.correct_counts = torch.zeros(c, dtype=f64)
+        self.correct_sums = torch.zeros(c, setup.feature_dim, dtype=f64)
+
+    def update(self, batch: StatisticsBatch) -> None:
+        c = self.setup.num_classes
+        z = batch.logits.to("cpu", torch.float64)
+        h = batch.features.to("cpu", torch.float64)
+        predicted = z.argmax(dim=1)
+        self.predicted_counts += torch.bincount(predicted, minlength=c).double()
+        self.predicted_softmax.index_add_(0, predicted, z.softmax(dim=1))
+        right = predicted == batch.labels
+        self.correct_counts += torch.bincount(batch.labels[right], minlength=c).double()
+        self.correct_sums.index_add_(0, batch.labels[right], h[right])
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Tensor]:
+        predicted, correct = reduce.sum(self.predicted_counts), reduce.sum(self.correct_counts)
+        return {
+            "predicted_counts": predicted.round().long(),
+            "predicted_softmax": reduce.sum(self.predicted_softmax) / predicted.clamp_min(1)[:, None],
+            "correct_counts": correct.round().long(),
+            "correct_means": reduce.sum(self.correct_sums) / correct.clamp_min(1)[:, None],
+        }

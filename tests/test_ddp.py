@@ -89,7 +89,7 @@ def test_statistics_callback_under_ddp_equals_one_process(runs):
     torch.testing.assert_close(ddp_stats.std, single.std, rtol=1e-9, atol=1e-12)
     assert torch.equal(ddp_stats.activation_quantiles, single.activation_quantiles)  # the same values, gathered
     # the extras of the configured scorers: the same bank in the same order, the same Gram bounds and stage statistics
-    assert model.statistics_needs() == {
+    assert {need.name for need in model.statistics_needs()} == {
         "bank", "gram", "logits", "stages", "unit_gaussians", "unit_outer", "unit_quantiles", "predicted_means",
     }  # fmt: skip
     for name in ("unit_class_means", "unit_covariance", "unit_outer", "predicted_class_means", "mean_logit_scores"):

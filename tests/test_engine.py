@@ -62,7 +62,7 @@ def test_a_detector_with_a_new_statistic_is_one_class_and_one_registry_line(monk
     from lightning_ood.engine import accumulate_statistics
     from lightning_ood.scoring.base import Scorer
     from lightning_ood.scoring.registry import SCORERS, Entry
-    from lightning_ood.statistics import STATISTICS, FeatureStatistics, Statistic
+    from lightning_ood.statistics import Bank, FeatureStatistics, Statistic
 
     class UnitMaxima(Statistic):
         name = "unit_maxima"
@@ -79,7 +79,7 @@ def test_a_detector_with_a_new_statistic_is_one_class_and_one_registry_line(monk
             return {"unit_maxima": reduce.max(self.maxima)}
 
     class AboveMaxima(Scorer):
-        needs_statistics = frozenset({"unit_maxima"})
+        needs_statistics = frozenset({UnitMaxima})  # the statistic is declared by the class itself
 
         def fit_statistics(self, stats, head):
             self.maxima = stats.unit_maxima.to(head.weight.dtype)
@@ -88,12 +88,11 @@ def test_a_detector_with_a_new_statistic_is_one_class_and_one_registry_line(monk
         def score(self, features: Tensor, logits: Tensor) -> Tensor:
             return -(features - self.maxima).clamp_min(0).sum(dim=1)
 
-    monkeypatch.setitem(STATISTICS, "unit_maxima", UnitMaxima)  # the one registry line: @statistic
     monkeypatch.setitem(SCORERS, "above_maxima", Entry(AboveMaxima))  # and the scorer's
     torch.manual_seed(0)
     net = build_backbone("resnet20", 4).eval()
     engine = Engine(net, ["above_maxima", "msp"])
-    assert engine.needs.statistics == {"unit_maxima"}
+    assert engine.needs.statistics == {UnitMaxima}
     images = torch.rand(24, 3, 32, 32)
     loader = DataLoader(IndexedDataset(TensorDataset(images, torch.arange(24) % 4)), batch_size=10)
     stats = accumulate_statistics(net, loader, engine.needs.statistics, progress=False)
@@ -101,6 +100,6 @@ def test_a_detector_with_a_new_statistic_is_one_class_and_one_registry_line(monk
         features = net.features(images)
     torch.testing.assert_close(stats.unit_maxima, features.double().amax(dim=0))
     restored = FeatureStatistics.from_state_dict(stats.cpu_state_dict())
-    assert restored.provides({"unit_maxima"}) == set() and restored.provides({"bank"}) == {"bank"}
+    assert restored.provides({UnitMaxima}) == set() and restored.provides({Bank}) == {Bank}
     _, scores = engine.fit(restored)(torch.cat([images[:2], 10 * images[:2]]))
     assert (scores["above_maxima"][:2] == 0).all() and (scores["above_maxima"][2:] < 0).all()

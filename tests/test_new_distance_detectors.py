@@ -17,6 +17,7 @@ from torch import nn
 from lightning_ood.errors import ConfigError
 from lightning_ood.scoring import build_scorer
 from lightning_ood.scoring.base import Batch
+from lightning_ood.scoring.mahalanobis_pp import UnitGaussians
 from lightning_ood.statistics import (
     FeatureStatistics,
     Reducers,
@@ -32,7 +33,7 @@ pytorch_ood = pytest.importorskip("pytorch_ood.detector")
 FEATURE_SCORERS = ("mahalanobis_pp", "rmds_pp", "neco")
 
 
-def accumulate(train, labels, head, needs=("unit_gaussians",), batch=37) -> FeatureStatistics:
+def accumulate(train, labels, head, needs=(UnitGaussians,), batch=37) -> FeatureStatistics:
     """The statistics pass on in-memory features, in uneven batches."""
     num_classes, dim = head.out_features, train.shape[1]
     setup = StatisticsSetup(num_classes, dim, len(labels))
@@ -101,7 +102,7 @@ def test_unit_gaussians_are_the_normalised_features_moments_whatever_the_batches
     close(p.stats.unit_covariance.numpy(), within, rtol=1e-10, atol=1e-14)
     # two "ranks" on the two halves, their parts gathered in rank order as compute asks for them: the same statistics
     setup = StatisticsSetup(p.C, p.L, p.N)
-    ranks = [build_statistics(("unit_gaussians",), setup)["unit_gaussians"] for _ in range(2)]
+    ranks = [build_statistics({UnitGaussians}, setup)["unit_gaussians"] for _ in range(2)]
     for rank, part in zip(ranks, (slice(0, 150), slice(150, None)), strict=True):
         acc = StatisticsAccumulator(p.C, p.L, extras={"unit_gaussians": rank})
         acc.update(p.train[part], p.labels[part], torch.arange(p.N)[part], p.head(p.train[part]).detach())

@@ -17,12 +17,14 @@ from torch import nn
 from lightning_ood.scoring import build_scorer
 from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.lts import logit_scale
+from lightning_ood.scoring.pnml import UnitOuter
+from lightning_ood.scoring.vra import UnitQuantiles
 from lightning_ood.statistics import FeatureSet, StatisticsAccumulator, StatisticsSetup, build_statistics
 from tests.conftest import toy_features
 
 pytorch_ood = pytest.importorskip("pytorch_ood.detector")
 
-NEEDS = ("unit_quantiles", "unit_outer")
+NEEDS = (UnitQuantiles, UnitOuter)
 
 
 def statistics(train: torch.Tensor, labels: torch.Tensor, classes: int, head: nn.Module, batches: int = 1):

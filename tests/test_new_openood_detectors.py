@@ -29,7 +29,7 @@ from lightning_ood.scoring.base import Batch
 from lightning_ood.scoring.cfood import kappa_grid
 from lightning_ood.scoring.gmm import fit_tied_gmm, kmeans_labels
 from lightning_ood.scoring.grood import NOISE_BATCH, NOISE_KEPT
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import Bank, FeatureStatistics
 from tests.conftest import toy_features
 from tests.test_scoring import STD, TinyNet
 
@@ -378,4 +378,4 @@ def test_registered_in_the_openood_group():
         assert name in SCORERS and name in GROUPS["openood"] and name in GROUPS["all"]
         assert "et al." in SCORERS[name].description or "Regmi" in SCORERS[name].description
     assert build_scorer("iodin").needs.inputs and not build_scorer("gmm").needs.inputs
-    assert all(build_scorer(name).needs.statistics == {"bank"} for name in ("gmm", "cfood", "grood"))
+    assert all(build_scorer(name).needs.statistics == {Bank} for name in ("gmm", "cfood", "grood"))

@@ -19,8 +19,9 @@ from torch import nn
 
 from lightning_ood.errors import ConfigError
 from lightning_ood.scoring import build_scorer
+from lightning_ood.scoring.caref import PredictedMeans
 from lightning_ood.scoring.weiper import smooth
-from lightning_ood.statistics import StatisticsAccumulator, StatisticsSetup, build_statistics
+from lightning_ood.statistics import Bank, StatisticsAccumulator, StatisticsSetup, build_statistics
 
 pytorch_ood = pytest.importorskip("pytorch_ood.detector")
 
@@ -29,7 +30,7 @@ def statistics(train, labels, head, batch=None):
     """The statistics pass over ``train`` in batches of ``batch``, with the extras these scorers read."""
     n, dim = train.shape
     setup = StatisticsSetup(head.out_features, dim, n, bank_images=n)
-    acc = StatisticsAccumulator(head.out_features, dim, extras=build_statistics(("bank", "predicted_means"), setup))
+    acc = StatisticsAccumulator(head.out_features, dim, extras=build_statistics({Bank, PredictedMeans}, setup))
     for index in torch.arange(n).split(batch or n):
         with torch.no_grad():
             acc.update(train[index], labels[index], index, head(train[index]))

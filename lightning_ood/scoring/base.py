@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
 from lightning_ood.precision import as_float
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import FeatureStatistics, Statistic
 
 __all__ = [
     "Batch",
@@ -59,13 +59,14 @@ class Needs:
             forward hooks during the one backbone pass.
         inputs: the input images and a way to run the network again on perturbed ones (ODIN-type methods; they
             need input gradients).
-        statistics: extras of the statistics pass beyond the core ones (``logits``, ``bank``, ``stages``, ``gram``).
+        statistics: extras of the statistics pass beyond the core ones (:class:`~lightning_ood.statistics.Statistic`
+            classes: ``Bank``, ``LogitStatistics``, ``StageGaussians``, ...).
         references: ID image sets other than the training images the scorer fits on (``id_val``, ``id_test``).
     """
 
     blocks: tuple[str, ...] = ()
     inputs: bool = False
-    statistics: frozenset[str] = frozenset()
+    statistics: frozenset[type[Statistic]] = frozenset()
     references: frozenset[str] = frozenset()
 
     def __or__(self, other: Needs) -> Needs:
@@ -149,7 +150,8 @@ class Scorer(nn.Module):
 
     Class attributes (the declarations :attr:`needs` reads):
         needs_inputs: the scorer perturbs the input images (see :class:`~lightning_ood.scoring.odin.ODIN`).
-        needs_statistics: statistics beyond the core ones that the statistics pass must accumulate for it.
+        needs_statistics: statistics beyond the core ones that the statistics pass must accumulate for it (the
+            :class:`~lightning_ood.statistics.Statistic` classes).
         search_space: the hyperparameter grid ``lightning-ood tune`` searches for this scorer (its authors' grid).
         selection: how ``lightning-ood tune`` selects its hyperparameters: ``grid`` (its ``search_space``, lowest
             FPR95, then highest AUROC, then the grid's first) or another procedure of
@@ -157,7 +159,7 @@ class Scorer(nn.Module):
     """
 
     needs_inputs: ClassVar[bool] = False
-    needs_statistics: ClassVar[frozenset[str]] = frozenset()
+    needs_statistics: ClassVar[frozenset[type[Statistic]]] = frozenset()
     search_space: ClassVar[dict[str, tuple]] = {}
     selection: ClassVar[str] = "grid"
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.scoring.base import Scorer, check_nonnegative
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import FeatureStatistics, LogitStatistics
 
 
 class FDBD(Scorer):
@@ -73,7 +73,7 @@ class SHE(Scorer):
     """Simplified Hopfield energy (Zhang et al., ICLR 2023): ``<h, pattern_pred>``, the pattern of a class being the
     mean feature of its correctly classified training images (OpenOOD's ``inner_product`` metric)."""
 
-    needs_statistics = frozenset({"logits"})
+    needs_statistics = frozenset({LogitStatistics})
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> SHE:
         super().fit_statistics(stats, head)

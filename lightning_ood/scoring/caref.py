@@ -23,8 +23,39 @@ from lightning_ood.statistics import (
     Statistic,
     StatisticsBatch,
     StatisticsSetup,
-    statistic,
 )
+
+
+class PredictedMeans(Statistic):
+    """``predicted_means``: per class the network predicts (argmax of the logits), the count and mean feature of the
+    training images predicted as it; and the mean over the training images of each CADRef logit score."""
+
+    name = "predicted_means"
+    fields = ("predicted_class_counts", "predicted_class_means", "mean_logit_scores")
+    needs_logits = True
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        c, f64 = setup.num_classes, torch.float64
+        self.counts = torch.zeros(c, dtype=f64)
+        self.sums = torch.zeros(c, setup.feature_dim, dtype=f64)
+        self.score_sums = torch.zeros(len(LOGIT_SCORES), dtype=f64)
+
+    def update(self, batch: StatisticsBatch) -> None:
+        z = batch.logits.to("cpu", torch.float64)
+        predicted = z.argmax(dim=1)
+        self.counts += torch.bincount(predicted, minlength=self.setup.num_classes).double()
+        self.sums.index_add_(0, predicted, batch.features.to("cpu", torch.float64))
+        self.score_sums += torch.stack([score(z).sum() for score in LOGIT_SCORES.values()])
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
+        counts = reduce.sum(self.counts)
+        score_means = reduce.sum(self.score_sums) / core["n"]
+        return {
+            "predicted_class_counts": counts.round().long(),
+            "predicted_class_means": reduce.sum(self.sums) / counts.clamp_min(1)[:, None],
+            "mean_logit_scores": dict(zip(LOGIT_SCORES, score_means.unbind(), strict=True)),
+        }
 
 
 def gen_inverse(logits: Tensor, gamma: float = 0.1) -> Tensor:  # (N, C) -> (N,)
@@ -56,7 +87,7 @@ class CARef(Scorer):
     """CARef: ``-||h - m_pred||_1 / ||h||_1``, ``m_pred`` the mean training feature of the predicted class
     (CARef.py lines 33-37)."""
 
-    needs_statistics = frozenset({"predicted_means"})
+    needs_statistics = frozenset({PredictedMeans})
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> CARef:
         super().fit_statistics(stats, head)
@@ -81,7 +112,7 @@ class CADRef(Scorer):
         logit_score: ``energy`` (the authors' default, ``ood_eval.py`` line 30), ``maxlogit``, ``msp`` or ``gen``.
     """
 
-    needs_statistics = frozenset({"predicted_means"})
+    needs_statistics = frozenset({PredictedMeans})
 
     def __init__(self, logit_score: str = "energy") -> None:
         super().__init__()
@@ -104,39 +135,6 @@ class CADRef(Scorer):
         against = F.relu(-aligned).sum(dim=1) / norm
         error = along / LOGIT_SCORES[self.logit_score](z) + against / self.train_logit_score.double()
         return -error
-
-
-@statistic
-class PredictedMeans(Statistic):
-    """``predicted_means``: per class the network predicts (argmax of the logits), the count and mean feature of the
-    training images predicted as it; and the mean over the training images of each CADRef logit score."""
-
-    name = "predicted_means"
-    fields = ("predicted_class_counts", "predicted_class_means", "mean_logit_scores")
-    needs_logits = True
-
-    def __init__(self, setup: StatisticsSetup) -> None:
-        super().__init__(setup)
-        c, f64 = setup.num_classes, torch.float64
-        self.counts = torch.zeros(c, dtype=f64)
-        self.sums = torch.zeros(c, setup.feature_dim, dtype=f64)
-        self.score_sums = torch.zeros(len(LOGIT_SCORES), dtype=f64)
-
-    def update(self, batch: StatisticsBatch) -> None:
-        z = batch.logits.to("cpu", torch.float64)
-        predicted = z.argmax(dim=1)
-        self.counts += torch.bincount(predicted, minlength=self.setup.num_classes).double()
-        self.sums.index_add_(0, predicted, batch.features.to("cpu", torch.float64))
-        self.score_sums += torch.stack([score(z).sum() for score in LOGIT_SCORES.values()])
-
-    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
-        counts = reduce.sum(self.counts)
-        score_means = reduce.sum(self.score_sums) / core["n"]
-        return {
-            "predicted_class_counts": counts.round().long(),
-            "predicted_class_means": reduce.sum(self.sums) / counts.clamp_min(1)[:, None],
-            "mean_logit_scores": dict(zip(LOGIT_SCORES, score_means.unbind(), strict=True)),
-        }
 
 
 __all__ = ["CADRef", "CARef", "PredictedMeans", "gen_inverse"]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lightning_ood.errors import ConfigError, FitError
 from lightning_ood.scoring.base import Scorer, as_float, check_number, check_seed
 from lightning_ood.scoring.neighbours import unit
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import Bank, FeatureStatistics
 
 CHUNK = 2048  # reference points per (N, chunk) block of distances
 
@@ -65,7 +65,7 @@ class CFOOD(Scorer):
         seed: seeds the draw of the reference set.
     """
 
-    needs_statistics = frozenset({"bank"})
+    needs_statistics = frozenset({Bank})
     # cfood.yml lines 12-29: alpha in {0.1, 0.5, 1} x k in {0.001, 0.005, 0.01, 0.05}
     search_space: ClassVar[dict[str, tuple]] = {"alpha": (0.1, 0.5, 1.0), "k": (0.001, 0.005, 0.01, 0.05)}
 

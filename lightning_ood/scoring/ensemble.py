@@ -36,8 +36,39 @@ from lightning_ood.statistics import (
     Statistic,
     StatisticsBatch,
     StatisticsSetup,
-    statistic,
 )
+
+
+class StageGaussians(Statistic):
+    """``stages``: per layer of Lee et al.'s ``feature_list`` (``backbone.stages()``), the class means and the shared
+    covariance of its channel means (their layer ensemble)."""
+
+    name = "stages"
+    fields = ("stages",)
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        self.names = list(setup.backbone.stages()) if setup.backbone is not None else []
+        self.gaussians: dict[str, ClassGaussians] = {}
+
+    def blocks(self) -> list[str]:
+        return self.names
+
+    def update(self, batch: StatisticsBatch) -> None:
+        for name in self.names:
+            out = batch.blocks[name]
+            pooled = out.flatten(2).mean(dim=2) if out.ndim == 4 else out.mean(dim=1)
+            if name not in self.gaussians:
+                self.gaussians[name] = ClassGaussians(self.setup.num_classes, pooled.shape[1])
+            self.gaussians[name].update(pooled, batch.labels)  # (B, S)
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
+        stages = {}
+        for name in self.names:
+            counts, means, scatter = self.gaussians[name].reduce(reduce)
+            stages[name] = {"counts": counts.round().long(), "class_means": means, "covariance": scatter / counts.sum()}
+        return {"stages": stages}
+
 
 Features = Callable[[Tensor], Tensor]
 
@@ -167,7 +198,7 @@ class MahalanobisEnsemble(Scorer):
     """
 
     needs_inputs = True
-    needs_statistics = frozenset({"stages"})
+    needs_statistics = frozenset({StageGaussians})
     search_space: ClassVar[dict[str, tuple]] = {"epsilon": (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)}
 
     def __init__(self, epsilon: float = 0.0014, weights: Sequence[float] | None = None, scale_by_std: bool = True):
@@ -250,7 +281,7 @@ class MahalanobisPaper(Scorer):
     """
 
     needs_inputs = True
-    needs_statistics = frozenset({"stages"})
+    needs_statistics = frozenset({StageGaussians})
 
     def __init__(
         self,
@@ -436,33 +467,3 @@ def logistic_regression_cv(
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-@statistic
-class StageGaussians(Statistic):
-    """``stages``: per layer of Lee et al.'s ``feature_list`` (``backbone.stages()``), the class means and the shared
-    covariance of its channel means (their layer ensemble)."""
-
-    name = "stages"
-    fields = ("stages",)
-
-    def __init__(self, setup: StatisticsSetup) -> None:
-        super().__init__(setup)
-        self.names = list(setup.backbone.stages()) if setup.backbone is not None else []
-        self.gaussians: dict[str, ClassGaussians] = {}
-
-    def blocks(self) -> list[str]:
-        return self.names
-
-    def update(self, batch: StatisticsBatch) -> None:
-        for name in self.names:
-            out = batch.blocks[name]
-            pooled = out.flatten(2).mean(dim=2) if out.ndim == 4 else out.mean(dim=1)
-            if name not in self.gaussians:
-                self.gaussians[name] = ClassGaussians(self.setup.num_classes, pooled.shape[1])
-            self.gaussians[name].update(pooled, batch.labels)  # (B, S)
-
-    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
-        stages = {}
-        for name in self.names:
-            counts, means, scatter = self.gaussians[name].reduce(reduce)
-            stages[name] = {"counts": counts.round().long(), "class_means": means, "covariance": scatter / counts.sum()}
-        return {"stages": stages}

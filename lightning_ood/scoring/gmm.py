@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from lightning_ood.errors import FitError
 from lightning_ood.linalg import spectrum
 from lightning_ood.scoring.base import Scorer, check_count, check_nonnegative, check_seed
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import Bank, FeatureStatistics
 
 EPS = torch.finfo(torch.float64).eps  # numpy's float64 eps: sklearn adds 10 eps to every component's weight
 
@@ -178,7 +178,7 @@ class GMM(Scorer):
         reg: added to the covariance's diagonal (sklearn's ``reg_covar``).
     """
 
-    needs_statistics = frozenset({"bank"})
+    needs_statistics = frozenset({Bank})
     # the settings OpenOOD tried: gmm.yml (50 components, pca_50) and _gmm_iter/cifar_gmm_*.yml (10, pca_10 / pca_50)
     search_space: ClassVar[dict[str, tuple]] = {"components": (10, 50), "dim": (10, 50)}
 

@@ -13,16 +13,61 @@ from lightning_ood.errors import ConfigError
 from lightning_ood.scoring.base import Batch, FittedTensors, Scorer
 from lightning_ood.statistics import (
     FeatureStatistics,
+    LogitStatistics,
     Reducers,
     Statistic,
     StatisticsBatch,
     StatisticsSetup,
-    statistic,
 )
 
 GRAM_CHUNK_ELEMENTS = 2**20  # float32 values per chunk of images in gram_features (4 MB)
 GRAM_POWERS = 10  # Gram orders 1 ... 10, as Sastry & Oore
 GRAM_HOLDOUT = 50  # one training image in 50 normalises the deviations instead of setting the bounds
+
+
+class GramBounds(Statistic):
+    """``gram``: per block output (``backbone.blocks()``), order p = 1 ... ``GRAM_POWERS`` and predicted class, the
+    minimum and maximum of the Gram features over the training images, and each block's mean deviation on one
+    training image in ``GRAM_HOLDOUT`` (left out of the bounds), which normalises it (Sastry & Oore, ICML 2020)."""
+
+    name = "gram"
+    fields = ("gram",)
+    needs_logits = True
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        self.names = list(setup.backbone.blocks()) if setup.backbone is not None else []
+        self.bounds: dict[str, dict] = {name: {"held": []} for name in self.names}
+
+    def blocks(self) -> list[str]:
+        return self.names
+
+    def update(self, batch: StatisticsBatch) -> None:
+        predicted = batch.logits.argmax(dim=1).cpu()
+        held = batch.indices % GRAM_HOLDOUT == 0
+        for name, bounds in self.bounds.items():
+            g = gram_features(batch.blocks[name].detach()).cpu()  # (B, P, S)
+            if "mins" not in bounds:
+                shape = (self.setup.num_classes, *g.shape[1:])
+                bounds["mins"] = torch.full(shape, math.inf, dtype=torch.float64)
+                bounds["maxs"] = torch.full(shape, -math.inf, dtype=torch.float64)
+            bounds["held"].append((predicted[held], g[held]))
+            for c in predicted[~held].unique().tolist():
+                members = g[~held & (predicted == c)]
+                bounds["mins"][c] = torch.minimum(bounds["mins"][c], members.amin(dim=0))
+                bounds["maxs"][c] = torch.maximum(bounds["maxs"][c], members.amax(dim=0))
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
+        gram = {}
+        for name, bounds in self.bounds.items():
+            mins, maxs = reduce.min(bounds["mins"]), reduce.max(bounds["maxs"])
+            unseen = torch.isinf(mins)  # a class never predicted: no bounds, no deviation counted for it
+            mins, maxs = mins.masked_fill(unseen, 0.0), maxs.masked_fill(unseen, 0.0)
+            classes = reduce.gather(torch.cat([c for c, _ in bounds["held"]]))
+            held = reduce.gather(torch.cat([g for _, g in bounds["held"]]))
+            deviation = gram_deviation(held, mins, maxs, classes)
+            gram[name] = {"mins": mins, "maxs": maxs, "normalizer": deviation.mean().clamp_min(1e-12)}
+        return {"gram": gram}
 
 
 def gram_features(block_output: Tensor, powers: int = GRAM_POWERS) -> Tensor:  # (N, C, H, W) or (N, T, D) -> (N, P, C)
@@ -74,7 +119,7 @@ class Gram(Scorer):
     on validation images; OpenOOD on held-out training images, and divides the total by the MSP, which is not done
     here). The blocks are the backbone's ``blocks()`` outputs (OpenOOD hooks every convolution)."""
 
-    needs_statistics = frozenset({"gram", "logits"})
+    needs_statistics = frozenset({GramBounds, LogitStatistics})
 
     def bind(self, backbone: nn.Module) -> Gram:
         self.blocks = list(backbone.blocks())
@@ -99,49 +144,3 @@ class Gram(Scorer):
             mins, maxs, normalizer = self.bounds[name]
             total += gram_deviation(gram_features(outputs[name]), mins, maxs, classes) / normalizer
         return -total
-
-
-@statistic
-class GramBounds(Statistic):
-    """``gram``: per block output (``backbone.blocks()``), order p = 1 ... ``GRAM_POWERS`` and predicted class, the
-    minimum and maximum of the Gram features over the training images, and each block's mean deviation on one
-    training image in ``GRAM_HOLDOUT`` (left out of the bounds), which normalises it (Sastry & Oore, ICML 2020)."""
-
-    name = "gram"
-    fields = ("gram",)
-    needs_logits = True
-
-    def __init__(self, setup: StatisticsSetup) -> None:
-        super().__init__(setup)
-        self.names = list(setup.backbone.blocks()) if setup.backbone is not None else []
-        self.bounds: dict[str, dict] = {name: {"held": []} for name in self.names}
-
-    def blocks(self) -> list[str]:
-        return self.names
-
-    def update(self, batch: StatisticsBatch) -> None:
-        predicted = batch.logits.argmax(dim=1).cpu()
-        held = batch.indices % GRAM_HOLDOUT == 0
-        for name, bounds in self.bounds.items():
-            g = gram_features(batch.blocks[name].detach()).cpu()  # (B, P, S)
-            if "mins" not in bounds:
-                shape = (self.setup.num_classes, *g.shape[1:])
-                bounds["mins"] = torch.full(shape, math.inf, dtype=torch.float64)
-                bounds["maxs"] = torch.full(shape, -math.inf, dtype=torch.float64)
-            bounds["held"].append((predicted[held], g[held]))
-            for c in predicted[~held].unique().tolist():
-                members = g[~held & (predicted == c)]
-                bounds["mins"][c] = torch.minimum(bounds["mins"][c], members.amin(dim=0))
-                bounds["maxs"][c] = torch.maximum(bounds["maxs"][c], members.amax(dim=0))
-
-    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
-        gram = {}
-        for name, bounds in self.bounds.items():
-            mins, maxs = reduce.min(bounds["mins"]), reduce.max(bounds["maxs"])
-            unseen = torch.isinf(mins)  # a class never predicted: no bounds, no deviation counted for it
-            mins, maxs = mins.masked_fill(unseen, 0.0), maxs.masked_fill(unseen, 0.0)
-            classes = reduce.gather(torch.cat([c for c, _ in bounds["held"]]))
-            held = reduce.gather(torch.cat([g for _, g in bounds["held"]]))
-            deviation = gram_deviation(held, mins, maxs, classes)
-            gram[name] = {"mins": mins, "maxs": maxs, "normalizer": deviation.mean().clamp_min(1e-12)}
-        return {"gram": gram}

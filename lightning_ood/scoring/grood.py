@@ -38,7 +38,7 @@ from lightning_ood.precision import network_device, network_dtype
 from lightning_ood.scoring.base import Scorer, as_float, check_count, check_seed
 from lightning_ood.scoring.logits import check_choice
 from lightning_ood.scoring.neighbours import kth_smallest_squared_distance
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import Bank, FeatureStatistics
 
 NOISE_BATCH, NOISE_KEPT = 100, 10  # grood.py lines 167-168: 100 noise images per draw, the 10 lowest-energy kept
 
@@ -72,7 +72,7 @@ class GrOOD(Scorer):
         seed: seeds the noise images.
     """
 
-    needs_statistics = frozenset({"bank"})
+    needs_statistics = frozenset({Bank})
     SOURCES = ("mean", "noise")
     # grood.yaml's sweep (lines 25-33) toggles use_gaussian_noise and use_val_ood (OOD validation images: not here)
     search_space: ClassVar[dict[str, tuple]] = {"ood_prototype": SOURCES}

@@ -26,11 +26,7 @@ from lightning_ood.scoring.base import (
 )
 from lightning_ood.statistics import (
     FeatureStatistics,
-    Reducers,
-    Statistic,
-    StatisticsBatch,
-    StatisticsSetup,
-    statistic,
+    LogitStatistics,
 )
 
 
@@ -131,7 +127,7 @@ class KLMatching(Scorer):
             training image of the statistics; not the authors' choice, which this project used to make).
     """
 
-    needs_statistics = frozenset({"logits"})
+    needs_statistics = frozenset({LogitStatistics})
 
     def __init__(self, reference: str = "id_val") -> None:
         super().__init__()
@@ -187,41 +183,3 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 __all__ = ["GEN", "Entropy", "GradNorm", "KLMatching", "TemperatureScaling", "check_choice", "check_number"]
-
-
-@statistic
-class LogitStatistics(Statistic):
-    """``logits``: per predicted class, the count and the mean softmax of the training images (KL matching's
-    templates); per class, the count and the mean feature of the correctly classified ones (SHE's patterns)."""
-
-    name = "logits"
-    fields = ("predicted_counts", "predicted_softmax", "correct_counts", "correct_means")
-    needs_logits = True
-
-    def __init__(self, setup: StatisticsSetup) -> None:
-        super().__init__(setup)
-        c, f64 = setup.num_classes, torch.float64
-        self.predicted_counts = torch.zeros(c, dtype=f64)
-        self.predicted_softmax = torch.zeros(c, c, dtype=f64)
-        self.correct_counts = torch.zeros(c, dtype=f64)
-        self.correct_sums = torch.zeros(c, setup.feature_dim, dtype=f64)
-
-    def update(self, batch: StatisticsBatch) -> None:
-        c = self.setup.num_classes
-        z = batch.logits.to("cpu", torch.float64)
-        h = batch.features.to("cpu", torch.float64)
-        predicted = z.argmax(dim=1)
-        self.predicted_counts += torch.bincount(predicted, minlength=c).double()
-        self.predicted_softmax.index_add_(0, predicted, z.softmax(dim=1))
-        right = predicted == batch.labels
-        self.correct_counts += torch.bincount(batch.labels[right], minlength=c).double()
-        self.correct_sums.index_add_(0, batch.labels[right], h[right])
-
-    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Tensor]:
-        predicted, correct = reduce.sum(self.predicted_counts), reduce.sum(self.correct_counts)
-        return {
-            "predicted_counts": predicted.round().long(),
-            "predicted_softmax": reduce.sum(self.predicted_softmax) / predicted.clamp_min(1)[:, None],
-            "correct_counts": correct.round().long(),
-            "correct_means": reduce.sum(self.correct_sums) / correct.clamp_min(1)[:, None],
-        }

@@ -31,8 +31,27 @@ from lightning_ood.statistics import (
     StatisticsBatch,
     StatisticsSetup,
     between_scatter,
-    statistic,
 )
+
+
+class UnitGaussians(Statistic):
+    """``unit_gaussians``: the class means and the within-class covariance of the L2-normalised training features
+    ``u = h / ||h||`` (Mahalanobis++ and RMDS++), accumulated around the class means (:class:`ClassGaussians`) and
+    merged across batches and DDP ranks."""
+
+    name = "unit_gaussians"
+    fields = ("unit_class_means", "unit_covariance")
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        self.gaussians = ClassGaussians(setup.num_classes, setup.feature_dim)
+
+    def update(self, batch: StatisticsBatch) -> None:
+        self.gaussians.update(unit(batch.features.detach().to("cpu", torch.float64)), batch.labels)  # (B, L)
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
+        counts, means, scatter = self.gaussians.reduce(reduce)
+        return {"unit_class_means": means, "unit_covariance": scatter / counts.sum()}
 
 
 def unit(h: Tensor) -> Tensor:  # (N, L) -> rows divided by their L2 norm (a zero row stays zero)
@@ -44,7 +63,7 @@ class MahalanobisPP(Scorer):
     normalised training features and ``P`` the pseudo-inverse of their tied within-class covariance. In float64, as
     the authors score. (A zero feature vector, which the authors' division turns into NaN, is kept at zero.)"""
 
-    needs_statistics = frozenset({"unit_gaussians"})
+    needs_statistics = frozenset({UnitGaussians})
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> MahalanobisPP:
         super().fit_statistics(stats, head)
@@ -67,7 +86,7 @@ class RMDSPP(Scorer):
     after ``evaluate_Mahalanobis_norm``), it fits it on the raw features. Here, as their OpenOOD ``rmdsn``, always on
     the normalised ones."""
 
-    needs_statistics = frozenset({"unit_gaussians"})
+    needs_statistics = frozenset({UnitGaussians})
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> RMDSPP:
         super().fit_statistics(stats, head)
@@ -86,7 +105,7 @@ class RMDSPP(Scorer):
 def unit_gaussians(stats: FeatureStatistics, scorer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(class means (C, L), within-class covariance (L, L), mean (L,), total covariance (L, L))`` of the normalised
     training features, in float64, from the statistics' ``unit_gaussians``."""
-    if stats.unit_class_means is None:
+    if "unit_class_means" not in stats.extras:
         raise ConfigError(
             f"{scorer} needs the 'unit_gaussians' statistics, which these statistics lack: fit them again."
         )
@@ -95,24 +114,3 @@ def unit_gaussians(stats: FeatureStatistics, scorer: str) -> tuple[Tensor, Tenso
     within = stats.unit_covariance.double().cpu()  # (L, L)
     mean, between = between_scatter(counts, means)
     return means, within, mean, within + between / counts.sum()
-
-
-@statistic
-class UnitGaussians(Statistic):
-    """``unit_gaussians``: the class means and the within-class covariance of the L2-normalised training features
-    ``u = h / ||h||`` (Mahalanobis++ and RMDS++), accumulated around the class means (:class:`ClassGaussians`) and
-    merged across batches and DDP ranks."""
-
-    name = "unit_gaussians"
-    fields = ("unit_class_means", "unit_covariance")
-
-    def __init__(self, setup: StatisticsSetup) -> None:
-        super().__init__(setup)
-        self.gaussians = ClassGaussians(setup.num_classes, setup.feature_dim)
-
-    def update(self, batch: StatisticsBatch) -> None:
-        self.gaussians.update(unit(batch.features.detach().to("cpu", torch.float64)), batch.labels)  # (B, L)
-
-    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
-        counts, means, scatter = self.gaussians.reduce(reduce)
-        return {"unit_class_means": means, "unit_covariance": scatter / counts.sum()}

@@ -6,7 +6,7 @@ sets), float16; every search is exact, in chunks of the bank, so no (N, M) matri
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -14,13 +14,8 @@ from torch import Tensor, nn
 from lightning_ood.errors import ConfigError, FitError
 from lightning_ood.scoring.base import Scorer, as_float, check_count, check_nonnegative, check_positive, energy
 from lightning_ood.statistics import (
+    Bank,
     FeatureStatistics,
-    Reducers,
-    Statistic,
-    StatisticsBatch,
-    StatisticsSetup,
-    bank_stride,
-    statistic,
 )
 
 CHUNK = 8192  # bank rows per matrix product
@@ -60,7 +55,7 @@ class KNN(Scorer):
     (``model.bank_images: 12811``).
     """
 
-    needs_statistics = frozenset({"bank"})
+    needs_statistics = frozenset({Bank})
     search_space: ClassVar[dict[str, tuple]] = {"k": (1, 10, 20, 50, 100, 200, 500, 1000)}
 
     def __init__(self, k: int = 50) -> None:
@@ -85,7 +80,7 @@ class NNGuide(Scorer):
     default), taken evenly by dataset index from the statistics' bank.
     """
 
-    needs_statistics = frozenset({"bank"})
+    needs_statistics = frozenset({Bank})
     search_space: ClassVar[dict[str, tuple]] = {"k": (1, 10, 50, 100, 200), "fraction": (0.01, 0.05, 0.1, 1.0)}
 
     def __init__(self, k: int = 100, fraction: float = 0.01) -> None:
@@ -119,7 +114,7 @@ class Relation(Scorer):
     ``r = max(cos(h, h_i), 0) * <p, p_i>`` raised to ``power``, counting only ``r > threshold`` (0.03), as OpenOOD.
     """
 
-    needs_statistics = frozenset({"bank"})
+    needs_statistics = frozenset({Bank})
     search_space: ClassVar[dict[str, tuple]] = {"power": (1, 2, 4, 6, 8)}
 
     def __init__(self, power: float = 1.0, threshold: float = 0.03) -> None:
@@ -146,38 +141,3 @@ class Relation(Scorer):
             r = r * (p @ self.bank_probs[start : start + CHUNK].T)  # (N, m)
             total += torch.where(r > self.threshold, r.double() ** self.power, 0.0).sum(dim=1)
         return total
-
-
-@statistic
-class Bank(Statistic):
-    """``bank``: the features of (a stride of) the training images, float16 (float32 beyond its range), with their
-    labels, in dataset-index order whatever the number of ranks; at most about ``bank_images`` of them."""
-
-    name = "bank"
-    fields = ("bank", "bank_labels", "bank_stride")
-
-    def __init__(self, setup: StatisticsSetup) -> None:
-        super().__init__(setup)
-        self.stride = bank_stride(setup.num_samples, setup.bank_images)
-        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []  # (indices, features float32, labels)
-
-    def update(self, batch: StatisticsBatch) -> None:
-        chosen = batch.indices % self.stride == 0
-        self.parts.append((batch.indices[chosen], batch.features.cpu()[chosen].float(), batch.labels[chosen]))
-
-    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
-        if self.parts:
-            indices, bank, labels = (torch.cat(parts) for parts in zip(*self.parts, strict=True))
-        else:
-            dim = self.setup.feature_dim
-            indices, bank, labels = (
-                torch.empty(0, dtype=torch.long),
-                torch.empty(0, dim),
-                torch.empty(0, dtype=torch.long),
-            )
-        # float16 (half the bytes) unless a feature on some rank is beyond its range (it would become inf)
-        largest = float(reduce.max(bank.abs().amax() if len(bank) else torch.tensor(0.0)))
-        bank = bank.to(torch.float16 if largest <= torch.finfo(torch.float16).max else torch.float32)
-        indices, bank, labels = reduce.gather(indices), reduce.gather(bank), reduce.gather(labels)
-        order = indices.argsort()  # the same bank whatever the number of ranks
-        return {"bank": bank[order], "bank_labels": labels[order], "bank_stride": self.stride}

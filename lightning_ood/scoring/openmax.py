@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.scoring.base import Scorer, check_count, exact_log_softmax
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import Bank, FeatureStatistics
 
 TRANSLATION = 10_000.0  # libMR shifts the tail by this constant before fitting, as its FitHigh does
 
@@ -41,7 +41,7 @@ class OpenMax(Scorer):
     classified ones only, as here.
     """
 
-    needs_statistics = frozenset({"bank"})
+    needs_statistics = frozenset({Bank})
     search_space: ClassVar[dict[str, tuple]] = {"tail": (10, 20, 50, 100), "alpha": (1, 2, 3, 5, 10)}
 
     def __init__(self, tail: int = 20, alpha: int = 3) -> None:

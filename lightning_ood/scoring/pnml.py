@@ -19,7 +19,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ood.scoring.base import Scorer, check_positive
-from lightning_ood.statistics import FeatureStatistics, Reducers, Statistic, StatisticsBatch, StatisticsSetup, statistic
+from lightning_ood.statistics import FeatureStatistics, Reducers, Statistic, StatisticsBatch, StatisticsSetup
+
+
+class UnitOuter(Statistic):
+    """``unit_outer``: ``X^T X`` of the L2-normalised training features, ``sum_i x_i x_i^T`` (L, L), float64 (a zero
+    feature adds nothing)."""
+
+    name = "unit_outer"
+    fields = ("unit_outer",)
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        self.outer = torch.zeros(setup.feature_dim, setup.feature_dim, dtype=torch.float64)
+
+    def update(self, batch: StatisticsBatch) -> None:
+        x = F.normalize(batch.features.to("cpu", torch.float64), dim=1)  # (B, L)
+        self.outer += x.T @ x
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
+        return {"unit_outer": reduce.sum(self.outer)}
 
 
 class PNML(Scorer):
@@ -30,7 +49,7 @@ class PNML(Scorer):
             pseudo-inverse (1e-15, the authors' ``pinv_rcond``).
     """
 
-    needs_statistics = frozenset({"unit_outer"})
+    needs_statistics = frozenset({UnitOuter})
 
     def __init__(self, rcond: float = 1e-15) -> None:
         super().__init__()
@@ -52,23 +71,3 @@ class PNML(Scorer):
         genie = torch.sigmoid(-(torch.log(-torch.expm1(log_p)) + (g - 1) * log_p))
         regret = genie.sum(dim=1).log() / math.log(log_p.shape[1])
         return 1 - regret  # float64: a regret below float32 resolution would round 1 - regret to 1.0 (ties)
-
-
-@statistic
-class UnitOuter(Statistic):
-    """``unit_outer``: ``X^T X`` of the L2-normalised training features, ``sum_i x_i x_i^T`` (L, L), float64 (a zero
-    feature adds nothing)."""
-
-    name = "unit_outer"
-    fields = ("unit_outer",)
-
-    def __init__(self, setup: StatisticsSetup) -> None:
-        super().__init__(setup)
-        self.outer = torch.zeros(setup.feature_dim, setup.feature_dim, dtype=torch.float64)
-
-    def update(self, batch: StatisticsBatch) -> None:
-        x = F.normalize(batch.features.to("cpu", torch.float64), dim=1)  # (B, L)
-        self.outer += x.T @ x
-
-    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
-        return {"unit_outer": reduce.sum(self.outer)}

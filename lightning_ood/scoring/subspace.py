@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lightning_ood.errors import ConfigError, FitError
 from lightning_ood.linalg import spectrum
 from lightning_ood.scoring.base import Scorer, as_float, check_count, energy
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import Bank, FeatureStatistics
 
 
 def default_dim(feature_dim: int) -> int:
@@ -64,7 +64,7 @@ class ViM(Scorer):
         dim: principal dimension D; ``None`` picks the authors' value for the feature size (see ``default_dim``).
     """
 
-    needs_statistics = frozenset({"bank"})
+    needs_statistics = frozenset({Bank})
     search_space: ClassVar[dict[str, tuple]] = {"dim": (64, 128, 256, 512, 1000)}
 
     def __init__(self, dim: int | None = None) -> None:

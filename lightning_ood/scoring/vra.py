@@ -51,10 +51,33 @@ from lightning_ood.statistics import (
     StatisticsSetup,
     percentile,
     quantile_stride,
-    statistic,
 )
 
 MAX_VALUES = 64_000_000  # training activations kept for the per-unit quantiles (as the core percentiles keep)
+
+
+class UnitQuantiles(Statistic):
+    """``unit_quantiles``: per unit, the percentiles p = 0, 0.1, ..., 100 of the training features (1001, L), exact
+    (numpy's linear interpolation) over the training images kept: every one of them unless N x L exceeds
+    ``MAX_VALUES``, then one in a stride by dataset index, the same whatever the batching and the ranks."""
+
+    name = "unit_quantiles"
+    fields = ("unit_quantiles",)
+
+    def __init__(self, setup: StatisticsSetup) -> None:
+        super().__init__(setup)
+        self.stride = quantile_stride(setup.num_samples, setup.feature_dim, MAX_VALUES)
+        self.kept: list[Tensor] = []
+
+    def update(self, batch: StatisticsBatch) -> None:
+        h = batch.features.detach().cpu()
+        h = h if h.dtype == torch.float64 else h.float()  # the values the network produced
+        self.kept.append(h[batch.indices % self.stride == 0])
+
+    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
+        values = torch.cat(self.kept) if self.kept else torch.empty(0, self.setup.feature_dim)
+        values = reduce.gather(values)  # the order of the rows does not change a percentile
+        return {"unit_quantiles": percentile(values, QUANTILE_GRID.to(values.device), dim=0).T.contiguous()}
 
 
 class VRA(LogitScorer):
@@ -77,7 +100,7 @@ class VRA(LogitScorer):
     """
 
     BELOW = ("zero", "clamp")
-    needs_statistics = frozenset({"unit_quantiles"})
+    needs_statistics = frozenset({UnitQuantiles})
 
     def __init__(
         self,
@@ -157,28 +180,3 @@ class VRA(LogitScorer):
         if self.norm_weight:
             score = score - self.norm_weight * (as_float(features) - self.norm_centre).square().sum(dim=1)
         return score
-
-
-@statistic
-class UnitQuantiles(Statistic):
-    """``unit_quantiles``: per unit, the percentiles p = 0, 0.1, ..., 100 of the training features (1001, L), exact
-    (numpy's linear interpolation) over the training images kept: every one of them unless N x L exceeds
-    ``MAX_VALUES``, then one in a stride by dataset index, the same whatever the batching and the ranks."""
-
-    name = "unit_quantiles"
-    fields = ("unit_quantiles",)
-
-    def __init__(self, setup: StatisticsSetup) -> None:
-        super().__init__(setup)
-        self.stride = quantile_stride(setup.num_samples, setup.feature_dim, MAX_VALUES)
-        self.kept: list[Tensor] = []
-
-    def update(self, batch: StatisticsBatch) -> None:
-        h = batch.features.detach().cpu()
-        h = h if h.dtype == torch.float64 else h.float()  # the values the network produced
-        self.kept.append(h[batch.indices % self.stride == 0])
-
-    def compute(self, core: dict[str, Tensor], reduce: Reducers) -> dict[str, Any]:
-        values = torch.cat(self.kept) if self.kept else torch.empty(0, self.setup.feature_dim)
-        values = reduce.gather(values)  # the order of the rows does not change a percentile
-        return {"unit_quantiles": percentile(values, QUANTILE_GRID.to(values.device), dim=0).T.contiguous()}

@@ -28,7 +28,7 @@ from lightning_ood.scoring.base import (
     log_max_softmax,
     log_rest_softmax,
 )
-from lightning_ood.statistics import FeatureStatistics
+from lightning_ood.statistics import Bank, FeatureStatistics
 
 CHUNK_VALUES = 1 << 23  # perturbed logits per block of rows (the ImageNet head has 100 x 1000 per image)
 FEATURE_EPS, PERTURBED_EPS = 0.01, 0.025  # added to both densities before the KL (utils.py lines 330-331)
@@ -166,7 +166,7 @@ class WeiPerKLD(WeiPer):
         lambda_2: weight of WeiPer's MSP (0.1 CIFAR-10 and ViT, 1 CIFAR-100, 0.25 ImageNet ResNet-50).
     """
 
-    needs_statistics = frozenset({"bank"})
+    needs_statistics = frozenset({Bank})
     # the authors' sweep (weiper_kldiv.yml postprocessor_sweep, searched by hyperparameter_search_on_latents.py)
     search_space: ClassVar[dict[str, tuple]] = {
         "delta": (1.8, 2.0, 2.2, 2.4),
