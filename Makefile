@@ -116,7 +116,7 @@ sweep-shared: $(STAMP) ## Sensitivity to lambda and p (paper, Figs. 6-7) of the 
 	$(BIN)/lightning-ood sweep $(SHARED) $(ARGS)
 
 normratio-shared: $(STAMP) ## FeatureNorm block by NormRatio for the train-quick model, then its OOD table with FeatureNorm
-	$(BIN)/lightning-ood normratio $(SHARED) --output checkpoints/quick_cpu/featurenorm.yaml $(ARGS)
+	$(BIN)/lightning-ood tune $(SHARED) --scorer featurenorm --output checkpoints/quick_cpu/featurenorm.yaml $(ARGS)
 	$(BIN)/lightning-ood test $(SHARED) -c checkpoints/quick_cpu/featurenorm.yaml
 
 reproduce: $(STAMP) ## The paper's DenseNet rows (Tables I, III, IV) with the DICE checkpoints: DATASET= WEIGHTS= DATA= OOD_ROOT=
@@ -152,7 +152,7 @@ profile-step: $(STAMP) ## Where one training step's time goes (ResNet-18): eager
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_DATA = $(if $(filter file,$(origin DATA)),$(SHARED_DATA)/cifar10-jpeg,$(DATA))
 GPU_OOD_ROOT = $(if $(filter file,$(origin OOD_ROOT)),$(SHARED_DATA),$(OOD_ROOT))
-gpu-check: ## One CUDA GPU, a few minutes: fit, test, tune/sweep/normratio, benchmarks (DATA=, OOD_ROOT=; ARGS=--allow-cpu)
+gpu-check: ## One CUDA GPU, a few minutes: fit, test, tune (fmls, featurenorm)/sweep, benchmarks (DATA=, OOD_ROOT=; ARGS=--allow-cpu)
 	$(GPU_PYTHON) benchmarks/gpu_check.py --data $(GPU_DATA) --ood-root $(GPU_OOD_ROOT) $(ARGS)
 
 clean: ## Remove logs, checkpoints, the feature cache and tool caches (keeps .venv; `rm -rf .venv` for a full reset)

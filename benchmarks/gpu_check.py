@@ -11,7 +11,8 @@ Steps (each a child process with its own timeout; a step that fails does not sto
   file must hold a finite AUROC for every scorer and OOD set;
 - ``test_no_stats``: a copy of the checkpoint without its OOD statistics, so that ``test`` computes them first (a few
   scorers; their AUROCs are compared with ``test``'s);
-- ``tune``, ``sweep``, ``normratio``: the OOD commands on the checkpoint;
+- ``tune`` (the paper's p and lambda; FeatureNorm's block by NormRatio), ``sweep``: the OOD commands on the
+  checkpoint;
 - ``bench_train``, ``bench_train_graphs``, ``bench_eval``: ``benchmarks/bench_train.py`` (eager, then with
   ``--cuda-graphs``) and ``benchmarks/bench_eval.py`` on the GPU;
 - ``profile``: ``benchmarks/profile_step.py``, where one training step's time goes, eager and with CUDA graphs
@@ -296,7 +297,7 @@ class Check:
             result.figures["min_avg_auroc"] = round(100 * min(averages.values()), 2)
         return results
 
-    # ---------------------------------------------------------------- tune, sweep, normratio
+    # ---------------------------------------------------------------- tune, sweep, tune of featurenorm
     def command_tune(self) -> list[str]:
         return self.cli("tune", "tune", "--output", str(self.work / "tune" / "selected.yaml"),
                         "--noise_size", str(self.args.noise_size), "--val_size", "1000",
@@ -322,15 +323,16 @@ class Check:
         if found := log_lines(log, r"on cached features took ([\d.]+)s"):
             result.figures["sweep_on_cached_s"] = float(found[-1].group(1))
 
-    def command_normratio(self) -> list[str]:
+    def command_normratio(self) -> list[str]:  # FeatureNorm's block by NormRatio: tune --scorer featurenorm
         output = self.work / "normratio" / "featurenorm.yaml"
-        return self.cli("normratio", "normratio", "--images", str(self.args.normratio_images), "--output", str(output),
+        return self.cli("normratio", "tune", "--scorer", "featurenorm", "--settings",
+                        f"{{normratio_images: {self.args.normratio_images}}}", "--output", str(output),
                         ckpt=self.checkpoint)  # fmt: skip
 
     def check_normratio(self, result: Result, log: Path) -> None:
         if not (self.work / "normratio" / "featurenorm.yaml").is_file():
             result.fail("no featurenorm.yaml written")
-        if found := log_lines(log, r"FeatureNorm block: (\S+?)\.? Written"):
+        if found := log_lines(log, r"FeatureNorm block: (\S+?)\.$"):
             result.figures["block"] = found[-1].group(1)
 
     # ---------------------------------------------------------------- benchmarks

@@ -4,7 +4,6 @@ checkpoints per model: markdown, CSV and LaTeX, from the runs' ``ood_results.jso
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import statistics
@@ -13,8 +12,7 @@ from pathlib import Path
 
 from lightning_ood.errors import ConfigError, DataError
 from lightning_ood.report import METRIC_TITLES, OOD_TITLES, latex_escape
-from lightning_ood.scoring.odin import ODIN
-from lightning_ood.scoring.registry import SCORERS
+from lightning_ood.scoring.registry import SCORERS, defaults
 
 RESULTS = "ood_results.json"
 
@@ -186,14 +184,7 @@ def _with_defaults(scorers: object) -> object:
 def _scorer_with_defaults(spec: object) -> object:
     if not isinstance(spec, dict) or spec.get("scorer") not in SCORERS:
         return spec  # a scorer this version does not register: compared as recorded
-    entry = SCORERS[spec["scorer"]]
-    base = getattr(entry.build, "base", None)  # ODIN on another method (odin_fmls): ODIN's and the method's defaults
-    defaults = {}
-    for build in (entry.build, base, ODIN if base else None):
-        if isinstance(build, type):
-            parameters = inspect.signature(build).parameters.items()
-            defaults.update({k: p.default for k, p in parameters if p.default is not p.empty and k not in defaults})
-    return json.loads(json.dumps({**defaults, **entry.presets, **spec}, default=str))  # tuples as JSON lists
+    return json.loads(json.dumps({**defaults(spec["scorer"]), **spec}, default=str))  # tuples as JSON lists
 
 
 def _differences(name: str, theirs: object, ours: object) -> list[str]:

@@ -121,7 +121,7 @@ def fast_benchmark(subcommand: str | None, benchmark, deterministic, accelerator
 
 class OODCLI(LightningCLI):
     """Adds an always-on ``checkpoint`` (ModelCheckpoint) group, links the data's class count to the model, the
-    ``tune`` / ``sweep`` / ``normratio`` / ``import`` subcommands of :class:`OODTrainer`, and checks before any work:
+    ``tune`` / ``sweep`` / ``import`` subcommands of :class:`OODTrainer`, and checks before any work:
     the checkpoint to load, the weights to evaluate, and the folders the run writes (:mod:`lightning_ood.run_folder`).
     ``predict`` is not offered: scoring images is what ``test`` does."""
 
@@ -132,7 +132,7 @@ class OODCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         ours = {"model", "datamodule"}
         lightning = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
-        return {**lightning, "tune": ours, "sweep": ours, "normratio": ours, "import": ours}
+        return {**lightning, "tune": ours, "sweep": ours, "import": ours}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -301,8 +301,6 @@ class OODCLI(LightningCLI):
         self._before_command()
         self.trainer.test_config = self._test_config()
 
-    before_normratio = before_tune
-
     def before_import(self) -> None:
         """The checks of every command; the follow-up ``test`` evaluates the written checkpoint, which holds the
         weights (no published weights to convert again)."""
@@ -347,7 +345,7 @@ class OODCLI(LightningCLI):
             )
         self._release()
 
-    after_fit = after_test = after_tune = after_sweep = after_normratio = after_import = _release
+    after_fit = after_test = after_tune = after_sweep = after_import = _release
 
 
 def user_error(exc: BaseException | None) -> LightningOODError | None:

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,30 @@ def transform_fingerprint(dataset: Dataset) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ extraction
+def network_batches(
+    backbone: nn.Module,
+    loader: Iterable,
+    description: str = "",
+    progress: bool = True,
+    total: int | None = None,
+) -> Iterator[tuple[Tensor, tuple]]:
+    """The one loop over images: ``(images, batch)`` for each batch of ``loader``, the images moved to the network's
+    device and dtype, the network in eval mode (restored afterwards), a progress bar. :func:`network_pass` runs the
+    network on them; methods that need input gradients run their own passes on them (in their fits)."""
+    was_training = backbone.training
+    backbone.eval()
+    device, dtype = network_device(backbone), network_dtype(backbone)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, disable=not progress, transient=True) as bar:
+            task = bar.add_task(description or "Network pass", total=total if total is not None else _length(loader))
+            for batch in loader:
+                yield batch[0].to(device, dtype, non_blocking=True), batch
+                bar.advance(task)
+    finally:
+        backbone.train(was_training)
+
+
 @torch.inference_mode(False)
 @torch.no_grad()
 def network_pass(
@@ -101,35 +125,26 @@ def network_pass(
     total: int | None = None,
     subject: str = "images",
 ) -> Iterable[tuple[Tensor, Tensor, dict[str, Tensor], tuple]]:
-    """The one forward loop over ``loader``: the network in eval mode (restored afterwards), each batch moved to the
-    network's device, NaN/inf features refused. Yields ``(features, logits, block outputs, batch)`` with the
-    features at least float32 and ``batch`` the loader's items (``(images, labels[, indices])``).
+    """The forward pass over ``loader`` (:func:`network_batches`), NaN/inf features refused. Yields ``(features,
+    logits, block outputs, batch)`` with the features at least float32 and ``batch`` the loader's items
+    (``(images, labels[, indices])``).
 
     Outside inference mode, so that what is computed from the features can serve an autograd pass later (ODIN).
     """
-    was_training = backbone.training
-    backbone.eval()
-    device, dtype = network_device(backbone), network_dtype(backbone)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns, disable=not progress, transient=True) as bar, block_outputs(backbone, blocks) as out:
-            task = bar.add_task(description or "Network pass", total=total if total is not None else _length(loader))
-            for batch in loader:
-                images = batch[0].to(device, dtype, non_blocking=True)
-                features = as_float(backbone.features(images))
-                if not torch.isfinite(features).all():
-                    broken = int((~torch.isfinite(features).all(dim=1)).sum())
-                    where = f" {batch[2][:5].tolist()}..." if len(batch) > 2 else ""
-                    raise DataError(
-                        f"{description or 'Network pass'}: NaN or infinite penultimate features on {subject}{where} "
-                        f"({broken} of {len(features)} images of a batch): the weights or the inputs are broken, and "
-                        f"every statistic and score would be meaningless."
-                    )
-                logits = as_float(backbone.head(features.to(dtype)))
-                yield features, logits, out, batch
-                bar.advance(task)
-    finally:
-        backbone.train(was_training)
+    dtype = network_dtype(backbone)
+    with block_outputs(backbone, blocks) as out:
+        for images, batch in network_batches(backbone, loader, description, progress, total):
+            features = as_float(backbone.features(images))
+            if not torch.isfinite(features).all():
+                broken = int((~torch.isfinite(features).all(dim=1)).sum())
+                where = f" {batch[2][:5].tolist()}..." if len(batch) > 2 else ""
+                raise DataError(
+                    f"{description or 'Network pass'}: NaN or infinite penultimate features on {subject}{where} "
+                    f"({broken} of {len(features)} images of a batch): the weights or the inputs are broken, and "
+                    f"every statistic and score would be meaningless."
+                )
+            logits = as_float(backbone.head(features.to(dtype)))
+            yield features, logits, out, batch
 
 
 def _length(loader: Iterable) -> int | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -26,3 +28,16 @@ def git_commit() -> str:
     if commit.returncode:
         return ""
     return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def run_provenance(**what: object) -> dict[str, object]:
+    """What produced a run's numbers, for its result files: ``what`` the run says of itself (weights, checkpoint,
+    fingerprint, input normalisation, statistics, references, scorers, test sets, ...), then the seed, the package's
+    version, the git commit and the date."""
+    return {
+        **what,
+        "seed": os.environ.get("PL_GLOBAL_SEED", ""),
+        "package": f"lightning-ood {package_version()}",
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -16,14 +16,17 @@ from functools import cache
 from importlib.resources import files
 from pathlib import Path
 
+import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
-from lightning_ood.io import atomic_write_text
+from lightning_ood.io import atomic_write, atomic_write_text
 from lightning_ood.scoring import paper_name
 
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
+SCORES_FILE = "ood_scores.pt"
 METRIC_TITLES = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑"}
 
 # Our names -> the paper's table names.
@@ -108,6 +111,8 @@ class OODReport:
             ``FPR95 (OOD+)`` and stored as ``fpr95_ood``; no paper figure beside it. The threshold rule,
             ``provenance["fpr_threshold"]``, is labelled ``(closest TPR)`` when it is the paper's code's ``closest``.
         groups: OOD set -> group (``near``, ``far``): each group gets its own average column and rows.
+        scores: ``scores[scorer][set]``, every image's score in dataset order (higher = more in-distribution),
+            written to ``ood_scores.pt``; empty when not kept.
     """
 
     id_name: str
@@ -121,6 +126,7 @@ class OODReport:
     tpr: float = 0.95
     fpr_positive: str = "id"
     groups: dict[str, str] = field(default_factory=dict)
+    scores: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def fpr_label(self) -> str:
@@ -402,14 +408,25 @@ class OODReport:
         return {self.output_key(k): min(1.0, max(0.0, v)) for k, v in values.items()}
 
     def write(self, folder: str | Path) -> tuple[Path, ...]:
-        """Write ``ood_results.{md,csv,json,tex}`` into ``folder`` (atomically)."""
+        """Write ``ood_results.{md,csv,json,tex}`` into ``folder`` (atomically), and ``ood_scores.pt`` when the
+        report holds every image's score (:meth:`scores_payload`)."""
         folder = Path(folder)
-        return (
+        written = (
             atomic_write_text(folder / "ood_results.md", self.to_markdown()),
             atomic_write_text(folder / "ood_results.csv", self.to_csv()),
             atomic_write_text(folder / "ood_results.json", self.to_json()),
             atomic_write_text(folder / "ood_results.tex", self.to_latex()),
         )
+        if not self.scores:
+            return written
+        payload = self.scores_payload()
+        return (*written, atomic_write(folder / SCORES_FILE, lambda f: torch.save(payload, f)))
+
+    def scores_payload(self) -> dict:
+        """What ``ood_scores.pt`` holds: ``{"id": ID set, "ood": [OOD sets], "scores": {scorer: {set: (N,)}}}``, one
+        score per image in dataset order. Tensors, strings and lists only: it loads with ``torch.load(path,
+        weights_only=True)``."""
+        return {"id": self.id_name, "ood": list(self.ood_names), "scores": self.scores}
 
 
 def results_console() -> Console:

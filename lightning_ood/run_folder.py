@@ -25,8 +25,8 @@ from pathlib import Path
 from lightning_ood.errors import OutputError
 from lightning_ood.io import check_writable_folder, process_alive, remove_empty_folders
 
-RESULT_FILES = ("ood_results.*", "selected.yaml", "tune_grid.csv", "sensitivity.csv", "normratio.csv",
-                "featurenorm.yaml")  # fmt: skip
+RESULT_FILES = ("ood_results.*", "ood_scores.pt", "selected.yaml", "tune_grid.csv", "sensitivity.csv",
+                "normratio.csv")  # fmt: skip
 LOCK = ".lightning-ood.lock"
 
 

@@ -1,12 +1,14 @@
-"""Hyperparameter selection (the paper's Section V-F, generalised to every scorer with a search space) and
-sensitivity sweeps (Figures 6 and 7), computed on cached features: no pass over the images beyond the first.
+"""Hyperparameter selection and sensitivity sweeps, for any scorer, from what its class declares (``search_space`` and
+:class:`~lightning_ood.scoring.base.Tuning`), computed on cached features: no pass over the images beyond the first.
+Nothing here names a method: the paper's Section V-F procedure for its method (p x lambda against Gaussian noise,
+lambda at percentiles of the training activations, the least intrusive setting among equals, applied to the method's
+variants) is what ``FMLS`` declares; the paper's Figures 6 and 7 are the sweeps that ``FMLS``, ``LINE`` and ``ReAct``
+declare.
 
 Selection rule: on ID validation images (held-out training images with the test transform) against the validation
 OOD images (Gaussian noise N(0, 1) per input value, the paper's; or an OOD set such as OpenOOD's TinyImageNet
-validation list), take the setting with the lowest FPR95; ties go to the higher AUROC. For the paper's ``fmls`` the
-next ties go to the least intrusive setting (the largest lambda, then the smallest p), so an easy validation set that
-many settings separate perfectly does not push the choice to an extreme; for other scorers to the first setting of the
-grid.
+validation list), the setting with the lowest FPR95; ties go to the higher AUROC, then to the scorer's ``prefer``, then
+to the first setting of the grid.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,30 +28,10 @@ from rich.table import Table
 from torch import nn
 
 from lightning_ood.engine import cached_engine
-from lightning_ood.errors import ConfigError
 from lightning_ood.metrics import ood_metrics
-from lightning_ood.scoring import Scorer, build_scorer
+from lightning_ood.scoring.base import Tuning
 from lightning_ood.scoring.registry import family, presets
 from lightning_ood.statistics import FeatureSet, FeatureStatistics
-
-DEFAULT_PERCENTILES = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)  # the paper's grid for p
-DEFAULT_CLIP_PERCENTILES = (50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0, 99.0)  # lambda grid, as activation percentiles
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One point of the selection grid with its validation metrics."""
-
-    percentile: float
-    clip: float
-    clip_percentile: float | None
-    fpr95: float
-    auroc: float
-
-
-def selection_key(candidate: Candidate) -> tuple[float, float, float, float]:
-    """The paper's rule as a sort key: lowest FPR95, then highest AUROC, then largest lambda, then smallest p."""
-    return (candidate.fpr95, -candidate.auroc, -candidate.clip, candidate.percentile)
 
 
 def score(name: str, stats: FeatureStatistics, head: nn.Linear, data: FeatureSet, **params):
@@ -58,196 +40,132 @@ def score(name: str, stats: FeatureStatistics, head: nn.Linear, data: FeatureSet
     return cached_engine(head, {name: {"scorer": name, **params}}, stats).score_cached(data)[name]
 
 
-def select_fmls(
-    stats: FeatureStatistics,
-    head: nn.Linear,
-    id_val: FeatureSet,
-    noise: FeatureSet,
-    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-    clips: Sequence[float] | None = None,
-    clip_percentiles: Sequence[float] = DEFAULT_CLIP_PERCENTILES,
-    name: str = "fmls",
-) -> tuple[Candidate, list[Candidate]]:
-    """Grid search of (p, lambda) for ``fmls`` on ID validation vs noise; returns the choice and the whole grid.
-
-    ``clips`` gives absolute lambdas; otherwise lambda runs over ``clip_percentiles`` of the training activations.
-    """
-    grid = (
-        [(c, None) for c in clips]
-        if clips is not None
-        else [(stats.activation_percentile(q), q) for q in clip_percentiles]
-    )
-    candidates = []
-    for p in percentiles:
-        for clip, q in grid:
-            id_scores = score(name, stats, head, id_val, percentile=p, clip=clip)
-            noise_scores = score(name, stats, head, noise, percentile=p, clip=clip)
-            m = ood_metrics(id_scores, noise_scores)
-            candidates.append(Candidate(float(p), float(clip), q, m["fpr95"], m["auroc"]))
-    best = min(candidates, key=selection_key)
-    return best, candidates
+def absolute(tuning: Tuning, key: str, value: Any, stats: FeatureStatistics) -> tuple[str, Any]:
+    """``(hyperparameter, value)`` of a grid entry: a key of ``tuning.of_activations`` (a percentile of the training
+    activations) becomes the absolute value of the hyperparameter it sets."""
+    target = tuning.of_activations.get(key)
+    return (target, stats.activation_percentile(value)) if target else (key, value)
 
 
+# ------------------------------------------------------------------------------------------------ selection
 @dataclass(frozen=True)
 class Setting:
-    """One point of a scorer's grid with its validation metrics."""
+    """One point of a scorer's grid: as the grid gave it (``shown``), as it was scored (``params``: absolute values),
+    and its validation metrics."""
 
+    shown: tuple[tuple[str, Any], ...]
     params: tuple[tuple[str, Any], ...]
     fpr95: float
     auroc: float
 
 
-def select_scorer(
+def select(
     name: str,
+    tuning: Tuning,
     stats: FeatureStatistics,
     head: nn.Linear,
     id_val: FeatureSet,
     ood_val: FeatureSet,
-    grid: dict[str, Sequence[Any]],
+    grid: Mapping[str, Sequence[Any]],
+    fixed: Mapping[str, Any] | None = None,
 ) -> tuple[Setting, list[Setting]]:
-    """Grid search of any feature-space scorer over the Cartesian product of ``grid``; the lowest FPR95, then the
-    highest AUROC, then the first setting in grid order."""
+    """Score every setting of the Cartesian product of ``grid`` (and the ``fixed`` hyperparameters) on ID validation vs
+    validation OOD features; the choice by the selection rule (module docstring) and every setting."""
     keys = list(grid)
     settings = []
     for values in itertools.product(*(grid[k] for k in keys)):
-        params = dict(zip(keys, values, strict=True))
-        m = ood_metrics(score(name, stats, head, id_val, **params), score(name, stats, head, ood_val, **params))
-        settings.append(Setting(tuple(params.items()), m["fpr95"], m["auroc"]))
-    best = min(settings, key=lambda s: (s.fpr95, -s.auroc))  # min keeps the first of equals
-    return best, settings
+        shown = tuple(zip(keys, values, strict=True))
+        params = tuple(absolute(tuning, k, v, stats) for k, v in shown)
+        everything = {**(fixed or {}), **dict(params)}
+        m = ood_metrics(score(name, stats, head, id_val, **everything), score(name, stats, head, ood_val, **everything))
+        settings.append(Setting(shown, params, m["fpr95"], m["auroc"]))
+
+    return ranked(settings, tuning)[0], settings
 
 
-def settings_csv(settings: list[Setting]) -> str:
-    keys = [k for k, _ in settings[0].params]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*keys, "fpr95", "auroc"])
-    writer.writerows([*(v for _, v in s.params), s.fpr95, s.auroc] for s in settings)
-    return buffer.getvalue()
+def ranked(settings: Sequence[Setting], tuning: Tuning) -> list[Setting]:
+    """``settings`` best first, by the selection rule: the lowest FPR95, the highest AUROC, ``tuning.prefer``, grid
+    order."""
+
+    def rule(position: int) -> tuple:
+        setting = settings[position]
+        params = dict(setting.params)
+        preferred = [-params[k] if way == "high" else params[k] for k, way in tuning.prefer if k in params]
+        return (setting.fpr95, -setting.auroc, *preferred, position)
+
+    return [settings[i] for i in sorted(range(len(settings)), key=rule)]
 
 
-def with_params(specs: dict[str, tuple[str, dict]], name: str, params: dict[str, Any]) -> dict[str, dict]:
-    """The model's scorer mapping with ``params`` applied to every scorer registered as ``name`` (added under its
-    name when the config has none)."""
-    out = {label: {"scorer": scorer, **(dict(p, **params) if scorer == name else p)}
-           for label, (scorer, p) in specs.items()}  # fmt: skip
-    if not any(scorer == name for scorer, _ in specs.values()):
+def tuned_scorers(
+    specs: Mapping[str, tuple[str, dict]], name: str, params: Mapping[str, Any], tuning: Tuning
+) -> dict[str, dict]:
+    """The model's scorer mapping with the chosen ``params``: applied to ``name`` (added under its name when the
+    config has none) or, for a ``family`` tuning, to every configured scorer of its class (a variant that fixes a
+    tuned hyperparameter to ``None``, ``fm_ls``'s ``clip``, keeps it; a hyperparameter set by a percentile of the
+    activations replaces that percentile)."""
+    kind = family(name)
+    replaced = {target: key for key, target in tuning.of_activations.items()}
+    out, found = {}, False
+    for label, (scorer, configured) in specs.items():
+        configured = dict(configured)
+        if scorer == name or (tuning.family and kind is not None and family(scorer) is kind):
+            found = True
+            for key, value in params.items():
+                if key in presets(scorer) and presets(scorer)[key] is None:
+                    continue  # the variant switches it off
+                configured.pop(replaced.get(key, ""), None)
+                configured[key] = value
+        out[label] = {"scorer": scorer, **configured}
+    if not found:
         out[name] = {"scorer": name, **params}
     return out
 
 
-def selected_scorers(specs: dict[str, tuple[str, dict]], best: Candidate, name: str = "fmls") -> dict[str, dict]:
-    """The model's scorer mapping with the chosen p and lambda applied to the tuned method and its registered
-    variants (every configured scorer of its :func:`~lightning_ood.scoring.registry.family`); a variant whose
-    registration switches clipping off (``fm_ls``: ``clip: None``) keeps it off."""
-    kind = family(name)
-    out = {}
-    for label, (scorer, params) in specs.items():
-        params = dict(params)
-        if kind is not None and family(scorer) is kind:
-            params["percentile"] = best.percentile
-            if presets(scorer).get("clip", 0.0) is not None:
-                params.pop("clip_percentile", None)  # the chosen lambda replaces a percentile rule
-                params["clip"] = best.clip
-        out[label] = {"scorer": scorer, **params}
-    return out
+def settings_csv(settings: Sequence[Setting]) -> str:
+    """One row per setting: the grid's values, the absolute values of those given as activation percentiles,
+    FPR95 and AUROC."""
+    shown = [k for k, _ in settings[0].shown]
+    extra = [k for k, _ in settings[0].params if k not in shown]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*shown, *extra, "fpr95", "auroc"])
+    for s in settings:
+        params = dict(s.params)
+        writer.writerow([*(v for _, v in s.shown), *(params[k] for k in extra), s.fpr95, s.auroc])
+    return buffer.getvalue()
 
 
-# ------------------------------------------------------------------------------------------------ selections
-@dataclass
-class Selected:
-    """What a selection procedure chose, for ``lightning-ood tune`` to report and write."""
-
-    params: dict[str, Any]
-    summary: str
-    fpr95: float
-    auroc: float
-    size: int
-    csv: str
-    scorers: dict[str, dict]  # the model's scorer mapping with the choice applied (the overlay)
-    table: Table
-
-
-class GridSelection:
-    """A scorer's declared ``search_space`` (or ``--grid``): every setting of the Cartesian product scored on cached
-    features; the lowest FPR95, then the highest AUROC, then the grid's first setting."""
-
-    def check(self, name: str, scorer: type[Scorer], grid: dict | None) -> None:
-        space = grid or scorer.search_space
-        if not space:
-            raise ConfigError(f"Scorer {name!r} declares no search space: give one with --grid '{{name: [values]}}'.")
-        for key, values in space.items():
-            if not isinstance(values, list | tuple) or not values:
-                raise ConfigError(f"--grid: {key} needs a non-empty list of values, got {values!r}.")
-        build_scorer(name, **{k: v[0] for k, v in space.items()})  # unknown or invalid hyperparameters: now
-
-    def run(self, name, stats, head, id_val, ood_val, specs, grid=None, **_) -> Selected:
-        grid = grid or dict(build_scorer(name).search_space)
-        best, settings = select_scorer(name, stats, head, id_val, ood_val, grid)
-        table = Table(title=f"tune: validation FPR95 % (AUROC %) of {name}")
-        for key in grid:
-            table.add_column(key)
-        table.add_column("FPR95", justify="right")
-        table.add_column("AUROC", justify="right")
-        for setting in settings:
-            style = "bold green" if setting == best else ""
-            cells = [*(str(v) for _, v in setting.params), f"{100 * setting.fpr95:.2f}", f"{100 * setting.auroc:.2f}"]
-            table.add_row(*(f"[{style}]{c}[/]" if style else c for c in cells))
-        params = dict(best.params)
-        return Selected(
-            params, ", ".join(f"{k} = {v}" for k, v in params.items()), best.fpr95, best.auroc, len(settings),
-            settings_csv(settings), with_params(specs, name, params), table,
-        )  # fmt: skip
-
-
-class PaperSelection:
-    """The paper's procedure (Section V-F): masking percentile p x clipping threshold lambda (absolute ``clips``, or
-    ``clip_percentiles`` of the training activations), the lowest FPR95, then the highest AUROC, then the least
-    intrusive setting (largest lambda, smallest p); the choice applies to the method's registered variants."""
-
-    def check(self, name: str, scorer: type[Scorer], grid: dict | None) -> None:
-        pass  # its grid comes from --percentiles and --clips / --clip_percentiles, checked by the command
-
-    def run(self, name, stats, head, id_val, ood_val, specs, percentiles=DEFAULT_PERCENTILES, clips=None,
-            clip_percentiles=DEFAULT_CLIP_PERCENTILES, **_) -> Selected:  # fmt: skip
-        best, grid = select_fmls(stats, head, id_val, ood_val, percentiles, clips, clip_percentiles, name)
-        lam = f"lambda = {best.clip:.6g}" + (
-            f" (the {best.clip_percentile:g}th percentile of training activations)" if best.clip_percentile else ""
-        )
-        return Selected(
-            {"percentile": best.percentile, "clip": best.clip}, f"p = {best.percentile:g}, {lam}", best.fpr95,
-            best.auroc, len(grid), to_csv(grid), selected_scorers(specs, best, name),
-            paper_grid_table(name, grid, best),
-        )  # fmt: skip
-
-
-def paper_grid_table(name: str, grid: list[Candidate], best: Candidate) -> Table:
-    clips = sorted({c.clip for c in grid})
+def settings_table(name: str, settings: Sequence[Setting], best: Setting) -> Table:
+    """The grid with its validation FPR95 and AUROC in %, the chosen setting highlighted."""
+    shown = [k for k, _ in settings[0].shown]
+    extra = [k for k, _ in settings[0].params if k not in shown]
     table = Table(title=f"tune: validation FPR95 % (AUROC %) of {name}, ID validation vs validation OOD images")
-    table.add_column("p \\ lambda")
-    for clip in clips:
-        q = next(c.clip_percentile for c in grid if c.clip == clip)
-        table.add_column(f"{clip:.3g}" + (f"\n(q{q:g})" if q is not None else ""), justify="right")
-    for p in sorted({c.percentile for c in grid}):
-        cells = []
-        for clip in clips:
-            c = next(c for c in grid if c.percentile == p and c.clip == clip)
-            cell = f"{100 * c.fpr95:.1f} ({100 * c.auroc:.1f})"
-            cells.append(f"[bold green]{cell}[/]" if c == best else cell)
-        table.add_row(f"{p:g}", *cells)
+    for key in [*shown, *extra]:
+        table.add_column(key)
+    table.add_column("FPR95", justify="right")
+    table.add_column("AUROC", justify="right")
+    for s in settings:
+        params = dict(s.params)
+        cells = [*(f"{v:g}" if isinstance(v, float) else str(v) for _, v in s.shown)]
+        cells += [f"{params[k]:.6g}" for k in extra] + [f"{100 * s.fpr95:.2f}", f"{100 * s.auroc:.2f}"]
+        table.add_row(*(f"[bold green]{c}[/]" if s == best else c for c in cells))
     return table
 
 
-# how `lightning-ood tune` selects, by the name a scorer class declares in its `selection`
-SELECTIONS = {"grid": GridSelection(), "paper": PaperSelection()}
+def describe(setting: Setting) -> str:
+    """``p = 60, clip = 1.2 (clip_percentile = 90)``: the absolute values, and the grid's where they differ."""
+    shown = dict(setting.shown)
+    parts = [f"{k} = {v:.6g}" if isinstance(v, float) else f"{k} = {v}" for k, v in setting.params]
+    given = [f"{k} = {v:g}" for k, v in shown.items() if k not in dict(setting.params)]
+    return ", ".join(parts) + (f" ({', '.join(given)})" if given else "")
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
 @dataclass(frozen=True)
 class SweepPoint:
-    sweep: str  # "lambda" or "percentile"
+    sweep: str  # the swept grid key ("clip_percentile", "percentile")
     scorer: str
-    value: float
+    value: float  # the hyperparameter's absolute value
     ood: str
     fpr95: float
     auroc: float
@@ -257,33 +175,32 @@ def sensitivity_sweeps(
     stats: FeatureStatistics,
     head: nn.Linear,
     id_test: FeatureSet,
-    oods: dict[str, FeatureSet],
-    lambdas: Sequence[float],
-    percentiles: Sequence[float],
-    percentile: float = 60.0,
-    clip: float = 1.0,
-    line_params: dict | None = None,
+    oods: Mapping[str, FeatureSet],
+    values: Mapping[str, Sequence[Any]],
+    scorers: Mapping[str, tuple[Tuning, dict[str, Any]]],
 ) -> list[SweepPoint]:
-    """FPR95/AUROC per OOD set over lambda (fmls at ``percentile``, LINE and ReAct with the same clip) and over p
-    (fmls at ``clip``; LINE at its own masks and ``clip`` as the reference line of the paper's Figure 7)."""
-    line_params = dict(line_params or {})
+    """FPR95/AUROC per OOD set of each of ``scorers`` (``{name: (tuning, configured hyperparameters)}``) over each key
+    of ``values``: a scorer whose tuning declares that sweep is scored at every value (its other hyperparameters as
+    configured), the others once, as a flat reference line (as LINE in the paper's Figure 7). A key that some
+    scorer's tuning maps from activation percentiles to a hyperparameter is drawn at the absolute values."""
+    of_activations = {k: t for tuning, _ in scorers.values() for k, t in tuning.of_activations.items()}
     points: list[SweepPoint] = []
-
-    def evaluate(sweep: str, label: str, value: float, name: str, **params) -> None:
-        engine = cached_engine(head, {name: {"scorer": name, **params}}, stats)
-        id_scores = engine.score_cached(id_test)[name]
-        for ood, data in oods.items():
-            m = ood_metrics(id_scores, engine.score_cached(data)[name])
-            points.append(SweepPoint(sweep, label, float(value), ood, m["fpr95"], m["auroc"]))
-
-    for lam in lambdas:
-        evaluate("lambda", "fmls", lam, "fmls", percentile=percentile, clip=lam)
-        evaluate("lambda", "line", lam, "line", **{**line_params, "clip": lam})
-        evaluate("lambda", "react", lam, "react", clip=lam)
-    line_reference = {**line_params, "clip": line_params.get("clip", clip)}
-    for p in percentiles:
-        evaluate("percentile", "fmls", p, "fmls", percentile=p, clip=clip)
-        evaluate("percentile", "line", p, "line", **line_reference)  # does not depend on p: a reference
+    for key, grid in values.items():
+        at = [absolute(Tuning(of_activations=of_activations), key, v, stats)[1] for v in grid]  # the x values
+        for name, (tuning, configured) in scorers.items():
+            swept = tuning.sweeps(key)
+            target = tuning.of_activations.get(key, key)
+            for value in at if swept else at[:1]:
+                params = dict(configured)
+                if swept:
+                    params.pop(key if key != target else "", None)  # the percentile the absolute value replaces
+                    params[target] = value
+                engine = cached_engine(head, {name: {"scorer": name, **params}}, stats)
+                id_scores = engine.score_cached(id_test)[name]
+                for ood, data in oods.items():
+                    m = ood_metrics(id_scores, engine.score_cached(data)[name])
+                    xs = [value] if swept else at  # a reference: the same at every value
+                    points += [SweepPoint(key, name, float(x), ood, m["fpr95"], m["auroc"]) for x in xs]
     return points
 
 
@@ -309,31 +226,32 @@ def to_csv(rows: list) -> str:
 
 
 def sweep_figure(points: list[SweepPoint], sweep: str, xlabel: str, title: str = "", configured: float | None = None):
-    """Rows = OOD sets and their average, columns = FPR95 and AUROC in %, one line per scorer; ``configured`` (the
-    config's value) and the value with the best average FPR95 of ``fmls`` (in hindsight, on these OOD sets) are
-    marked."""
+    """Rows = OOD sets and their average, columns = FPR95 and AUROC in %, one line per scorer (the first, the swept
+    one, solid); ``configured`` (the config's value) and the value with the best average FPR95 of the first scorer
+    (in hindsight, on these OOD sets) are marked."""
     points = [p for p in points if p.sweep == sweep]
-    average = [p for p in points if p.scorer == "fmls" and p.ood == "Average"]
+    scorers = list(dict.fromkeys(p.scorer for p in points))
+    average = [p for p in points if scorers and p.scorer == scorers[0] and p.ood == "Average"]
     best = min(average, key=lambda p: (p.fpr95, -p.auroc)).value if average else None
     oods = list(dict.fromkeys(p.ood for p in points))
-    scorers = list(dict.fromkeys(p.scorer for p in points))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     figure, axes = plt.subplots(len(oods), 2, figsize=(8, 2.4 * len(oods)), squeeze=False, dpi=100)
-    styles = {"fmls": ("tab:red", "-"), "line": ("tab:blue", "--"), "react": ("tab:green", ":")}
     for row, ood in enumerate(oods):
         for col, metric in enumerate(("fpr95", "auroc")):
             axis = axes[row][col]
-            for scorer in scorers:
+            for i, scorer in enumerate(scorers):
                 series = sorted(
                     (p.value, 100 * getattr(p, metric)) for p in points if p.ood == ood and p.scorer == scorer
                 )
-                colour, style = styles.get(scorer, (None, "-"))
-                axis.plot(*zip(*series, strict=True), style, marker="o", markersize=3, color=colour, label=scorer)
+                style = ("-", "--", ":", "-.")[min(i, 3)]
+                axis.plot(*zip(*series, strict=True), style, marker="o", markersize=3, color=colours[i % len(colours)],
+                          label=scorer)  # fmt: skip
             if configured is not None:
                 axis.axvline(
                     configured, color="black", linestyle="--", linewidth=1, label=f"configured {configured:.3g}"
                 )
             if best is not None:
-                axis.axvline(best, color="tab:red", linestyle=":", linewidth=1, label=f"best average {best:.3g}")
+                axis.axvline(best, color=colours[0], linestyle=":", linewidth=1, label=f"best average {best:.3g}")
             what = "FPR95 % (lower is better)" if metric == "fpr95" else "AUROC % (higher is better)"
             axis.set_title(f"{ood}: {what}", fontsize=9)
             axis.set_ylabel("%", fontsize=8)

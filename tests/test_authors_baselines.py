@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ood.featurenorm import norm_ratios
 from lightning_ood.hooks import block_outputs
 from lightning_ood.models import build_backbone, pretrained_backbone
 from lightning_ood.models.base import Backbone
 from lightning_ood.normalization import Normalization
 from lightning_ood.scoring import build_scorer
 from lightning_ood.scoring.base import Batch
+from lightning_ood.scoring.featurenorm import norm_ratios
 from lightning_ood.statistics import FeatureStatistics
 from tests.test_cli import run_cli
 from tests.test_published import bn, densenet3_forward, densenet3_state, openood_resnet18_state

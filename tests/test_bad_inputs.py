@@ -237,10 +237,11 @@ SEED_RANGE = "must be an integer in 0..4294967295 (2^32 - 1)"
         ("tune", ["--seed", "4294967296"], f"tune --seed {SEED_RANGE}, got 4294967296."),
         ("tune", ["--validation", '{"name": "gaussian_noise", "seed": -5}'],
          f"tune --validation: the seed of OOD set 'gaussian_noise' {SEED_RANGE}, got -5."),
-        ("normratio", ["--seed", "-1"], f"normratio --seed {SEED_RANGE}, got -1."),
+        ("tune", ["--scorer", "featurenorm", "--settings", '{"normratio_seed": -1}'],
+         f"normratio_seed {SEED_RANGE}, got -1."),
     ],
     ids=["seed_everything", "negative seed_everything", "val_seed", "negative val_seed", "ood seed",
-         "negative ood seed", "tune seed", "tune validation seed", "normratio seed"],
+         "negative ood seed", "tune seed", "tune validation seed", "featurenorm's normratio seed"],
 )  # fmt: skip
 def test_seeds_outside_0_to_2_32_are_one_line(case, capsys, command, extra, message):
     tmp, data, ckpt, scratch = case
@@ -369,8 +370,8 @@ def test_a_read_only_disk_at_write_time_is_not_called_full(case, capsys, monkeyp
 def test_a_cache_entry_under_the_checksum_file_of_another_is_recomputed(case):
     tmp, data, ckpt, scratch = case
     cache = scratch / "cache"
-    sweep = args(tmp, data, "--ckpt_path", str(ckpt), "--cache_dir", str(cache), "--lambda_percentiles", "[50, 90]",
-                 "--percentiles", "[0, 60]")  # fmt: skip
+    sweep = args(tmp, data, "--ckpt_path", str(ckpt), "--cache_dir", str(cache), "--values",
+                 '{"clip_percentile": [50, 90], "percentile": [0, 60]}')  # fmt: skip
     run_cli("sweep", *sweep, "--trainer.logger.init_args.version", "clean")
     (id_entry,) = cache.glob("cifar10-*.pt")
     (noise_entry,) = cache.glob("gaussian_noise-*.pt")
@@ -449,7 +450,7 @@ def test_tune_suggests_a_test_command_that_runs_as_printed(case, caplog):
     tmp, data, ckpt, scratch = case
     with caplog.at_level("INFO"):
         run_cli("tune", *args(tmp, data, "--model.weights", str(ckpt), "--cache_dir", str(scratch / "cache"),
-                              "--percentiles", "[60]", "--clip_percentiles", "[90]"))  # fmt: skip
+                              "--grid", '{"percentile": [60], "clip_percentile": [90]}'))  # fmt: skip
     (line,) = [r.getMessage() for r in caplog.records if "Test with: " in r.getMessage()]
     command = shlex.split(line.split("Test with: ")[1])
     assert command[:2] == ["lightning-ood", "test"] and "<config>" not in line

@@ -50,10 +50,10 @@ def test_tune_writes_an_overlay_that_test_picks_up(trained, caplog):
     tmp, common = trained
     overlay = tmp / "selected.yaml"
     run_cli("tune", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--val_size", "40", "--noise_size",
-            "30", "--percentiles", "[30, 60]", "--clip_percentiles", "[80, 90]", "--cache_dir", str(tmp / "cache"),
+            "30", "--grid", '{"percentile": [30, 60], "clip_percentile": [80, 90]}', "--cache_dir", str(tmp / "cache"),
             "--output", str(overlay), "--trainer.logger.init_args.version", "tune",
             "--model.scorers", "[msp, fmls]")  # fmt: skip
-    assert any("Selected p = " in r.getMessage() for r in caplog.records)
+    assert any("Selected percentile = " in r.getMessage() for r in caplog.records)
     chosen = yaml.safe_load(overlay.read_text())["model"]["scorers"]
     assert list(chosen) == ["msp", "fmls"]  # the configured scorers, with the choice applied to fmls
     assert chosen["fmls"]["scorer"] == "fmls" and chosen["fmls"]["percentile"] in (30.0, 60.0)
@@ -75,7 +75,7 @@ def test_tune_writes_an_overlay_that_test_picks_up(trained, caplog):
 def test_sweep_on_cached_features(trained, caplog):
     tmp, common = trained
     args = [*common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--cache_dir", str(tmp / "cache"),
-            "--lambda_percentiles", "[50, 90, 99]", "--percentiles", "[0, 50, 90]"]  # fmt: skip
+            "--values", '{"clip_percentile": [50, 90, 99], "percentile": [0, 50, 90]}']  # fmt: skip
     run_cli("sweep", *args, "--trainer.logger.init_args.version", "sweep1")
     first = [r.getMessage() for r in caplog.records]
     assert any("features extracted" in m for m in first)
@@ -85,9 +85,10 @@ def test_sweep_on_cached_features(trained, caplog):
     assert not any("features extracted" in m for m in second) and any("from the cache" in m for m in second)
     folder = tmp / "logs" / "lightning_ood" / "sweep2"
     rows = list(csv.DictReader((folder / "sensitivity.csv").open()))
-    # (3 lambdas x fmls/line/react + 3 percentiles x fmls/line) x (2 OOD sets + their average)
-    assert len(rows) == (3 * 3 + 3 * 2) * 3
-    assert (folder / "sensitivity_lambda.png").stat().st_size > 10_000
+    # (3 lambdas x fmls/line/react + 3 percentiles x fmls, with line and react as flat references) x (2 OOD sets +
+    # their average)
+    assert len(rows) == (3 * 3 + 3 * 3) * 3
+    assert (folder / "sensitivity_clip.png").stat().st_size > 10_000
     assert (folder / "sensitivity_percentile.png").stat().st_size > 10_000
 
 
@@ -99,7 +100,8 @@ def test_tune_needs_a_checkpoint(capsys):
 def test_normratio_chooses_a_block_and_test_scores_it(trained, caplog):
     tmp, common = trained
     overlay = tmp / "featurenorm.yaml"
-    run_cli("normratio", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--images", "32",
+    run_cli("tune", *common, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), "--scorer", "featurenorm",
+            "--settings", '{"normratio_images": 32}',
             "--output", str(overlay), "--trainer.logger.init_args.version", "normratio",
             "--model.scorers", "[energy]")  # fmt: skip
     folder = tmp / "logs" / "lightning_ood" / "normratio"

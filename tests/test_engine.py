@@ -22,14 +22,15 @@ def readme_code(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_plain_pytorch_loop_runs():
+def test_the_readme_plain_pytorch_loop_runs(tmp_path):
     """The README's engine example, run as written on the CPU, with random weights instead of the download, four
-    classes and a few random images instead of ImageNet."""
+    classes and a few random images instead of ImageNet: the engine's scores, the evaluation's report and its files."""
     code = readme_code("### The benchmark without Lightning")
     swaps = {
         'device = "cuda"': 'device = "cpu"',
         'weights="IMAGENET1K_V1"': "weights=None",
         "num_classes=1000": "num_classes=4",
+        'report.write("results")': "report.write(results)",
     }
     for old, new in swaps.items():
         assert old in code
@@ -37,12 +38,19 @@ def test_the_readme_plain_pytorch_loop_runs():
     torch.manual_seed(0)
     namespace = {
         "train_images": TensorDataset(torch.rand(64, 3, 32, 32), torch.arange(64) % 4),  # >= knn's k = 50
-        "test_loader": DataLoader(TensorDataset(torch.rand(6, 3, 32, 32), torch.zeros(6)), batch_size=3),
+        "test_sets": [TensorDataset(torch.rand(n, 3, 32, 32), torch.arange(n) % 4) for n in (6, 5, 7)],
+        "results": tmp_path,
     }
     exec(compile(code, str(README), "exec"), namespace)
-    scores, logits = namespace["scores"], namespace["logits"]
-    assert list(scores) == ["msp", "energy", "react", "fmls", "knn", "odin"] and logits.shape == (3, 4)
-    assert all(s.shape == (3,) and torch.isfinite(s).all() for s in scores.values())
+    scores, logits, report = namespace["scores"], namespace["logits"], namespace["report"]
+    assert list(scores) == ["msp", "energy", "react", "fmls", "knn", "odin"] and logits.shape == (7, 4)
+    assert all(s.shape == (7,) and torch.isfinite(s).all() for s in scores.values())
+    assert report.num_images == {"imagenet": 6, "inaturalist": 5, "textures": 7}
+    assert list(report.metrics) == list(scores) and set(report.metrics["fmls"]) == {"inaturalist", "textures"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ood_results.csv", "ood_results.json", "ood_results.md",
+                                                          "ood_results.tex", "ood_scores.pt"]  # fmt: skip
+    written = torch.load(tmp_path / "ood_scores.pt", weights_only=True)
+    assert torch.equal(written["scores"]["knn"]["textures"], scores["knn"])  # the last set: one batch, in order
 
 
 def test_an_engine_scores_only_once_fitted():

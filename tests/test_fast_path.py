@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lightning_ood.cli import fast_benchmark, fast_precision
+from lightning_ood.fast_path import match_state_strides
 from lightning_ood.graphed import CudaGraphReplayer, EagerReplayer, GraphedStep
-from lightning_ood.module import match_state_strides
 from lightning_ood.precision import device_constant
 from tests.helpers import CountHostReads, CountTestHostReads
 from tests.test_cli import cli_error, quiet, run_cli

@@ -239,8 +239,8 @@ def test_bad_values_are_refused_at_construction(trained, tmp_path, capsys, extra
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--clip_percentiles", "[150]"], "--clip_percentiles: 150 is outside [0, 100]."),
-        (["--percentiles", "[]"], "--percentiles is empty: give at least one value."),
+        (["--grid", '{"clip_percentile": [150]}'], "--grid: clip_percentile: 150 is outside [0, 100]."),
+        (["--grid", '{"percentile": []}'], "--grid: percentile needs a non-empty list of values, got []."),
         (["--val_size", "0"], "tune --val_size must be >= 1, got 0."),
         (["--output", "DIR"], "is a folder; give the file to write"),
         (["--output", "RO/selected.yaml"], "--output: cannot write into"),
@@ -337,7 +337,7 @@ def test_test_refuses_random_weights_unless_asked(trained, tmp_path, capsys):
 def test_a_damaged_cache_entry_is_recomputed(trained, tmp_path):
     data, ckpt = trained
     sweep = args(tmp_path / "logs", data, "--ckpt_path", str(ckpt), "--cache_dir", str(tmp_path / "cache"),
-                 "--lambda_percentiles", "[50, 90]", "--percentiles", "[0, 60]")  # fmt: skip
+                 "--values", '{"clip_percentile": [50, 90], "percentile": [0, 60]}')  # fmt: skip
     run_cli("sweep", *sweep, "--trainer.logger.init_args.version", "clean")
     entry = next(p for p in (tmp_path / "cache").glob("cifar10-*.pt"))
     raw = bytearray(entry.read_bytes())

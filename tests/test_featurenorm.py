@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from lightning_ood.errors import ConfigError
-from lightning_ood.featurenorm import feature_norm, jigsaw, norm_ratios
 from lightning_ood.hooks import block_outputs
 from lightning_ood.models import build_backbone
 from lightning_ood.models.base import Backbone
 from lightning_ood.scoring import build_scorer
 from lightning_ood.scoring.base import Batch
+from lightning_ood.scoring.featurenorm import feature_norm, jigsaw, norm_ratios
 
 
 def test_feature_norm_by_hand():

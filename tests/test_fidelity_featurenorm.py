@@ -17,14 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ood.commands.normratio import normratio
 from lightning_ood.data.base import IndexedDataset, seeded_subset
 from lightning_ood.engine import FitContext
-from lightning_ood.featurenorm import norm_ratios
-from lightning_ood.fitting import normratio_selection
 from lightning_ood.models.base import Backbone
 from lightning_ood.normalization import NORMALIZATION
 from lightning_ood.scoring import build_scorer
+from lightning_ood.scoring.featurenorm import FeatureNorm, norm_ratios
 
 NORMALIZATION_CIFAR10 = NORMALIZATION["cifar10"]
 
@@ -132,8 +130,9 @@ def test_featurenorm_selects_on_every_training_image_by_default(caplog):
     for wrong in (0, -5, 2.5, True):
         with pytest.raises(Exception, match="normratio_images must be a count"):
             build_scorer("featurenorm", normratio_images=wrong)
-    assert inspect.signature(normratio).parameters["images"].default is None
-    assert inspect.signature(normratio_selection).parameters["images"].default is None
+    # every training image unless told otherwise, in the test pass and in `tune --scorer featurenorm` alike
+    assert inspect.signature(FeatureNorm).parameters["normratio_images"].default is None
+    assert FeatureNorm.tuning.prepared == ("block",)  # tune runs this very selection (prepare)
 
 
 def test_the_selection_on_all_images_matches_the_authors_ratios():

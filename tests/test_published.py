@@ -322,11 +322,12 @@ def test_fit_fine_tunes_from_published_weights(published, cifar, tmp_path, caplo
 def test_tune_and_normratio_take_published_weights_without_a_checkpoint(published, cifar, tmp_path, caplog):
     caplog.set_level("INFO")
     run_cli("tune", *cli_args(tmp_path, cifar, "--model.weights", str(published["dice"]), "--val_size", "10",
-                              "--noise_size", "10", "--percentiles", "[60]", "--clip_percentiles", "[90]",
+                              "--noise_size", "10", "--grid", '{"percentile": [60], "clip_percentile": [90]}',
                               "--cache_dir", str(tmp_path / "cache"), "--model.scorers", "[fmls]"))  # fmt: skip
-    assert "Selected p = 60" in caplog.text
+    assert "Selected percentile = 60" in caplog.text
     assert "OOD statistics on the rest: cifar10 training images, 10 held out (seed 0)" in caplog.text
-    run_cli("normratio", *cli_args(tmp_path, cifar, "--model.weights", str(published["dice"]), "--images", "8"))
+    run_cli("tune", *cli_args(tmp_path, cifar, "--model.weights", str(published["dice"]), "--scorer", "featurenorm",
+                              "--settings", '{"normratio_images": 8}'))  # fmt: skip
     assert "FeatureNorm block:" in caplog.text
 
 

@@ -66,7 +66,7 @@ def test_tune_on_the_demo_config_works_out_of_the_box(demo, tmp_path, caplog):
         for m in said
     ), said  # fmt: skip
     assert any(f"Fitted OOD statistics on {DEMO_TRAIN - held_out} training images" in m for m in said), said
-    assert any(m.startswith("Selected p = ") for m in said)
+    assert any(m.startswith("Selected percentile = ") for m in said)
     assert len(rows(folder / "tune_grid.csv")) == 9 * 8  # the paper's grid
     assert (folder / "selected.yaml").is_file()
 
@@ -84,8 +84,16 @@ def test_tune_refuses_an_explicit_val_size_that_leaves_no_training_image(demo, t
 @pytest.mark.parametrize(
     ("command", "extra", "message"),
     [
-        ("tune", ["--clip_percentiles", "[90, 97.55]"], "--clip_percentiles: 97.55 is not a multiple of 0.1"),
-        ("sweep", ["--lambda_percentiles", "[0.05]"], "--lambda_percentiles: 0.05 is not a multiple of 0.1"),
+        (
+            "tune",
+            ["--grid", '{"clip_percentile": [90, 97.55]}'],
+            "--grid: clip_percentile: 97.55 is not a multiple of 0.1",
+        ),
+        (
+            "sweep",
+            ["--values", '{"clip_percentile": [0.05]}'],
+            "--values: clip_percentile: 0.05 is not a multiple of 0.1",
+        ),
     ],
 )
 def test_activation_percentiles_off_the_stored_grid_are_one_line(demo, tmp_path, capsys, command, extra, message):
@@ -99,24 +107,24 @@ def test_activation_percentiles_off_the_stored_grid_are_one_line(demo, tmp_path,
 # ============================================================================================ repeated values
 def test_tune_evaluates_a_repeated_grid_value_once(demo, tmp_path, caplog):
     folder = command(demo, "tune", tmp_path / "logs", "repeats", "--val_size", "100", "--noise_size", "50",
-                     "--percentiles", "[90, 90.0, 95]", "--clip_percentiles", "[80, 90, 80]")  # fmt: skip
+                     "--grid", '{"percentile": [90, 90.0, 95], "clip_percentile": [80, 90, 80]}')  # fmt: skip
     said = messages(caplog)
-    assert "--percentiles: dropped repeated value 90 (grid of 6, not 9)." in said
-    assert "--clip_percentiles: dropped repeated value 80 (grid of 4, not 6)." in said
+    assert "--grid: percentile: dropped repeated value 90 (grid of 6, not 9)." in said
+    assert "--grid: clip_percentile: dropped repeated value 80 (grid of 4, not 6)." in said
     assert any("(grid of 4 in " in m for m in said if m.startswith("Selected"))
     grid = rows(folder / "tune_grid.csv")
-    assert [(r["percentile"], r["clip_percentile"]) for r in grid] == [
-        ("90.0", "80.0"), ("90.0", "90.0"), ("95.0", "80.0"), ("95.0", "90.0")
+    assert [(float(r["percentile"]), float(r["clip_percentile"])) for r in grid] == [
+        (90.0, 80.0), (90.0, 90.0), (95.0, 80.0), (95.0, 90.0)
     ]  # fmt: skip
 
 
 def test_tune_drops_clip_percentiles_that_give_the_same_lambda(demo, tmp_path, caplog):
     """Many activations are exactly 0 after a ReLU: the 0th and 1st percentiles are both lambda = 0."""
     folder = command(demo, "tune", tmp_path / "logs", "same_lambda", "--val_size", "100", "--noise_size", "50",
-                     "--percentiles", "[60]", "--clip_percentiles", "[0, 1, 90]")  # fmt: skip
-    assert "--clip_percentiles: dropped 1 (lambda 0, already given by 0); grid of 2, not 3." in messages(caplog)
+                     "--grid", '{"percentile": [60], "clip_percentile": [0, 1, 90]}')  # fmt: skip
+    assert "--grid: clip_percentile: dropped 1 (clip 0, already given by 0); grid of 2, not 3." in messages(caplog)
     grid = rows(folder / "tune_grid.csv")
-    assert [r["clip_percentile"] for r in grid] == ["0.0", "90.0"]
+    assert [float(r["clip_percentile"]) for r in grid] == [0.0, 90.0]
     assert len({(r["percentile"], r["clip"]) for r in grid}) == len(grid)
 
 
@@ -128,23 +136,24 @@ def test_tune_grid_of_any_scorer_without_repeats(demo, tmp_path, caplog):
 
 
 def test_sweep_evaluates_a_repeated_value_once(demo, tmp_path, caplog):
-    folder = command(demo, "sweep", tmp_path / "logs", "repeats", *FEW_OOD, "--percentiles", "[90, 50, 90.0]",
-                     "--lambda_percentiles", "[50, 90, 50.0]")  # fmt: skip
+    folder = command(demo, "sweep", tmp_path / "logs", "repeats", *FEW_OOD, "--values",
+                     '{"clip_percentile": [50, 90, 50.0], "percentile": [90, 50, 90.0]}')  # fmt: skip
     said = messages(caplog)
-    assert "--lambda_percentiles: dropped repeated value 50 (2 lambdas, not 3)." in said
-    assert "--percentiles: dropped repeated value 90 (2 percentiles, not 3)." in said
-    assert any(m.startswith("Sweep of 2 lambdas and 2 percentiles over 2 OOD sets") for m in said), said
+    assert "--values: clip_percentile: dropped repeated value 50 (2 values, not 3)." in said
+    assert "--values: percentile: dropped repeated value 90 (2 values, not 3)." in said
+    assert any(m.startswith("Sweep of 2 clip_percentile, 2 percentile over 2 OOD sets") for m in said), said
     table = rows(folder / "sensitivity.csv")
     keys = [(r["sweep"], r["scorer"], r["value"], r["ood"]) for r in table]
-    assert len(keys) == len(set(keys)) == (2 * 3 + 2 * 2) * 3  # fmls/line/react x lambdas, fmls/line x p; 2 sets + avg
+    # fmls/line/react x lambdas, fmls x p with line and react as flat references; 2 sets + average
+    assert len(keys) == len(set(keys)) == (2 * 3 + 2 * 3) * 3
     assert sorted({float(r["value"]) for r in table if r["sweep"] == "percentile"}) == [50.0, 90.0]
 
 
 def test_sweep_absolute_lambdas_without_repeats(demo, tmp_path, caplog):
-    folder = command(demo, "sweep", tmp_path / "logs", "lambdas", *FEW_OOD, "--percentiles", "[50]",
-                     "--lambdas", "[1, 2.5, 1.0]")  # fmt: skip
-    assert "--lambdas: dropped repeated value 1 (2 lambdas, not 3)." in messages(caplog)
+    folder = command(demo, "sweep", tmp_path / "logs", "lambdas", *FEW_OOD, "--values",
+                     '{"clip": [1, 2.5, 1.0], "percentile": [50]}')  # fmt: skip
+    assert "--values: clip: dropped repeated value 1 (2 values, not 3)." in messages(caplog)
     table = rows(folder / "sensitivity.csv")
-    assert sorted({float(r["value"]) for r in table if r["sweep"] == "lambda"}) == [1.0, 2.5]
+    assert sorted({float(r["value"]) for r in table if r["sweep"] == "clip"}) == [1.0, 2.5]
     keys = [(r["sweep"], r["scorer"], r["value"], r["ood"]) for r in table]
     assert len(keys) == len(set(keys))

@@ -10,16 +10,11 @@ from torch.utils.data import TensorDataset
 
 from lightning_ood.features import FeatureCache, FeatureSet, extract_features
 from lightning_ood.models import build_backbone
+from lightning_ood.scoring.fmls import FMLS
+from lightning_ood.scoring.line import LINE
+from lightning_ood.scoring.shaping import ReAct
 from lightning_ood.statistics import FeatureStatistics
-from lightning_ood.tuning import (
-    Candidate,
-    select_fmls,
-    selected_scorers,
-    selection_key,
-    sensitivity_sweeps,
-    to_csv,
-    with_average,
-)
+from lightning_ood.tuning import Setting, ranked, select, sensitivity_sweeps, to_csv, tuned_scorers, with_average
 
 
 def linear_head(weight, bias=None) -> nn.Linear:
@@ -58,39 +53,43 @@ def constructed_case():
 def test_selection_picks_the_known_optimum():
     stats, head, id_val, noise = constructed_case()
     clips = [0.3, 0.6, 0.7, 0.75, 0.9, 1.2, 2.0]
-    best, grid = select_fmls(stats, head, id_val, noise, percentiles=[10, 50, 90], clips=clips)
-    assert (best.percentile, best.clip) == (10.0, 0.7)
+    best, grid = select("fmls", FMLS.tuning, stats, head, id_val, noise, {"percentile": [10, 50, 90], "clip": clips})
+    assert (dict(best.params)["percentile"], dict(best.params)["clip"]) == (10.0, 0.7)
     assert (best.fpr95, best.auroc) == (0.0, 1.0)
-    by_clip = {c.clip: c for c in grid if c.percentile == 10}
+    by_clip = {dict(c.params)["clip"]: c for c in grid if dict(c.params)["percentile"] == 10}
     assert by_clip[0.75].fpr95 == 0.0 and by_clip[0.75].auroc < 1.0  # separates at 95% TPR, not everywhere
     assert by_clip[0.9].fpr95 == 1.0  # every noise image above the ID threshold
     assert len(grid) == 21
 
 
 def test_selection_rule_order():
+    def setting(p, clip, fpr95, auroc):
+        return Setting((), (("percentile", p), ("clip", clip)), fpr95, auroc)
+
     candidates = [
-        Candidate(90.0, 1.0, None, fpr95=0.20, auroc=1.00),
-        Candidate(30.0, 0.8, None, fpr95=0.10, auroc=0.95),
-        Candidate(60.0, 0.8, None, fpr95=0.10, auroc=0.97),
-        Candidate(60.0, 1.0, None, fpr95=0.10, auroc=0.97),
-        Candidate(40.0, 1.0, None, fpr95=0.10, auroc=0.97),
+        setting(90.0, 1.0, fpr95=0.20, auroc=1.00),
+        setting(30.0, 0.8, fpr95=0.10, auroc=0.95),
+        setting(60.0, 0.8, fpr95=0.10, auroc=0.97),
+        setting(60.0, 1.0, fpr95=0.10, auroc=0.97),
+        setting(40.0, 1.0, fpr95=0.10, auroc=0.97),
     ]
-    ranked = sorted(candidates, key=selection_key)
+    order = ranked(candidates, FMLS.tuning)  # the rule FMLS declares (the paper's Section V-F)
     # lowest FPR first (0.10 beats 0.20 despite AUROC 1), then AUROC, then the larger lambda, then the smaller p
-    assert [(c.percentile, c.clip) for c in ranked] == [(40.0, 1.0), (60.0, 1.0), (60.0, 0.8), (30.0, 0.8), (90.0, 1.0)]
+    assert [tuple(v for _, v in c.params) for c in order] == [(40.0, 1.0), (60.0, 1.0), (60.0, 0.8), (30.0, 0.8),
+                                                              (90.0, 1.0)]  # fmt: skip
 
 
 def test_lambda_grid_from_activation_percentiles():
     stats, head, id_val, noise = constructed_case()
-    _, grid = select_fmls(stats, head, id_val, noise, percentiles=[60], clip_percentiles=[50, 90])
-    assert [c.clip_percentile for c in grid] == [50, 90]
-    assert [c.clip for c in grid] == [stats.activation_percentile(50), stats.activation_percentile(90)]
+    _, grid = select("fmls", FMLS.tuning, stats, head, id_val, noise, {"percentile": [60], "clip_percentile": [50, 90]})
+    assert [dict(c.shown)["clip_percentile"] for c in grid] == [50, 90]
+    assert [dict(c.params)["clip"] for c in grid] == [stats.activation_percentile(50), stats.activation_percentile(90)]
 
 
 def test_selected_overlay_updates_the_paper_family_only():
     specs = {"fmls": ("fmls", {"percentile": 60, "clip_percentile": 90}), "ours_msp": ("msp_fmls", {}),
              "line": ("line", {"clip": 1.0}), "fm_ls": ("fm_ls", {}), "energy": ("energy", {})}  # fmt: skip
-    out = selected_scorers(specs, Candidate(30.0, 0.8, None, 0.1, 0.9))
+    out = tuned_scorers(specs, "fmls", {"percentile": 30.0, "clip": 0.8}, FMLS.tuning)
     assert out["fmls"] == {"scorer": "fmls", "percentile": 30.0, "clip": 0.8}
     assert out["ours_msp"] == {"scorer": "msp_fmls", "percentile": 30.0, "clip": 0.8}
     assert out["fm_ls"] == {"scorer": "fm_ls", "percentile": 30.0}  # no ReAct in this ablation
@@ -107,7 +106,17 @@ def test_sweeps_against_a_direct_computation():
     id_test = feature_set(torch.tensor(rng.gamma(2.0, 0.5, (40, 8)), dtype=torch.float32), head)
     oods = {name: feature_set(torch.tensor(rng.gamma(shape, 0.7, (30, 8)), dtype=torch.float32), head)
             for name, shape in (("a", 1.0), ("b", 3.0))}  # fmt: skip
-    points = sensitivity_sweeps(stats, head, id_test, oods, lambdas=[0.5, 1.0, 2.0], percentiles=[0, 50, 90])
+    # the paper's figures: lambda for fmls, LINE and ReAct; p for fmls with LINE as the flat reference
+    points = sensitivity_sweeps(
+        stats,
+        head,
+        id_test,
+        oods,
+        {"clip": [0.5, 1.0, 2.0]},
+        {"fmls": (FMLS.tuning, {}), "line": (LINE.tuning, {}), "react": (ReAct.tuning, {})},
+    )
+    points += sensitivity_sweeps(stats, head, id_test, oods, {"percentile": [0, 50, 90]},
+                                 {"fmls": (FMLS.tuning, {}), "line": (LINE.tuning, {})})  # fmt: skip
     assert len(points) == (3 * 3 + 3 * 2) * 2
     # one point recomputed by hand: fmls at p = 60, lambda = 1.0 on set "b"
     w, b = head.weight.detach().numpy(), head.bias.detach().numpy()
@@ -125,13 +134,13 @@ def test_sweeps_against_a_direct_computation():
 
     s_id, s_ood = fmls(id_test.features), fmls(oods["b"].features)
     expected = roc_auc_score(np.r_[np.ones(40), np.zeros(30)], np.r_[s_id, s_ood])
-    got = next(p for p in points if (p.sweep, p.scorer, p.value, p.ood) == ("lambda", "fmls", 1.0, "b"))
+    got = next(p for p in points if (p.sweep, p.scorer, p.value, p.ood) == ("clip", "fmls", 1.0, "b"))
     assert got.auroc == pytest.approx(expected, abs=1e-6)
     lines = [p for p in points if p.sweep == "percentile" and p.scorer == "line" and p.ood == "a"]
     assert len({(p.fpr95, p.auroc) for p in lines}) == 1  # LINE is the constant reference of the p sweep
     averaged = with_average(points)
-    avg = next(p for p in averaged if (p.sweep, p.scorer, p.value, p.ood) == ("lambda", "fmls", 1.0, "Average"))
-    pair = [p for p in points if (p.sweep, p.scorer, p.value) == ("lambda", "fmls", 1.0)]
+    avg = next(p for p in averaged if (p.sweep, p.scorer, p.value, p.ood) == ("clip", "fmls", 1.0, "Average"))
+    pair = [p for p in points if (p.sweep, p.scorer, p.value) == ("clip", "fmls", 1.0)]
     assert avg.fpr95 == pytest.approx(sum(p.fpr95 for p in pair) / 2)
     assert to_csv(averaged).splitlines()[0] == "sweep,scorer,value,ood,fpr95,auroc"
 

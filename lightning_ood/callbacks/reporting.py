@@ -1,8 +1,8 @@
 """Reporting after the OOD test pass: the result tables (console, markdown, CSV, LaTeX, JSON), the score histograms
 (PNG beside the tables and TensorBoard figures), and TensorBoard's HParams and scalars.
 
-Both callbacks read what the module measured (``pl_module.ood_report``, ``pl_module.test_scores``: every image's
-score, gathered from every rank in dataset order); only rank 0 writes.
+Both callbacks read what the test pass measured, ``pl_module.ood_report`` (:class:`~lightning_ood.report.OODReport`,
+with every image's score gathered from every rank in dataset order); only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -52,20 +52,8 @@ class OODResultsTable(Callback):
         for table in report.rich_tables(console.width, colour=console.color_system is not None):
             console.print(table)
         paths = report.write(folder)
-        scores = folder / SCORES_FILE
-        atomic_write(scores, lambda f: torch.save(scores_payload(report, pl_module.test_scores), f))
-        rank_zero_info(f"OOD results written to {paths[0]} ({', '.join(p.suffix for p in paths)}); every image's score "
-                       f"in {scores}.")  # fmt: skip
-
-
-SCORES_FILE = "ood_scores.pt"
-
-
-def scores_payload(report: OODReport, scores: dict[str, dict[str, Tensor]]) -> dict:
-    """What ``ood_scores.pt`` holds: ``scores[scorer][test set]``, one score per image in dataset order (higher = more
-    in-distribution), the ID set's name and the OOD sets' names. Tensors, strings and lists only: it loads with
-    ``torch.load(path, weights_only=True)``."""
-    return {"id": report.id_name, "ood": list(report.ood_names), "scores": scores}
+        rank_zero_info(f"OOD results written to {paths[0]} ({', '.join(p.suffix for p in paths[:4])}); every image's "
+                       f"score in {paths[-1]}.")  # fmt: skip
 
 
 def robust_range(*values: Tensor) -> tuple[float, float]:
@@ -140,7 +128,7 @@ class ScoreHistograms(Callback):
         report: OODReport | None = getattr(pl_module, "ood_report", None)
         if report is None or not report.metrics:
             return
-        scores = pl_module.test_scores  # gathered from every rank at the end of the test epoch
+        scores = report.scores  # gathered from every rank at the end of the test epoch
         folder = run_folder(trainer)
         if not trainer.is_global_zero:
             return

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ood.engine import DEFAULT_MAX_ACTIVATIONS
-from lightning_ood.fitting import compute_feature_statistics, statistics_needs
+from lightning_ood.fitting import compute_feature_statistics
 
 __all__ = ["FitOODStatistics", "compute_feature_statistics"]
 
@@ -36,13 +36,11 @@ class FitOODStatistics(Callback):
         pl_module.ood_statistics = None  # the weights are about to change
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pl_module.plain_network()  # statistics of the network as the test runs it
+        pl_module.fast_path.leave()  # statistics of the network as the test runs it
         datamodule = trainer.datamodule
-        loader = datamodule.statistics_dataloader()
-        needs, bank_images = statistics_needs(pl_module)
         pl_module.ood_statistics = compute_feature_statistics(
-            pl_module, loader, trainer, self.max_activations, progress=trainer.progress_bar_callback is not None,
-            described_as=datamodule.describe_statistics_images(), needs=needs, bank_images=bank_images,
+            pl_module.fit_inputs(), datamodule.statistics_dataloader(), trainer, self.max_activations,
+            progress=trainer.progress_bar_callback is not None, described_as=datamodule.describe_statistics_images(),
         )  # fmt: skip
         if self.save_checkpoint and not trainer.fast_dev_run:
             checkpoint = trainer.checkpoint_callback

@@ -3,8 +3,9 @@ and the run folder they write into. The commands run in one process, outside Lig
 
 from __future__ import annotations
 
+import math
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,15 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_ood import fitting
 from lightning_ood.checkpoints import read_checkpoint
 from lightning_ood.data.base import OODDataModule, attach_normalization
 from lightning_ood.errors import ConfigError
 from lightning_ood.features import FeatureCache, FeatureSet
 from lightning_ood.io import atomic_write_text, check_writable_folder
 from lightning_ood.module import OODClassifier
+from lightning_ood.scoring.base import Tuning
+from lightning_ood.statistics import QUANTILE_STEP, FeatureStatistics
 
 
 def load_weights(model: OODClassifier, ckpt_path: str | None) -> None:
@@ -37,7 +41,7 @@ def load_model(trainer: Trainer, model: OODClassifier, datamodule: OODDataModule
     """The model on the trainer's device in eval mode with its weights (a checkpoint, or published weights), and the
     DataModule normalising with the model's normalisation; returns the device."""
     if trainer.world_size > 1:
-        raise ConfigError("tune, sweep, normratio and import run in one process: use --trainer.devices 1.")
+        raise ConfigError("tune, sweep and import run in one process: use --trainer.devices 1.")
     device = trainer.strategy.root_device
     if ckpt_path is not None or model.hparams.weights is None:  # published weights need no checkpoint
         load_weights(model, ckpt_path)
@@ -54,13 +58,23 @@ def load_with_statistics(
     datamodule: OODDataModule,
     ckpt_path: str | None,
     cache: FeatureCache,
-    extra_needs: frozenset[str] = frozenset(),
+    extra_needs: frozenset = frozenset(),
 ) -> torch.device:
     """:func:`load_model`, the test sets built, and the OOD statistics (computed once, then kept in the cache)."""
     device = load_model(trainer, model, datamodule, ckpt_path)
     datamodule.setup("test")
-    model.ensure_statistics(datamodule, None, str(cache.folder), extra_needs)
+    ensure_statistics(model, datamodule, str(cache.folder), extra_needs)
     return device
+
+
+def ensure_statistics(
+    model: OODClassifier, datamodule: OODDataModule, cache_dir: str | None = None, extra_needs: frozenset = frozenset()
+) -> None:
+    """The model's OOD statistics for its weights, the data's training images and what its scorers (and
+    ``extra_needs``) read: the loaded ones, or computed now (:func:`lightning_ood.fitting.ensure_statistics`)."""
+    inputs = model.fit_inputs(extra_needs, cache_dir)
+    model.ood_statistics = fitting.ensure_statistics(model.ood_statistics, inputs, datamodule, None,
+                                                     model.checkpoint_loaded)  # fmt: skip
 
 
 def run_folder(trainer: Trainer) -> Path:
@@ -173,26 +187,77 @@ def without_repeats(name: str, values: list[Any], others: int = 1, noun: str | N
     return kept
 
 
-def distinct_lambdas(
-    name: str, percentiles: list[float], lambda_of: Callable[[float], float], others: int = 1, noun: str | None = None
+def distinct_values(
+    name: str,
+    values: list[float],
+    value_of: Callable[[float], float],
+    target: str,
+    others: int = 1,
+    noun: str | None = None,
 ) -> list[float]:
-    """The ``--name`` percentiles of the training activations whose lambdas differ: a percentile that gives the
-    lambda of an earlier one (many activations are exactly 0 after a ReLU) is dropped, with one console line, since
-    it would evaluate the same setting again (sizes as in :func:`without_repeats`)."""
+    """The ``--name`` percentiles of the training activations whose ``target`` values differ: a percentile that gives
+    the value of an earlier one (many activations are exactly 0 after a ReLU) is dropped, with one console line,
+    since it would evaluate the same setting again (sizes as in :func:`without_repeats`)."""
     kept: list[float] = []
-    first: dict[float, float] = {}  # lambda -> the first percentile that gave it
+    first: dict[float, float] = {}  # value -> the first percentile that gave it
     dropped = []
-    for q in percentiles:
-        lam = lambda_of(q)
-        if lam in first:
-            dropped.append(f"{q:g} (lambda {lam:.6g}, already given by {first[lam]:g})")
+    for q in values:
+        value = value_of(q)
+        if value in first:
+            dropped.append(f"{q:g} ({target} {value:.6g}, already given by {first[value]:g})")
         else:
-            first[lam] = q
+            first[value] = q
             kept.append(q)
     if dropped:
-        size = grid_size(len(kept) * others, len(percentiles) * others, noun)
+        size = grid_size(len(kept) * others, len(values) * others, noun)
         rank_zero_info(f"--{name}: dropped {', '.join(dropped)}; {size}.")
     return kept
+
+
+def check_grid_values(
+    argument: str, grid: Mapping[str, Sequence[Any]], tuning: Tuning, check: Callable[[str, Any], None]
+) -> None:
+    """``--argument``'s grid before any work: each key a non-empty list, activation percentiles (the keys of
+    ``tuning.of_activations``) in [0, 100] on the 0.1 grid they are stored on, any other value accepted by
+    ``check(key, value)`` (which builds the scorer with it)."""
+    if not isinstance(grid, Mapping) or not grid:
+        raise ConfigError(f"--{argument} needs a mapping of hyperparameters to lists of values, got {grid!r}.")
+    for key, values in grid.items():
+        name = f"{argument}: {key}"
+        if not isinstance(values, list | tuple) or not values:
+            raise ConfigError(f"--{name} needs a non-empty list of values, got {values!r}.")
+        if key in tuning.of_activations:
+            check_grid(name, list(values), step=QUANTILE_STEP)
+        else:
+            for value in values:
+                check(key, value)
+
+
+def clean_grid(
+    argument: str,
+    grid: Mapping[str, Sequence[Any]],
+    tuning: Tuning,
+    check: Callable[[str, Any], None],
+    stats: FeatureStatistics,
+    product: bool = True,
+) -> dict[str, list[Any]]:
+    """``--argument``'s grid, checked (:func:`check_grid_values`), each value once, and no two activation percentiles
+    of one value (one console line for what is dropped). ``product``: the settings are the Cartesian product (sizes
+    say "grid of N"), else each key's values are swept alone ("N values")."""
+    check_grid_values(argument, grid, tuning, check)
+    sizes = {key: len(values) for key, values in grid.items()}
+    out = {}
+    for key, values in grid.items():
+        name = f"{argument}: {key}"
+        target = tuning.of_activations.get(key)
+        others = math.prod(n for k, n in sizes.items() if k != key) if product else 1
+        noun = None if product else "values"
+        kept = without_repeats(name, list(values), others, noun)
+        if target is not None:
+            kept = distinct_values(name, kept, stats.activation_percentile, target, others, noun)
+        out[key] = kept
+        sizes[key] = len(kept)
+    return out
 
 
 def grid_size(now: int, before: int, noun: str | None = None) -> str:

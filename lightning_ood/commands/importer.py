@@ -11,7 +11,13 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ood.commands.common import check_output_file, follow_up_command, load_model, run_folder
+from lightning_ood.commands.common import (
+    check_output_file,
+    ensure_statistics,
+    follow_up_command,
+    load_model,
+    run_folder,
+)
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.errors import ConfigError
 from lightning_ood.io import atomic_write
@@ -49,7 +55,7 @@ def import_weights(
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} exists; pass --overwrite true to replace it.")
     load_model(self, model, datamodule, ckpt_path)
-    model.ensure_statistics(datamodule, None)
+    ensure_statistics(model, datamodule)
     checkpoint = {
         "pytorch-lightning_version": lightning.__version__,
         "epoch": 0,

@@ -12,16 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from lightning_ood.errors import ConfigError
-
-SEED_MAX = 2**32 - 1  # numpy's seeds, and so Lightning's seed_everything: 0 .. 2^32 - 1
-
-
-def check_seed(name: str, seed: object, also: str = "") -> None:
-    """Refuse a seed that is not an integer in ``0..2^32 - 1`` (what numpy, and so ``seed_everything``, accepts; every
-    seed of the project is held to it), naming the argument ``name``; ``also`` lists other accepted values."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-        raise ConfigError(f"{name} must be an integer in 0..{SEED_MAX} (2^32 - 1){also}, got {seed!r}.")
+from lightning_ood.checks import SEED_MAX, check_seed  # noqa: F401  (the data modules' seeds)
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lightning_ood.checkpoints import load_file
 from lightning_ood.errors import CheckpointError, ConfigError
 from lightning_ood.normalization import Normalization
+from lightning_ood.statistics import FeatureStatistics
 
 StateDict = dict[str, Tensor]
 
@@ -300,3 +301,47 @@ def unrecognised(path: Path, state: StateDict, expected: StateDict) -> Checkpoin
         f"({names}) for this backbone. Closest: {closest.title}: {detail}. Check model.backbone, or name the format "
         f"with --model.weights_format."
     )
+
+
+# ------------------------------------------------------------------------------------- this project's checkpoints
+STATISTICS_KEY = "ood_statistics"
+NORMALIZATION_KEY = "input_normalization"
+
+
+def check_fits(checkpoint: dict, backbone: str, num_classes: int, ours: dict[str, Tensor]) -> None:
+    """Refuse, with one clear message, a checkpoint whose architecture or class count differs from the configured
+    ``backbone`` with ``num_classes`` classes, whose weights are ``ours`` (the backbone's state dict, keys
+    ``backbone.*``)."""
+    saved = checkpoint.get("hyper_parameters", {})
+    if "backbone" in saved and saved["backbone"] != backbone:
+        raise CheckpointError(
+            f"The checkpoint holds a {saved['backbone']!r} backbone but model.backbone is {backbone!r}; set "
+            f"--model.backbone {saved['backbone']}."
+        )
+    if "num_classes" in saved and saved["num_classes"] != num_classes:
+        raise CheckpointError(
+            f"The checkpoint was trained for {saved['num_classes']} classes but the data has {num_classes} classes; "
+            f"evaluate it on the dataset it was trained on."
+        )
+    theirs = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("backbone.")}
+    problems = mismatches(theirs, [], ours)
+    if problems:
+        raise CheckpointError(
+            f"The checkpoint's weights do not fit the configured {backbone!r} backbone with {num_classes} classes: "
+            f"{'; '.join(problems)}. Set model.backbone to the checkpoint's architecture, or load published weights "
+            f"with --model.weights."
+        )
+
+
+def checkpoint_statistics(checkpoint: dict, num_classes: int, feature_dim: int) -> FeatureStatistics | None:
+    """The OOD statistics a checkpoint carries (:class:`~lightning_ood.statistics.FeatureStatistics`), or ``None``;
+    refused when they do not fit the network (``num_classes`` x ``feature_dim``)."""
+    if STATISTICS_KEY not in checkpoint:
+        return None
+    stats = FeatureStatistics.from_state_dict(checkpoint[STATISTICS_KEY])
+    if (stats.num_classes, stats.feature_dim) != (num_classes, feature_dim):
+        raise CheckpointError(
+            f"The checkpoint's OOD statistics are for {stats.num_classes} classes x {stats.feature_dim} features, the "
+            f"model has {num_classes} x {feature_dim}; the checkpoint is inconsistent."
+        )
+    return stats

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
+from lightning_ood.features import network_batches
 from lightning_ood.precision import as_float, network_device, network_dtype
 from lightning_ood.scoring.base import (
     Batch,
@@ -220,15 +221,9 @@ class AdaSCALE(Scorer):
         n = len(loader.dataset)
         device, dtype = network_device(backbone), network_dtype(backbone)
         found = torch.zeros(2, n, backbone.feature_dim, dtype=dtype, device=device)
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            for images, _, index in loader:
-                h, h_perturbed = perturbed_features(images.to(device, dtype), backbone.features, self.head_logits,
-                                                    self.perturbed_share)  # fmt: skip
-                found[0, index.to(device)], found[1, index.to(device)] = h, h_perturbed
-        finally:
-            backbone.train(was_training)
+        for images, (_, _, index) in network_batches(backbone, loader, f"adascale_{self.variant}", progress=False):
+            h, h_perturbed = perturbed_features(images, backbone.features, self.head_logits, self.perturbed_share)
+            found[0, index.to(device)], found[1, index.to(device)] = h, h_perturbed
         if context.sum_across is not None:
             found = context.sum_across(found).to(device)
         return found[0], found[1]

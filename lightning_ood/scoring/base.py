@@ -18,7 +18,6 @@ Softmax scores are computed in a form that keeps their order where the probabili
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,6 +25,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_ood.checks import (  # noqa: F401  (what the scorers check their hyperparameters with)
+    check_count,
+    check_nonnegative,
+    check_number,
+    check_percentile,
+    check_positive,
+    check_seed,
+)
 from lightning_ood.errors import ConfigError
 from lightning_ood.precision import as_float
 from lightning_ood.statistics import FeatureStatistics, Statistic
@@ -37,6 +44,7 @@ __all__ = [
     "LogitScorer",
     "Needs",
     "Scorer",
+    "Tuning",
     "as_float",
     "energy",
     "exact_log_softmax",
@@ -76,6 +84,39 @@ class Needs:
             statistics=self.statistics | other.statistics,
             references=self.references | other.references,
         )
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How ``lightning-ood tune`` and ``sweep`` treat a scorer, declared by its class beside its ``search_space``.
+
+    ``tune`` scores every setting of the grid (the ``search_space``, or the user's ``--grid``) on ID validation images
+    against validation OOD images; the lowest FPR95 wins, then the highest AUROC, then ``prefer``, then the first in
+    grid order. ``sweep`` draws FPR95 and AUROC over each key of ``sweep`` for every OOD set.
+
+    Attributes:
+        prefer: the tie-break after FPR95 and AUROC, ``(hyperparameter, "high" | "low")`` in order (the paper's
+            Section V-F: the largest lambda, then the smallest p).
+        of_activations: grid keys whose values are percentiles of the training activations, and the hyperparameter
+            each sets (``{"clip_percentile": "clip"}``): the setting is scored, and written, with the absolute value.
+        family: the choice applies to every configured scorer of the same class (the method's registered variants:
+            ``react_fm``, ``msp_fmls``, ``odin_fmls``, ...), except a hyperparameter a variant fixes to ``None``.
+        prepared: hyperparameters the scorer chooses itself from the ID training images in ``prepare`` (FeatureNorm's
+            block, by NormRatio): ``tune`` runs that and writes its choice, with what it measured
+            (``scorer.preparation``: ``name``, ``table()``, ``to_csv()``, ``figure()``); no grid.
+        sweep: grid key -> the values ``sweep`` runs over (keys as in the grid; the paper's Figures 6 and 7).
+    """
+
+    prefer: tuple[tuple[str, str], ...] = ()
+    of_activations: Mapping[str, str] = field(default_factory=dict)
+    family: bool = False
+    prepared: tuple[str, ...] = ()
+    sweep: Mapping[str, tuple] = field(default_factory=dict)
+
+    def sweeps(self, key: str) -> bool:
+        """Whether ``sweep`` may run over ``key``: a declared sweep, or the absolute values of a hyperparameter whose
+        declared sweep is in activation percentiles (``clip`` for ``clip_percentile``)."""
+        return key in self.sweep or any(t == key and s in self.sweep for s, t in self.of_activations.items())
 
 
 @dataclass
@@ -153,15 +194,14 @@ class Scorer(nn.Module):
         needs_statistics: statistics beyond the core ones that the statistics pass must accumulate for it (the
             :class:`~lightning_ood.statistics.Statistic` classes).
         search_space: the hyperparameter grid ``lightning-ood tune`` searches for this scorer (its authors' grid).
-        selection: how ``lightning-ood tune`` selects its hyperparameters: ``grid`` (its ``search_space``, lowest
-            FPR95, then highest AUROC, then the grid's first) or another procedure of
-            :data:`lightning_ood.tuning.SELECTIONS` (``paper``: the paper's p x lambda procedure, Section V-F).
+        tuning: the rest of how ``tune`` and ``sweep`` treat it (:class:`Tuning`).
     """
 
     needs_inputs: ClassVar[bool] = False
     needs_statistics: ClassVar[frozenset[type[Statistic]]] = frozenset()
     search_space: ClassVar[dict[str, tuple]] = {}
-    selection: ClassVar[str] = "grid"
+    tuning: ClassVar[Tuning] = Tuning()
+    preparation: Any = None  # what prepare() measured to choose a setting (a table, CSV and figure; see Tuning)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A fitted tensor is a (non-persistent) buffer, so that it follows the module's device and dtype; a network
@@ -287,43 +327,6 @@ def check_output(output: str) -> str:
     return output
 
 
-def check_number(name: str, value: object) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value != value):
-        raise ConfigError(f"{name} must be a number, got {value!r}.")
-
-
-def check_percentile(name: str, value: float | None) -> None:
-    check_number(name, value)
-    if value is not None and not 0.0 <= value <= 100.0:
-        raise ConfigError(f"{name} must be a percentile in [0, 100], got {value}.")
-
-
-def check_positive(name: str, value: float) -> None:
-    check_number(name, value)
-    if value is None or value <= 0:
-        raise ConfigError(f"{name} must be > 0, got {value}.")
-
-
-def check_count(name: str, value: object, minimum: int = 1) -> int:
-    """An integer setting (a count, a dimension, ``k``): a value with a fraction, a bool or a value below ``minimum``
-    is refused, never rounded (a whole float such as ``50.0`` is its integer)."""
-    check_number(name, value)
-    if value is None or not math.isfinite(value) or value != int(value) or value < minimum:  # type: ignore[arg-type]
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)  # type: ignore[arg-type]
-
-
-SEED_RANGE = (0, 2**32 - 1)  # numpy's and Lightning's seed_everything's
-
-
-def check_seed(name: str, value: object) -> int:
-    """A seed: an integer in [0, 2^32 - 1]."""
-    seed = check_count(name, value, minimum=0)
-    if seed > SEED_RANGE[1]:
-        raise ConfigError(f"{name} must be an integer in [0, 2^32 - 1], got {value!r}.")
-    return seed
-
-
 REFERENCES = ("train", "id_val", "id_test")
 
 
@@ -347,12 +350,6 @@ def reference_set(stats: FeatureStatistics, reference: str):
 def softmax_entropy(logits: Tensor) -> Tensor:  # (N, C) -> (N,) float64: sum p log p (the negative entropy)
     log_p = exact_log_softmax(logits)
     return (log_p.exp() * log_p).sum(dim=1)
-
-
-def check_nonnegative(name: str, value: float | None) -> None:
-    check_number(name, value)
-    if value is not None and value < 0:
-        raise ConfigError(f"{name} must be >= 0, got {value}.")
 
 
 class LogitScorer(Scorer):

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
+from lightning_ood.features import network_batches
 from lightning_ood.hooks import block_outputs
 from lightning_ood.metrics import fpr_at_tpr
-from lightning_ood.precision import device_constant, network_device, network_dtype
+from lightning_ood.precision import device_constant, network_device
 from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_nonnegative, check_positive, check_seed
 from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
 from lightning_ood.statistics import (
@@ -347,18 +348,13 @@ class MahalanobisPaper(Scorer):
         half = n // 2
         if half < 10:
             raise ConfigError(f"mahalanobis_paper needs at least 20 ID training images to fit on, this run has {n}.")
-        device, dtype = network_device(backbone), network_dtype(backbone)
+        device = network_device(backbone)
         found = torch.zeros(2, len(self.magnitudes), n, len(self.stage_names), dtype=torch.float64, device=device)
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            for images, labels, index in loader:
-                x, labels, index = images.to(device, dtype), labels.to(device), index.to(device)
-                twins = fgsm(backbone, x, labels, self.adversarial_noise)
-                for kind, batch in enumerate((x, twins)):
-                    found[kind, :, index] = self.confidences(batch, features_fn, self.magnitudes)
-        finally:
-            backbone.train(was_training)
+        for x, (_, labels, index) in network_batches(backbone, loader, "mahalanobis_paper: regression", False):
+            labels, index = labels.to(device), index.to(device)
+            twins = fgsm(backbone, x, labels, self.adversarial_noise)
+            for kind, batch in enumerate((x, twins)):
+                found[kind, :, index] = self.confidences(batch, features_fn, self.magnitudes)
         if context.sum_across is not None:
             found = context.sum_across(found)
         found = found.cpu()

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import LogitScorer, check_nonnegative, check_percentile
+from lightning_ood.scoring.base import LogitScorer, Tuning, check_nonnegative, check_percentile
 from lightning_ood.statistics import FeatureStatistics, percentile
 
 CPU_BLOCK = 2048  # rows scored at once on a CPU (see FMLS.logits)
@@ -42,6 +42,10 @@ def prototype_cosine(features: Tensor, prototypes: Tensor, classes: Tensor) -> T
     return dot.div_(torch.linalg.vector_norm(features, dim=1).clamp_min(1e-8))
 
 
+# the sensitivity to lambda (the paper's Figure 6): lambda at these percentiles of the training activations
+CLIP_SWEEP = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0, 97.5, 99.0, 99.9)
+
+
 class FMLS(LogitScorer):
     """Feature masking + ReAct clipping + logit smoothing, scored with energy (the paper's method, "Ours").
 
@@ -55,7 +59,21 @@ class FMLS(LogitScorer):
         output: ``energy`` (the paper) or ``msp``.
     """
 
-    selection: ClassVar[str] = "paper"  # tune: p x lambda on validation noise, the paper's Section V-F
+    # tune: the paper's Section V-F, p x lambda (lambda at percentiles of the training activations, written as the
+    # absolute value), the least intrusive setting among equals; the choice applies to the variants (react_fm, ...)
+    search_space: ClassVar[dict[str, tuple]] = {
+        "percentile": (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0),
+        "clip_percentile": (50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0, 99.0),
+    }
+    tuning: ClassVar[Tuning] = Tuning(
+        prefer=(("clip", "high"), ("percentile", "low")),
+        of_activations={"clip_percentile": "clip"},
+        family=True,
+        sweep={
+            "clip_percentile": CLIP_SWEEP,
+            "percentile": (0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0),
+        },
+    )
 
     def __init__(
         self,

@@ -13,11 +13,13 @@ At test time, with ``h' = min(h, lambda)`` and ``c = argmax(W h' + b)``:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.scoring.base import LogitScorer, check_nonnegative, check_percentile
-from lightning_ood.scoring.fmls import prototype_cosine
+from lightning_ood.scoring.base import LogitScorer, Tuning, check_nonnegative, check_percentile
+from lightning_ood.scoring.fmls import CLIP_SWEEP, prototype_cosine
 from lightning_ood.statistics import FeatureStatistics, percentile
 
 
@@ -27,6 +29,9 @@ class LINE(LogitScorer):
 
     ``smooth=True`` multiplies the logits by the paper's prototype cosine (c from the original logits): LINE + LS.
     """
+
+    # sweep: the sensitivity to the clipping threshold lambda (the paper's Figure 6, beside fmls)
+    tuning: ClassVar[Tuning] = Tuning(of_activations={"clip_percentile": "clip"}, sweep={"clip_percentile": CLIP_SWEEP})
 
     def __init__(
         self,

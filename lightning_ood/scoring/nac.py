@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
+from lightning_ood.features import network_batches
 from lightning_ood.hooks import block_outputs, unknown_blocks
 from lightning_ood.precision import as_float, device_constant, network_device, network_dtype
 from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_positive, check_seed
@@ -227,20 +228,13 @@ class NAC(Scorer):
 
     def count(self, loader) -> list[Tensor]:  # -> per layer (M - 1, C_l) float64
         backbone = self.backbone
-        device, dtype = network_device(backbone), network_dtype(backbone)
         counts: list[Tensor] | None = None
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            for images, *_ in loader:
-                found = [
-                    bin_counts(coverage_bins(p, a, m), m).double()
-                    for p, a, m in zip(self.products(images.to(device, dtype), backbone.features), self.alphas,
-                                       self.bins, strict=True)
-                ]  # fmt: skip
-                counts = found if counts is None else [c + f for c, f in zip(counts, found, strict=True)]
-        finally:
-            backbone.train(was_training)
+        for images, _ in network_batches(backbone, loader, "nac: neuron coverage", progress=False):
+            found = [
+                bin_counts(coverage_bins(p, a, m), m).double()
+                for p, a, m in zip(self.products(images, backbone.features), self.alphas, self.bins, strict=True)
+            ]
+            counts = found if counts is None else [c + f for c, f in zip(counts, found, strict=True)]
         if counts is None:
             raise ConfigError("nac: no training images to count the neuron coverage on.")
         return counts

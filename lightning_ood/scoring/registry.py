@@ -68,6 +68,7 @@ def odin_on(base: type[Scorer], **base_presets: Any) -> Callable[..., ODIN]:
 
     build.accepted = odin_params | set(inspect.signature(base).parameters)  # type: ignore[attr-defined]
     build.base = base  # type: ignore[attr-defined]  (the method it combines with: its family)
+    build.parts = (base, ODIN)  # type: ignore[attr-defined]  (the classes whose defaults it takes)
     return build
 
 
@@ -192,6 +193,8 @@ SCORERS: dict[str, Entry] = {
     "nac": Entry(NAC, {}, "training coverage of the neurons' KL-gradient states, NAC-UE (Liu et al., ICLR 2024)"),
 }
 
+# The paper's method: what `lightning-ood tune` tunes when told no scorer.
+PAPER_METHOD = "fmls"
 # What `lightning-ood test` scores when the config names no scorers: every method of the paper's tables.
 PAPER_SCORERS = [name for name in SCORERS if SCORERS[name].paper_name and name not in ("energy_react", "energy_fmls")]
 DEFAULT_SCORERS = PAPER_SCORERS
@@ -256,6 +259,17 @@ def presets(name: str) -> dict[str, Any]:
     """The hyperparameters a registered name fixes (``fm_ls``: ``clip: None``, no ReAct)."""
     entry = SCORERS.get(name)
     return dict(entry.presets) if entry is not None else {}
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """Every hyperparameter a registered name sets when the config gives none: its presets, then the constructor
+    defaults of what it builds (ODIN on another method: the method's, then ODIN's)."""
+    entry = SCORERS[name]
+    found: dict[str, Any] = {}
+    for build in getattr(entry.build, "parts", (entry.build,)):
+        parameters = inspect.signature(build).parameters.items()
+        found.update({k: p.default for k, p in parameters if p.default is not p.empty and k not in found})
+    return {**found, **entry.presets}
 
 
 def paper_name(name: str) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor, nn
 
 from lightning_ood.errors import ConfigError
@@ -10,11 +12,13 @@ from lightning_ood.scoring.base import (
     OUTPUTS,
     Batch,
     LogitScorer,
+    Tuning,
     as_float,
     check_nonnegative,
     check_percentile,
     check_reference,
 )
+from lightning_ood.scoring.fmls import CLIP_SWEEP
 from lightning_ood.statistics import FeatureStatistics
 
 
@@ -33,6 +37,9 @@ class ReAct(LogitScorer):
       than 2,000 images, and ``eval.py`` scores that same set); the DICE / LINE / HIMPLoS code passes an absolute
       ``--threshold`` instead.
     """
+
+    # sweep: the sensitivity to the clipping threshold lambda (the paper's Figure 6, beside fmls)
+    tuning: ClassVar[Tuning] = Tuning(of_activations={"clip_percentile": "clip"}, sweep={"clip_percentile": CLIP_SWEEP})
 
     def __init__(
         self, percentile: float = 90.0, clip: float | None = None, reference: str = "train", output: str = "energy"
