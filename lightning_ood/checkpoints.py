@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import Tensor
 
 from lightning_ood.errors import CheckpointError
 from lightning_ood.io import atomic_write
@@ -76,6 +78,18 @@ def load_file(path: Path, what: str, kind: str) -> Any:
             f"{what} {path} cannot be read ({type(err).__name__}: {reason(err)[:200]}); it is truncated, corrupt or "
             f"not a PyTorch {kind}."
         ) from err
+
+
+def load_state_dict(path: Path) -> dict[str, Tensor]:
+    """A weights file's state dict (:func:`load_file`), unwrapped from a ``state_dict`` or ``model`` entry (Lightning,
+    torchvision's training scripts), or a :class:`CheckpointError` when it holds anything but names and tensors."""
+    loaded = load_file(path, "Weights file", "state dict")
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise CheckpointError(f"Weights file {path} does not hold a state dict (a mapping of names to tensors).")
+    return dict(loaded)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -80,8 +80,7 @@ def test_statistics_callback_under_ddp_equals_one_process(runs):
     ddp_stats = model.ood_statistics
     dm = SyntheticDataModule(**DATA, batch_size=8, eval_batch_size=8)
     dm.setup("fit")
-    single = compute_feature_statistics(model, dm.statistics_dataloader(), progress=False,
-                                        needs=model.statistics_needs())  # fmt: skip
+    single = compute_feature_statistics(model.fit_inputs(), dm.statistics_dataloader(), progress=False)
     assert ddp_stats.num_samples == single.num_samples == 81  # every image exactly once (20 held out)
     assert torch.equal(ddp_stats.counts, single.counts)
     torch.testing.assert_close(ddp_stats.class_means, single.class_means, rtol=1e-10, atol=1e-12)
@@ -89,7 +88,7 @@ def test_statistics_callback_under_ddp_equals_one_process(runs):
     torch.testing.assert_close(ddp_stats.std, single.std, rtol=1e-9, atol=1e-12)
     assert torch.equal(ddp_stats.activation_quantiles, single.activation_quantiles)  # the same values, gathered
     # the extras of the configured scorers: the same bank in the same order, the same Gram bounds and stage statistics
-    assert {need.name for need in model.statistics_needs()} == {
+    assert {need.name for need in model.fit_inputs().needs} == {
         "bank", "gram", "logits", "stages", "unit_gaussians", "unit_outer", "unit_quantiles", "predicted_means",
     }  # fmt: skip
     for name in ("unit_class_means", "unit_covariance", "unit_outer", "predicted_class_means", "mean_logit_scores"):

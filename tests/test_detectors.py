@@ -436,16 +436,16 @@ def test_openmax_matches_pytorch_ood(p):
 
 def test_gram_statistics_and_score(network):
     """Bounds, held-out normaliser and score against numpy on the Gram features of every block."""
-    from lightning_ood.callbacks.statistics import compute_feature_statistics
+    from lightning_ood.fitting import FitInputs, compute_feature_statistics
     from lightning_ood.data.base import IndexedDataset
     from lightning_ood.scoring.gram import GRAM_HOLDOUT
 
     torch.manual_seed(1)
     images = torch.randn(120, 3, 32, 32)
     labels = torch.arange(120) % 4
-    module = SimpleNamespace(backbone=network.net, device=torch.device("cpu"))
+    inputs = FitInputs(network.net, "test", frozenset({GramBounds, LogitStatistics}))
     loader = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(images, labels)), batch_size=32)
-    stats = compute_feature_statistics(module, loader, needs={GramBounds, LogitStatistics}, progress=False, log=False)
+    stats = compute_feature_statistics(inputs, loader, progress=False, log=False)
     blocks = list(network.net.blocks())
     captured = {}
     probe = torch.cat([images[:3], images[3:6] * 3])  # three training images, three far from them
@@ -535,14 +535,14 @@ def test_gram_features_stay_finite_and_exact_for_large_and_small_activations(mag
 
 
 def test_mahalanobis_ensemble_against_autograd(network):
-    from lightning_ood.callbacks.statistics import compute_feature_statistics
+    from lightning_ood.fitting import FitInputs, compute_feature_statistics
     from lightning_ood.data.base import IndexedDataset
 
     torch.manual_seed(2)
     images, labels = torch.randn(64, 3, 32, 32), torch.arange(64) % 4
-    module = SimpleNamespace(backbone=network.net, device=torch.device("cpu"))
+    inputs = FitInputs(network.net, "test", frozenset({StageGaussians}))
     loader = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(images, labels)), batch_size=16)
-    stats = compute_feature_statistics(module, loader, needs={StageGaussians}, progress=False, log=False)
+    stats = compute_feature_statistics(inputs, loader, progress=False, log=False)
     stages = network.net.stages()
 
     def stage_means(x):

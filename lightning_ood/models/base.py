@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from lightning_ood.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class BatchNormTail:
@@ -69,6 +71,18 @@ class Backbone(nn.Module):
     def last_batchnorm(self) -> BatchNormTail | None:
         """The last BatchNorm before the features (``None`` for networks without one, such as ViT)."""
         return None
+
+    def require_last_batchnorm(self, refusal: str) -> BatchNormTail:
+        """:meth:`last_batchnorm`, or a :class:`ConfigError` of ``refusal`` (what needs it, and the way out)."""
+        point = self.last_batchnorm()
+        if point is None:
+            raise ConfigError(f"{refusal.format(network=type(self).__name__)}")
+        return point
+
+    def check_image_size(self, x: Tensor, size: int, name: str, hint: str) -> None:
+        """Refuse images that are not ``size`` x ``size`` (a network with a fixed input size), naming ``hint``."""
+        if tuple(x.shape[-2:]) != (size, size):
+            raise ConfigError(f"{name} takes {size}x{size} images but got {x.shape[-2]}x{x.shape[-1]}; {hint}.")
 
     def stages(self) -> list[str]:
         """The layers of Lee et al.'s ``feature_list`` (their Mahalanobis layer ensemble), in forward order, as module

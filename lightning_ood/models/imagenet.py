@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import get_model_weights
 
-from lightning_ood.checkpoints import load_file
+from lightning_ood.checkpoints import load_state_dict
 from lightning_ood.errors import CheckpointError, ConfigError
 from lightning_ood.models.base import Backbone, BatchNormTail
 from lightning_ood.models.formats import load_checked
@@ -93,12 +92,7 @@ def read_state_dict(path: Path) -> StateDict:
             f"Weights file {path} does not exist. model.weights takes a torchvision weights name (DEFAULT, "
             f"IMAGENET1K_V1, ...) or the path of a local .pth/.pt state dict."
         )
-    loaded = load_file(path, "Weights file", "state dict")
-    for key in ("state_dict", "model"):
-        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
-            loaded = loaded[key]
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise CheckpointError(f"Weights file {path} does not hold a state dict (a mapping of names to tensors).")
+    loaded = load_state_dict(path)
     if loaded and all(k.startswith("backbone.") for k in loaded):
         loaded = {k.removeprefix("backbone."): v for k, v in loaded.items()}
     return dict(loaded)
@@ -232,11 +226,8 @@ class ViTB16(TorchvisionBackbone):
         return self.net.image_size
 
     def features(self, x: Tensor) -> Tensor:  # (N, 3, S, S) -> (N, 768)
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            raise ConfigError(
-                f"vit_b_16 with these weights takes {self.image_size}x{self.image_size} images but got "
-                f"{x.shape[-2]}x{x.shape[-1]}; set --data.image_size {self.image_size} (ImageNetDataModule)."
-            )
+        self.check_image_size(x, self.image_size, "vit_b_16 with these weights",
+                              f"set --data.image_size {self.image_size} (ImageNetDataModule)")  # fmt: skip
         return self.net(x)
 
     def blocks(self) -> dict[str, nn.Module]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from lightning_ood.checkpoints import load_file
+from lightning_ood.checkpoints import load_state_dict
 from lightning_ood.errors import CheckpointError, ConfigError
 from lightning_ood.models.base import Backbone
 from lightning_ood.models.formats import load_checked
@@ -75,13 +75,7 @@ def read_weights_file(path: Path) -> dict[str, Tensor]:
             return load_safetensors(str(path))
         except Exception as err:  # truncated or not a safetensors file
             raise CheckpointError(f"Weights file {path} cannot be read as safetensors ({err}).") from err
-    loaded = load_file(path, "Weights file", "state dict")
-    for key in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
-            loaded = loaded[key]
-    if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise CheckpointError(f"Weights file {path} does not hold a state dict (a mapping of names to tensors).")
-    return dict(loaded)
+    return load_state_dict(path)
 
 
 class TimmViTB16(Backbone):
@@ -123,11 +117,7 @@ class TimmViTB16(Backbone):
         self.feature_dim = self.head.in_features
 
     def features(self, x: Tensor) -> Tensor:  # (N, 3, 224, 224) -> (N, 768)
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            raise ConfigError(
-                f"{ARCH} takes {self.image_size}x{self.image_size} images but got {x.shape[-2]}x{x.shape[-1]}; set "
-                f"--data.image_size {self.image_size}."
-            )
+        self.check_image_size(x, self.image_size, ARCH, f"set --data.image_size {self.image_size}")
         return self.net(x)
 
     def blocks(self) -> dict[str, nn.Module]:

@@ -66,12 +66,10 @@ class Shaping(Scorer):
 
     def bind(self, backbone: Backbone) -> Shaping:
         if self.where == "map":
-            self.point = backbone.last_batchnorm()
-            if self.point is None:
-                raise ConfigError(
-                    f"{type(self).__name__} on the feature map needs a network with a final feature map, and "
-                    f"{type(backbone).__name__} has none: use where: pooled (the authors' placement)."
-                )
+            self.point = backbone.require_last_batchnorm(
+                f"{type(self).__name__} on the feature map needs a network with a final feature map, and "
+                "{network} has none: use where: pooled (the authors' placement)."
+            )
         return self
 
     @property

@@ -47,6 +47,7 @@ from lightning_ood.features import network_batches
 from lightning_ood.precision import as_float, network_device, network_dtype
 from lightning_ood.scoring.base import (
     Batch,
+    OwnPass,
     Scorer,
     check_nonnegative,
     check_number,
@@ -171,19 +172,11 @@ class AdaSCALE(Scorer):
         self.images = images
         self.reference = check_reference(reference, FIT_REFERENCES)
         self.seed = check_seed("seed", seed)
-        self.context = None
+        self.own_pass = OwnPass("adascale", f"fits its shift distribution on perturbed {self.reference} images")
 
     def prepare(self, context) -> AdaSCALE:
         """Keep the run's images: F is fitted on them once the head is known."""
-        source = None if context is None else (
-            context.reference_images if self.reference != "train" else context.training_images
-        )  # fmt: skip
-        if source is None:
-            raise ConfigError(
-                f"adascale fits its shift distribution on perturbed {self.reference} images, which this run does not "
-                f"have (an evaluation engine fitted without a FitContext of those images)."
-            )
-        self.context = context
+        self.own_pass.keep(context, "training_images" if self.reference == "train" else "reference_images")
         return self
 
     def unit_counts(self, units: int) -> tuple[int, int]:
@@ -192,9 +185,7 @@ class AdaSCALE(Scorer):
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> AdaSCALE:
         super().fit_statistics(stats, head)
-        if self.context is None:
-            raise ConfigError("adascale fits on perturbed ID images: call prepare(context) first.")
-        context, self.context = self.context, None  # fitted: the images (and the data module) are not kept
+        context = self.own_pass.take()
         key = f"adascale:{self.reference}:{self.perturbed_share}" + (f":{self.images}:{self.seed}"
                                                                      if self.reference == "train" else "")  # fmt: skip
         h, h_perturbed = context.shared(key, lambda: self.measure(context))

@@ -279,6 +279,33 @@ class Scorer(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in params.items())
 
 
+class OwnPass:
+    """What a scorer that runs the network over images when it is fitted (NAC, the Mahalanobis paper's regression,
+    AdaSCALE) keeps between ``prepare`` and ``fit_statistics``: the run's :class:`~lightning_ood.engine.FitContext`,
+    taken once, so that neither the images nor the data module behind them stay with the fitted scorer. Its batches
+    go through :func:`lightning_ood.features.network_batches`, the one loop that runs a network over a loader."""
+
+    def __init__(self, scorer: str, images_for: str) -> None:
+        self.scorer, self.images_for = scorer, images_for
+        self.context: Any = None
+
+    def keep(self, context: Any, source: str = "training_images") -> None:
+        """Keep ``context``, or refuse when it has no ``source`` images (``training_images`` / ``reference_images``)."""
+        if context is None or getattr(context, source, None) is None:
+            raise ConfigError(
+                f"{self.scorer} {self.images_for}, which this run does not have (an evaluation engine fitted without "
+                f"a FitContext of those images)."
+            )
+        self.context = context
+
+    def take(self) -> Any:
+        """The kept context, once: ``prepare(context)`` must have run."""
+        if self.context is None:
+            raise ConfigError(f"{self.scorer} {self.images_for}: call prepare(context) first.")
+        context, self.context = self.context, None
+        return context
+
+
 # ------------------------------------------------------------------------------------------------ score functions
 
 

@@ -28,7 +28,15 @@ from lightning_ood.features import network_batches
 from lightning_ood.hooks import block_outputs
 from lightning_ood.metrics import fpr_at_tpr
 from lightning_ood.precision import device_constant, network_device
-from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_nonnegative, check_positive, check_seed
+from lightning_ood.scoring.base import (
+    Batch,
+    FittedTensors,
+    OwnPass,
+    Scorer,
+    check_nonnegative,
+    check_positive,
+    check_seed,
+)
 from lightning_ood.scoring.mahalanobis import mahalanobis_terms, squared_distances
 from lightning_ood.statistics import (
     ClassGaussians,
@@ -304,7 +312,9 @@ class MahalanobisPaper(Scorer):
         self.adversarial_noise = adversarial_noise
         self.seed = check_seed("seed", seed)
         self.backbone: nn.Module | None = None
-        self.context: Any = None
+        self.own_pass = OwnPass(
+            "mahalanobis_paper", "fits its logistic regression on ID training images and their FGSM twins"
+        )
         self.magnitude: float | None = None
 
     def bind(self, backbone: nn.Module) -> MahalanobisPaper:
@@ -314,21 +324,15 @@ class MahalanobisPaper(Scorer):
 
     def prepare(self, context) -> MahalanobisPaper:
         """Keep the run's ID training images: the regression is fitted on them once the Gaussians are known."""
-        if context is None or context.training_images is None:
-            raise ConfigError(
-                "mahalanobis_paper fits its logistic regression on ID training images and their FGSM twins, which "
-                "this run does not have (an evaluation engine fitted without a FitContext of training images)."
-            )
-        self.context = context
+        self.own_pass.keep(context)
         return self
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> MahalanobisPaper:
         super().fit_statistics(stats, head)
-        if self.backbone is None or self.context is None:
+        if self.backbone is None:
             raise ConfigError("mahalanobis_paper needs the network and its training images: call bind and prepare.")
         self.terms = stage_terms(stats, self.stage_names, "mahalanobis_paper")
-        self.fit_regression(self.context)
-        self.context = None  # fitted: the images (and the data module behind them) are not kept
+        self.fit_regression(self.own_pass.take())
         return self
 
     def confidences(self, x: Tensor, features_fn: Features, magnitudes: Sequence[float]) -> Tensor:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from lightning_ood.errors import ConfigError
 from lightning_ood.features import network_batches
 from lightning_ood.hooks import block_outputs, unknown_blocks
 from lightning_ood.precision import as_float, device_constant, network_device, network_dtype
-from lightning_ood.scoring.base import Batch, FittedTensors, Scorer, check_positive, check_seed
+from lightning_ood.scoring.base import Batch, FittedTensors, OwnPass, Scorer, check_positive, check_seed
 from lightning_ood.statistics import FeatureStatistics
 
 FEATURES = "features"  # the pooled penultimate features: the authors' ``avgpool`` layer
@@ -176,7 +176,7 @@ class NAC(Scorer):
         self.seed = check_seed("seed", seed)
         self.layer_names: tuple[str, ...] = ()
         self.backbone: nn.Module | None = None
-        self.context: Any = None
+        self.own_pass = OwnPass("nac", "counts the neuron states of ID training images")
 
     def bind(self, backbone: nn.Module) -> NAC:
         if self.layers is None:
@@ -201,19 +201,14 @@ class NAC(Scorer):
 
     def prepare(self, context) -> NAC:
         """Keep the run's training images: the coverage is counted on them once the head is known."""
-        if context is None or context.training_images is None:
-            raise ConfigError(
-                "nac counts the neuron states of ID training images, which this run does not have (an evaluation "
-                "engine fitted without a FitContext of training images)."
-            )
-        self.context = context
+        self.own_pass.keep(context)
         return self
 
     def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> NAC:
         super().fit_statistics(stats, head)
-        if self.backbone is None or self.context is None:
+        if self.backbone is None:
             raise ConfigError("nac needs the network and its training images: call bind and prepare.")
-        context, self.context = self.context, None  # fitted: the images (and the data module) are not kept
+        context = self.own_pass.take()
         loader = context.training_images(self.images, self.seed)
         counts = self.count(loader)
         if context.sum_across is not None:

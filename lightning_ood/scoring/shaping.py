@@ -95,12 +95,10 @@ class BATS(LogitScorer):
 
     def bind(self, backbone: Backbone) -> BATS:
         if self.statistics != "empirical":
-            self.point = backbone.last_batchnorm()
-            if self.point is None:
-                raise ConfigError(
-                    f"BATS with statistics {self.statistics!r} reads the last BatchNorm before the features, and "
-                    f"{type(backbone).__name__} has none: use {{scorer: bats, statistics: empirical}}."
-                )
+            self.point = backbone.require_last_batchnorm(
+                f"BATS with statistics {self.statistics!r} reads the last BatchNorm before the features, and "
+                "{network} has none: use {{scorer: bats, statistics: empirical}}."
+            )
         return self
 
     @property

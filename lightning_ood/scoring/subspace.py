@@ -56,37 +56,6 @@ def residual_norm(features: Tensor, null_space: Tensor, origin_residual: Tensor)
     return (features.double() @ null_space.double() - origin_residual.double()).norm(dim=1)
 
 
-class ViM(Scorer):
-    """Virtual-logit matching: ``energy(f) - alpha * ||(h - u) NS||`` with ``alpha`` = mean training max logit / mean
-    training residual norm.
-
-    Args:
-        dim: principal dimension D; ``None`` picks the authors' value for the feature size (see ``default_dim``).
-    """
-
-    needs_statistics = frozenset({Bank})
-    search_space: ClassVar[dict[str, tuple]] = {"dim": (64, 128, 256, 512, 1000)}
-
-    def __init__(self, dim: int | None = None) -> None:
-        super().__init__()
-        self.dim = None if dim is None else check_count("dim", dim)
-
-    def fit_statistics(self, stats: FeatureStatistics, head: nn.Linear) -> ViM:
-        super().fit_statistics(stats, head)
-        dim = self.dim or default_dim(head.in_features)
-        u, ns = residual_space(stats, head, dim)
-        self.null_space, self.origin_residual = ns, u @ ns  # float64: see residual_norm
-        bank = stats.bank.double().cpu()
-        residual = ((bank - u) @ ns).norm(dim=1)
-        max_logit = (bank @ head.weight.detach().double().T.cpu() + head.bias.detach().double().cpu()).amax(dim=1)
-        self.alpha = float(max_logit.mean() / residual.mean())
-        return self
-
-    def score(self, features: Tensor, logits: Tensor) -> Tensor:
-        residual = residual_norm(features, self.null_space, self.origin_residual)
-        return energy(as_float(logits)).double() - self.alpha * residual
-
-
 class Residual(Scorer):
     """Residual: minus the norm of the feature outside the principal subspace, ``-||(h - u) NS||`` (ViM without the
     logits). OpenOOD fits it on its ID validation split; here, as the paper, on the training features."""
@@ -101,7 +70,32 @@ class Residual(Scorer):
         super().fit_statistics(stats, head)
         u, ns = residual_space(stats, head, self.dim or default_dim(head.in_features))
         self.null_space, self.origin_residual = ns, u @ ns  # float64: see residual_norm
+        self.fit_scale(stats, head, u, ns)
         return self
+
+    def fit_scale(self, stats: FeatureStatistics, head: nn.Linear, origin: Tensor, null_space: Tensor) -> None:
+        """What a subclass fits on the principal subspace (ViM's ``alpha``); nothing here."""
 
     def score(self, features: Tensor, logits: Tensor) -> Tensor:
         return -residual_norm(features, self.null_space, self.origin_residual)
+
+
+class ViM(Residual):
+    """Virtual-logit matching: ``energy(f) - alpha * ||(h - u) NS||`` with ``alpha`` = mean training max logit / mean
+    training residual norm (:class:`Residual` plus the energy, on the same principal subspace).
+
+    Args:
+        dim: principal dimension D; ``None`` picks the authors' value for the feature size (see ``default_dim``).
+    """
+
+    needs_statistics = frozenset({Bank})
+
+    def fit_scale(self, stats: FeatureStatistics, head: nn.Linear, origin: Tensor, null_space: Tensor) -> None:
+        bank = stats.bank.double().cpu()
+        residual = ((bank - origin) @ null_space).norm(dim=1)
+        max_logit = (bank @ head.weight.detach().double().T.cpu() + head.bias.detach().double().cpu()).amax(dim=1)
+        self.alpha = float(max_logit.mean() / residual.mean())
+
+    def score(self, features: Tensor, logits: Tensor) -> Tensor:
+        residual = residual_norm(features, self.null_space, self.origin_residual)
+        return energy(as_float(logits)).double() - self.alpha * residual
