@@ -436,8 +436,8 @@ def test_openmax_matches_pytorch_ood(p):
 
 def test_gram_statistics_and_score(network):
     """Bounds, held-out normaliser and score against numpy on the Gram features of every block."""
-    from lightning_ood.fitting import FitInputs, compute_feature_statistics
     from lightning_ood.data.base import IndexedDataset
+    from lightning_ood.fitting import FitInputs, compute_feature_statistics
     from lightning_ood.scoring.gram import GRAM_HOLDOUT
 
     torch.manual_seed(1)
@@ -535,8 +535,8 @@ def test_gram_features_stay_finite_and_exact_for_large_and_small_activations(mag
 
 
 def test_mahalanobis_ensemble_against_autograd(network):
-    from lightning_ood.fitting import FitInputs, compute_feature_statistics
     from lightning_ood.data.base import IndexedDataset
+    from lightning_ood.fitting import FitInputs, compute_feature_statistics
 
     torch.manual_seed(2)
     images, labels = torch.randn(64, 3, 32, 32), torch.arange(64) % 4
