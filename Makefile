@@ -13,6 +13,7 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
 # Training selection: make train-cifar DATASET=cifar100 MODEL=densenet ARGS="--trainer.devices 2"
 DATASET ?= cifar10
@@ -27,7 +28,7 @@ WEIGHTS ?= $(PUBLISHED)/dice-densenet100-$(DATASET).pth.tar
 DATA ?= data
 OOD_ROOT ?= $(DATA)
 
-.PHONY: help install demo test test-slow lint format train-cifar train-quick ood-shared tune-shared sweep-shared normratio-shared \
+.PHONY: help install demo test test-slow lint format docs train-cifar train-quick ood-shared tune-shared sweep-shared normratio-shared \
 	reproduce reproduce-shared import-published bench-train bench-ddp bench-eval bench-score profile-step gpu-check clean
 
 help: ## Show this help
@@ -64,6 +65,14 @@ test: $(STAMP) ## Run the test suite (generated data; tests needing ../shared/da
 
 test-slow: $(STAMP) ## Run the long tests on real data too (marked `slow`)
 	$(BIN)/pytest -q -m "slow or not slow"
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -e '.[dev,timm,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP) ## Build the documentation site into docs/_build/html (Sphinx, strict: a warning is an error)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "Docs: docs/_build/html/index.html"
 
 lint: $(STAMP) ## Check style with ruff (lint + format check)
 	$(BIN)/ruff check lightning_ood tests benchmarks
@@ -156,5 +165,5 @@ gpu-check: ## One CUDA GPU, a few minutes: fit, test, tune (fmls, featurenorm)/s
 	$(GPU_PYTHON) benchmarks/gpu_check.py --data $(GPU_DATA) --ood-root $(GPU_OOD_ROOT) $(ARGS)
 
 clean: ## Remove logs, checkpoints, the feature cache and tool caches (keeps .venv; `rm -rf .venv` for a full reset)
-	rm -rf .pytest_cache .ruff_cache build dist *.egg-info logs lightning_logs checkpoints cache .bench
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info logs lightning_logs checkpoints cache .bench docs/_build docs/_generated
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -25,8 +25,9 @@ from pathlib import Path
 from lightning_ood.errors import OutputError
 from lightning_ood.io import check_writable_folder, process_alive, remove_empty_folders
 
-RESULT_FILES = ("ood_results.*", "ood_scores.pt", "selected.yaml", "tune_grid.csv", "sensitivity.csv",
-                "normratio.csv")  # fmt: skip
+# Results: the test's tables and scores, tune's overlay, and every table tune and sweep write (``tune_grid.csv``,
+# ``sensitivity.csv``, what a scorer's own choice measured: ``<preparation name>.csv``).
+RESULT_FILES = ("ood_results.*", "ood_scores.pt", "selected.yaml", "*.csv")
 LOCK = ".lightning-ood.lock"
 
 

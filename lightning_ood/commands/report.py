@@ -21,7 +21,8 @@ from lightning_ood.errors import ConfigError
 from lightning_ood.io import atomic_write_text, check_writable_folder
 
 
-def report(argv: list[str]) -> dict:
+def report_parser() -> argparse.ArgumentParser:
+    """The arguments of ``lightning-ood report``."""
     parser = argparse.ArgumentParser(
         prog="lightning-ood report",
         description="Aggregate runs of one setting (seeds, checkpoints) into mean ± std tables. Runs whose settings "
@@ -29,6 +30,11 @@ def report(argv: list[str]) -> dict:
     )
     parser.add_argument("runs", nargs="+", help="run folders of `lightning-ood test` (or their ood_results.json)")
     parser.add_argument("--output", help="folder for report.{md,csv,tex} (default: the runs' common parent)")
+    return parser
+
+
+def report(argv: list[str]) -> dict:
+    parser = report_parser()
     args = parser.parse_args(argv)
     paths = find_results(args.runs)
     aggregate = Aggregate.of(paths)  # refuses damaged files and runs of different settings

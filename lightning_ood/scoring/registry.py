@@ -55,6 +55,9 @@ class Entry:
     presets: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     paper_name: str | None = None  # the method's name in the paper's tables
+    paper: str = ""  # the method's paper and venue (or where the variant comes from)
+    differs: str = ""  # how this scorer differs from its authors' code ("" where it computes what they compute)
+    test: str = ""  # the test that checks it against an independent reference (a node id under tests/)
 
 
 def odin_on(base: type[Scorer], **base_presets: Any) -> Callable[..., ODIN]:
@@ -74,123 +77,482 @@ def odin_on(base: type[Scorer], **base_presets: Any) -> Callable[..., ODIN]:
 
 SCORERS: dict[str, Entry] = {
     # Baselines (Tables I, II)
-    "msp": Entry(MSP, {}, "maximum softmax probability", "MSP"),
-    "odin": Entry(ODIN, {}, "temperature scaling + input perturbation", "ODIN"),
-    "mahalanobis": Entry(Mahalanobis, {}, "distance to the closest class mean, tied covariance (OpenOOD's mds)"),
-    "mahalanobis_paper": Entry(
-        MahalanobisPaper, {}, "Lee et al.'s layers, input noise, regression on ID vs FGSM (paper's code)", "Mahalanobis"
+    "msp": Entry(
+        MSP,
+        {},
+        "maximum softmax probability",
+        "MSP",
+        paper="Hendrycks & Gimpel, ICLR 2017",
+        differs=(
+            "scored as log p_max in float64, an increasing function of the authors' MSP (no ties where float32 rounds "
+            "p to 1)"
+        ),
     ),
-    "energy": Entry(Energy, {}, "logsumexp of the logits", "Energy"),
-    "bats": Entry(BATS, {}, "per-unit truncation to mean +- lam * std, energy", "BATS"),
-    "dice": Entry(DICE, {}, "head sparsified by contribution, energy", "DICE"),
-    "react": Entry(ReAct, {}, "features clipped at the 90th percentile, energy", "ReAct"),
-    "dice_react": Entry(DICE, {"clip_percentile": 90.0}, "ReAct clipping, then DICE", "DICE+ReAct"),
-    "line": Entry(LINE, {}, "Shapley-based unit and weight masks + clipping, energy", "LINE"),
-    "maxlogit": Entry(MaxLogit, {}, "largest logit"),
-    "featurenorm": Entry(FeatureNorm, {}, "norm of a block's output; the block chosen by NormRatio (Yu et al.)"),
+    "odin": Entry(
+        ODIN,
+        {},
+        "temperature scaling + input perturbation",
+        "ODIN",
+        paper="Liang et al., ICLR 2018",
+        differs=(
+            "eps 0.0014 with the gradient sign divided by the std (ODIN's and OpenOOD's code; the paper's code: eps "
+            "0.004, no division, scale_by_std: false); scored as log p_max"
+        ),
+    ),
+    "mahalanobis": Entry(
+        Mahalanobis,
+        {},
+        "distance to the closest class mean, tied covariance (OpenOOD's mds)",
+        paper="Lee et al., NeurIPS 2018",
+        differs=(
+            "penultimate features only, no input pre-processing or layer ensemble (OpenOOD's mds); the paper's row is "
+            "mahalanobis_paper"
+        ),
+    ),
+    "mahalanobis_paper": Entry(
+        MahalanobisPaper,
+        {},
+        "Lee et al.'s layers, input noise, regression on ID vs FGSM (paper's code)",
+        "Mahalanobis",
+        paper="Lee et al., NeurIPS 2018, as the paper's code runs it",
+        differs=(
+            "regression and noise magnitude fitted on 1,000 seeded ID training images; the authors took them from the "
+            "ID test set they then scored"
+        ),
+    ),
+    "energy": Entry(Energy, {}, "logsumexp of the logits", "Energy", paper="Liu et al., NeurIPS 2020"),
+    "bats": Entry(
+        BATS,
+        {},
+        "per-unit truncation to mean +- lam * std, energy",
+        "BATS",
+        paper="Zhu et al., NeurIPS 2022",
+        differs=(
+            "statistics: bn truncates the last BatchNorm's output (the paper's definition); the authors' released "
+            "CIFAR code bounds the pooled features (statistics: bn_pooled)"
+        ),
+    ),
+    "dice": Entry(DICE, {}, "head sparsified by contribution, energy", "DICE", paper="Sun & Li, ECCV 2022"),
+    "react": Entry(
+        ReAct,
+        {},
+        "features clipped at the 90th percentile, energy",
+        "ReAct",
+        paper="Sun et al., NeurIPS 2021",
+        differs=(
+            "threshold from the training activations by default; reference: id_val is OpenOOD's, id_test the authors' "
+            "run (test-set leakage, flagged in the results)"
+        ),
+    ),
+    "dice_react": Entry(
+        DICE,
+        {"clip_percentile": 90.0},
+        "ReAct clipping, then DICE",
+        "DICE+ReAct",
+        paper="Sun & Li, ECCV 2022",
+        differs="ReAct's threshold as react",
+    ),
+    "line": Entry(
+        LINE, {}, "Shapley-based unit and weight masks + clipping, energy", "LINE", paper="Ahn et al., CVPR 2023"
+    ),
+    "maxlogit": Entry(MaxLogit, {}, "largest logit", paper="Hendrycks et al., ICML 2022"),
+    "featurenorm": Entry(
+        FeatureNorm,
+        {},
+        "norm of a block's output; the block chosen by NormRatio",
+        paper="Yu et al., CVPR 2023",
+        differs=(
+            "NormRatio's jigsaws seeded per image (reproducible, identical under DDP); normratio_images takes a seeded "
+            "subset"
+        ),
+    ),
     # The paper's method
-    "fmls": Entry(FMLS, {}, "feature masking + ReAct + logit smoothing, energy (the paper)", "Ours"),
+    "fmls": Entry(
+        FMLS,
+        {},
+        "feature masking + ReAct + logit smoothing, energy (the paper)",
+        "Ours",
+        paper="Sun, Qiu, Tan, Zheng & Wang: feature masking and logit smoothing (the paper)",
+    ),
     # Table III ablations (the same lambda as fmls)
-    "react_fm": Entry(FMLS, {"smooth": False}, "ablation: ReAct + feature masking", "ReAct+FM"),
-    "react_ls": Entry(FMLS, {"mask": False}, "ablation: ReAct + logit smoothing", "ReAct+LS"),
-    "fm_ls": Entry(FMLS, {"clip": None}, "ablation: feature masking + logit smoothing, no ReAct", "FM+LS"),
+    "react_fm": Entry(
+        FMLS,
+        {"smooth": False},
+        "ablation: ReAct + feature masking",
+        "ReAct+FM",
+        paper="Sun et al., Table III ablation of the paper",
+    ),
+    "react_ls": Entry(
+        FMLS,
+        {"mask": False},
+        "ablation: ReAct + logit smoothing",
+        "ReAct+LS",
+        paper="Sun et al., Table III ablation of the paper",
+    ),
+    "fm_ls": Entry(
+        FMLS,
+        {"clip": None},
+        "ablation: feature masking + logit smoothing, no ReAct",
+        "FM+LS",
+        paper="Sun et al., Table III ablation of the paper",
+    ),
     # Table IV combinations
-    "msp_react": Entry(ReAct, {"output": "msp"}, "MSP of ReAct-clipped logits", "MSP+ReAct"),
-    "msp_fmls": Entry(FMLS, {"output": "msp"}, "MSP of the paper's modulated logits", "MSP+Ours"),
-    "energy_react": Entry(ReAct, {}, "same as react", "Energy+ReAct"),
-    "energy_fmls": Entry(FMLS, {}, "same as fmls", "Energy+Ours"),
-    "odin_react": Entry(odin_on(ReAct), {}, "ODIN on ReAct-clipped logits", "ODIN+ReAct"),
-    "odin_fmls": Entry(odin_on(FMLS), {}, "ODIN on the paper's modulated logits", "ODIN+Ours"),
-    "line_ls": Entry(LINE, {"smooth": True}, "LINE + logit smoothing", "LINE+Ours"),
+    "msp_react": Entry(
+        ReAct,
+        {"output": "msp"},
+        "MSP of ReAct-clipped logits",
+        "MSP+ReAct",
+        paper="Sun et al., Table IV combination of the paper",
+        differs=(
+            "scored as log p_max in float64, an increasing function of the authors' MSP (no ties where float32 rounds "
+            "p to 1)"
+        ),
+    ),
+    "msp_fmls": Entry(
+        FMLS,
+        {"output": "msp"},
+        "MSP of the paper's modulated logits",
+        "MSP+Ours",
+        paper="Sun et al., Table IV combination of the paper",
+        differs=(
+            "scored as log p_max in float64, an increasing function of the authors' MSP (no ties where float32 rounds "
+            "p to 1)"
+        ),
+    ),
+    "energy_react": Entry(
+        ReAct,
+        {},
+        "same as react",
+        "Energy+ReAct",
+        paper="Sun et al., Table IV combination of the paper",
+        differs="an alias of react",
+    ),
+    "energy_fmls": Entry(
+        FMLS,
+        {},
+        "same as fmls",
+        "Energy+Ours",
+        paper="Sun et al., Table IV combination of the paper",
+        differs="an alias of fmls",
+    ),
+    "odin_react": Entry(
+        odin_on(ReAct),
+        {},
+        "ODIN on ReAct-clipped logits",
+        "ODIN+ReAct",
+        paper="Sun et al., Table IV combination of the paper",
+        differs="ODIN as odin",
+    ),
+    "odin_fmls": Entry(
+        odin_on(FMLS),
+        {},
+        "ODIN on the paper's modulated logits",
+        "ODIN+Ours",
+        paper="Sun et al., Table IV combination of the paper",
+        differs="ODIN as odin",
+    ),
+    "line_ls": Entry(
+        LINE,
+        {"smooth": True},
+        "LINE + logit smoothing",
+        "LINE+Ours",
+        paper="Sun et al., Table IV combination of the paper",
+    ),
     # Further post-hoc detectors of OpenOOD v1.5 and pytorch-ood 0.4 (none is in the paper's tables)
-    "knn": Entry(KNN, {}, "k-th nearest normalised training feature (Sun et al., ICML 2022)"),
-    "vim": Entry(ViM, {}, "energy minus the scaled residual outside the principal subspace (Wang et al., CVPR 2022)"),
-    "residual": Entry(Residual, {}, "norm of the residual outside the principal subspace (Wang et al., CVPR 2022)"),
-    "gradnorm": Entry(GradNorm, {}, "L1 norm of the head's KL-to-uniform gradient (Huang et al., NeurIPS 2021)"),
-    "klm": Entry(KLMatching, {}, "KL divergence to the closest predicted-class softmax template (Hendrycks et al.)"),
-    "gen": Entry(GEN, {}, "generalized entropy of the top softmax probabilities (Liu et al., CVPR 2023)"),
-    "entropy": Entry(Entropy, {}, "negative softmax entropy"),
-    "temp_scaling": Entry(TemperatureScaling, {}, "MSP at the NLL-fitted temperature (Guo et al., ICML 2017)"),
-    "rmds": Entry(RMDS, {}, "relative Mahalanobis distance (Ren et al., 2021)"),
+    "knn": Entry(
+        KNN,
+        {},
+        "k-th nearest normalised training feature",
+        paper="Sun et al., ICML 2022",
+        differs="ranks by the distance, the same order as faiss's squared distance",
+    ),
+    "vim": Entry(
+        ViM, {}, "energy minus the scaled residual outside the principal subspace", paper="Wang et al., CVPR 2022"
+    ),
+    "residual": Entry(
+        Residual,
+        {},
+        "norm of the residual outside the principal subspace",
+        paper="Wang et al., CVPR 2022",
+        differs="fitted on the training features; OpenOOD fits it on its ID validation split",
+    ),
+    "gradnorm": Entry(
+        GradNorm,
+        {},
+        "L1 norm of the head's KL-to-uniform gradient",
+        paper="Huang et al., NeurIPS 2021",
+        differs="closed form of the head's gradient, averaged over the classes (OpenOOD sums: the same order)",
+    ),
+    "klm": Entry(
+        KLMatching,
+        {},
+        "KL divergence to the closest predicted-class softmax template",
+        paper="Hendrycks et al., ICML 2022",
+        differs="templates from held-out ID images (reference: id_val); reference: train is not the authors'",
+    ),
+    "gen": Entry(
+        GEN,
+        {},
+        "generalized entropy of the top softmax probabilities",
+        paper="Liu et al., CVPR 2023",
+        differs="exact 1 - p in float64, unclipped (pytorch-ood clips p to [1e-7, 1 - 1e-7])",
+    ),
+    "entropy": Entry(
+        Entropy,
+        {},
+        "negative softmax entropy",
+        paper="softmax-entropy baseline of OpenOOD v1.5 and pytorch-ood",
+        differs="exact log p in float64 (pytorch-ood clips p at 1e-7)",
+    ),
+    "temp_scaling": Entry(
+        TemperatureScaling,
+        {},
+        "MSP at the NLL-fitted temperature",
+        paper="Guo et al., ICML 2017",
+        differs="temperature fitted on held-out ID images (reference: id_val); scored as log p_max",
+    ),
+    "rmds": Entry(RMDS, {}, "relative Mahalanobis distance", paper="Ren et al., arXiv 2021"),
     "mds_ensemble": Entry(
-        MahalanobisEnsemble, {}, "Mahalanobis with input pre-processing, layer ensemble (Lee et al.)"
+        MahalanobisEnsemble,
+        {},
+        "Mahalanobis with input pre-processing, layer ensemble",
+        paper="Lee et al., NeurIPS 2018",
+        differs="the layers combined with equal weights (no regression)",
     ),
     "she": Entry(
-        SHE, {}, "inner product with the predicted class's correct-training pattern (Zhang et al., ICLR 2023)"
+        SHE, {}, "inner product with the predicted class's correct-training pattern", paper="Zhang et al., ICLR 2023"
     ),
-    "nnguide": Entry(NNGuide, {}, "nearest-neighbour guidance of the energy (Park et al., ICCV 2023)"),
-    "relation": Entry(Relation, {}, "relational kernel to the training features (Kim et al., NeurIPS 2023)"),
-    "fdbd": Entry(FDBD, {}, "distance to the decision boundaries over distance to the mean (Liu & Qin, ICML 2024)"),
-    "nci": Entry(NCI, {}, "alignment of the centred feature with the predicted class's weight (Liu et al., CVPR 2025)"),
-    "ash_p": Entry(ASH, {"variant": "p"}, "activation pruning of the pooled feature (Djurisic et al., ICLR 2023)"),
-    "ash_b": Entry(ASH, {"variant": "b"}, "activation pruning and binarisation (Djurisic et al., ICLR 2023)"),
-    "ash_s": Entry(ASH, {"variant": "s"}, "activation pruning and scaling (Djurisic et al., ICLR 2023)"),
-    "scale": Entry(SCALE, {}, "activation scaling of the pooled feature (Xu et al., ICLR 2024)"),
+    "nnguide": Entry(NNGuide, {}, "nearest-neighbour guidance of the energy", paper="Park et al., ICCV 2023"),
+    "relation": Entry(Relation, {}, "relational kernel to the training features", paper="Kim et al., NeurIPS 2023"),
+    "fdbd": Entry(
+        FDBD,
+        {},
+        "distance to the decision boundaries over distance to the mean",
+        paper="Liu & Qin, ICML 2024",
+        differs="averages over the classes",
+    ),
+    "nci": Entry(
+        NCI, {}, "alignment of the centred feature with the predicted class's weight", paper="Liu et al., CVPR 2025"
+    ),
+    "ash_p": Entry(
+        ASH, {"variant": "p"}, "activation pruning of the pooled feature", paper="Djurisic et al., ICLR 2023"
+    ),
+    "ash_b": Entry(ASH, {"variant": "b"}, "activation pruning and binarisation", paper="Djurisic et al., ICLR 2023"),
+    "ash_s": Entry(ASH, {"variant": "s"}, "activation pruning and scaling", paper="Djurisic et al., ICLR 2023"),
+    "scale": Entry(SCALE, {}, "activation scaling of the pooled feature", paper="Xu et al., ICLR 2024"),
     # ours: ASH and SCALE on the final feature map before the pooling (the authors shape the pooled feature)
-    "ash_p_map": Entry(ASH, {"variant": "p", "where": "map"}, "ash_p on the final feature map (ours)"),
-    "ash_b_map": Entry(ASH, {"variant": "b", "where": "map"}, "ash_b on the final feature map (ours)"),
-    "ash_s_map": Entry(ASH, {"variant": "s", "where": "map"}, "ash_s on the final feature map (ours)"),
-    "scale_map": Entry(SCALE, {"where": "map"}, "scale on the final feature map (ours)"),
+    "ash_p_map": Entry(
+        ASH,
+        {"variant": "p", "where": "map"},
+        "ash_p on the final feature map (ours)",
+        paper="Djurisic et al., ICLR 2023",
+        differs=(
+            "ours: on the final feature map before the pooling (pytorch-ood's placement); the authors shape the pooled "
+            "feature"
+        ),
+    ),
+    "ash_b_map": Entry(
+        ASH,
+        {"variant": "b", "where": "map"},
+        "ash_b on the final feature map (ours)",
+        paper="Djurisic et al., ICLR 2023",
+        differs=(
+            "ours: on the final feature map before the pooling (pytorch-ood's placement); the authors shape the pooled "
+            "feature"
+        ),
+    ),
+    "ash_s_map": Entry(
+        ASH,
+        {"variant": "s", "where": "map"},
+        "ash_s on the final feature map (ours)",
+        paper="Djurisic et al., ICLR 2023",
+        differs=(
+            "ours: on the final feature map before the pooling (pytorch-ood's placement); the authors shape the pooled "
+            "feature"
+        ),
+    ),
+    "scale_map": Entry(
+        SCALE,
+        {"where": "map"},
+        "scale on the final feature map (ours)",
+        paper="Xu et al., ICLR 2024",
+        differs=(
+            "ours: on the final feature map before the pooling (pytorch-ood's placement); the authors scale the pooled "
+            "feature"
+        ),
+    ),
     "rankfeat": Entry(
-        RankFeat, {}, "energy of the Block-3 and Block-4 paths' mean logits, rank-1 parts removed (Song et al.)"
+        RankFeat,
+        {},
+        "energy of the Block-3 and Block-4 paths' mean logits, rank-1 parts removed",
+        paper="Song et al., NeurIPS 2022",
     ),
-    "rankfeat_block4": Entry(RankFeat, {"fuse": False}, "RankFeat on Block-4 alone (the authors' one-block variant)"),
+    "rankfeat_block4": Entry(
+        RankFeat,
+        {"fuse": False},
+        "RankFeat on Block-4 alone (the authors' one-block variant)",
+        paper="Song et al., NeurIPS 2022",
+        differs="the authors' one-block variant",
+    ),
     "gram": Entry(
-        Gram, {}, "deviation of the blocks' Gram features from their training range (Sastry & Oore, ICML 2020)"
+        Gram,
+        {},
+        "deviation of the blocks' Gram features from their training range",
+        paper="Sastry & Oore, ICML 2020",
+        differs="a fixed held-out split for the normaliser (pytorch-ood draws it at random)",
     ),
-    "openmax": Entry(OpenMax, {}, "extreme-value revision of the logits (Bendale & Boult, CVPR 2016)"),
-    "iodin": Entry(IODIN, {}, "ODIN perturbing one input value, the largest gradient's (Regmi, arXiv 2024, ASCOOD)"),
-    "gmm": Entry(GMM, {}, "tied Gaussian mixture by EM on PCA-50 features, OpenOOD's (Yang et al., IJCV 2023, SEM)"),
-    "cfood": Entry(CFOOD, {}, "concentration-free outlier factor in the training bank (Angiulli et al., SISAP 2025)"),
-    "grood": Entry(GrOOD, {}, "nearest training gradient w.r.t. an OOD prototype (ElAraby et al., TMLR 2025)"),
-    "weiper": Entry(WeiPer, {}, "mean MSP of 100 randomly perturbed heads, WeiPer+MSP (Granz et al., NeurIPS 2024)"),
+    "openmax": Entry(
+        OpenMax,
+        {},
+        "extreme-value revision of the logits",
+        paper="Bendale & Boult, CVPR 2016",
+        differs="centred on the correctly classified images; scored as -log p(unknown)",
+    ),
+    "iodin": Entry(
+        IODIN, {}, "ODIN perturbing one input value, the largest gradient's", paper="Regmi, arXiv 2024 (ASCOOD)"
+    ),
+    "gmm": Entry(
+        GMM,
+        {},
+        "tied Gaussian mixture by EM on PCA-50 features, OpenOOD's",
+        paper="Yang et al., IJCV 2023 (SEM), OpenOOD's gmm",
+        differs="on the penultimate features where OpenOOD's gmm.yml reads layer2's map; no underflow floor",
+    ),
+    "cfood": Entry(
+        CFOOD,
+        {},
+        "concentration-free outlier factor in the training bank",
+        paper="Angiulli, Fassetti & Zupi, SISAP 2025",
+        differs="the reference share drawn by a seeded generator",
+    ),
+    "grood": Entry(
+        GrOOD,
+        {},
+        "nearest training gradient w.r.t. an OOD prototype",
+        paper="ElAraby et al., TMLR 2025",
+        differs=(
+            "OOD prototype the mean of the class prototypes (ood_prototype: noise for their blurred noise), not their "
+            "100 OOD validation images"
+        ),
+    ),
+    "weiper": Entry(
+        WeiPer,
+        {},
+        "mean MSP of 100 randomly perturbed heads, WeiPer+MSP",
+        paper="Granz et al., NeurIPS 2024",
+        differs=(
+            "one seeded draw of the perturbed heads, the same on every process (the authors draw anew per batch); "
+            "scored as -log(1 - mean MSP)"
+        ),
+    ),
     "weiper_kld": Entry(
-        WeiPerKLD, {}, "WeiPer's MSP minus KL of feature and perturbed-logit densities (Granz et al., NeurIPS 2024)"
+        WeiPerKLD,
+        {},
+        "WeiPer's MSP minus KL of feature and perturbed-logit densities",
+        paper="Granz et al., NeurIPS 2024",
+        differs="one seeded draw of the perturbed heads, the same on every process",
     ),
-    "caref": Entry(CARef, {}, "relative L1 error to the predicted class's training mean (Ling et al., CVPR 2025)"),
+    "caref": Entry(
+        CARef, {}, "relative L1 error to the predicted class's training mean", paper="Ling et al., CVPR 2025"
+    ),
     "cadref": Entry(
-        CADRef, {}, "CARef's error split by the class weights' sign, over logit scores (Ling et al., CVPR 2025)"
+        CADRef, {}, "CARef's error split by the class weights' sign, over logit scores", paper="Ling et al., CVPR 2025"
     ),
     "ora": Entry(
-        ORA, {}, "largest angle to a decision-boundary projection, from the ID centre (Demirel et al., NeurIPS 2025)"
+        ORA,
+        {},
+        "largest angle to a decision-boundary projection, from the ID centre",
+        paper="Demirel, Fumero & Locatello, NeurIPS 2025",
+        differs="class means of the training images (reference: id_test: the authors' ID test features)",
     ),
     "mahalanobis_pp": Entry(
-        MahalanobisPP, {}, "Mahalanobis on L2-normalised features, Mahalanobis++ (Mueller & Hein, ICML 2025)"
+        MahalanobisPP, {}, "Mahalanobis on L2-normalised features, Mahalanobis++", paper="Mueller & Hein, ICML 2025"
     ),
-    "rmds_pp": Entry(RMDSPP, {}, "relative Mahalanobis on L2-normalised features, RMDS++ (Mueller & Hein, ICML 2025)"),
+    "rmds_pp": Entry(
+        RMDSPP, {}, "relative Mahalanobis on L2-normalised features, RMDS++", paper="Mueller & Hein, ICML 2025"
+    ),
     "mahalanobis_odin": Entry(
-        MahalanobisODIN, {}, "penultimate Mahalanobis, input pre-processing (Lee et al., NeurIPS 2018; pytorch-ood's)"
+        MahalanobisODIN,
+        {},
+        "penultimate Mahalanobis, input pre-processing",
+        paper="Lee et al., NeurIPS 2018, as pytorch-ood runs it",
+        differs="mds_ensemble on the last layer alone but for sign(0) = 0",
     ),
-    "neco": Entry(NECO, {}, "norm share in the standardised principal subspace (Ben Ammar et al., ICLR 2024)"),
-    "lts": Entry(LTS, {}, "logits scaled by the squared activation-mass ratio, energy (Djurisic et al., MVA 2025)"),
-    "pnml": Entry(PNML, {}, "single-layer pNML regret of the normalised feature (Bibas et al., NeurIPS 2021)"),
-    "vra": Entry(VRA, {}, "per-unit rectification: 0 below alpha, beta above, energy (Xu et al., NeurIPS 2023)"),
+    "neco": Entry(
+        NECO,
+        {},
+        "norm share in the standardised principal subspace",
+        paper="Ben Ammar et al., ICLR 2024",
+        differs="d: half the features below 200-d (ours)",
+    ),
+    "lts": Entry(
+        LTS,
+        {},
+        "logits scaled by the squared activation-mass ratio, energy",
+        paper="Djurisic, Liu & Nikolic, MVA 2025",
+        differs="an all-zero feature gets a factor of 1 (0 / 0 in the authors' code)",
+    ),
+    "pnml": Entry(
+        PNML,
+        {},
+        "single-layer pNML regret of the normalised feature",
+        paper="Bibas, Feder & Hassner, NeurIPS 2021",
+        differs="genies in log form, finite where p is 0 or 1; 1 - regret in float64",
+    ),
+    "vra": Entry(VRA, {}, "per-unit rectification: 0 below alpha, beta above, energy", paper="Xu et al., NeurIPS 2023"),
     "vra_plus": Entry(
-        VRA, {"upper": 95.0, "gamma": 0.6}, "VRA+: kept activations raised by gamma (Xu et al., NeurIPS 2023)"
+        VRA, {"upper": 95.0, "gamma": 0.6}, "VRA+: kept activations raised by gamma", paper="Xu et al., NeurIPS 2023"
     ),
     "vra_plusplus": Entry(
         VRA,
         {"lower": 50.0, "upper": 85.0, "norm_weight": 0.01, "norm_centre": 4.0},
-        "VRA++: VRA minus a * ||h - m||^2 of the raw feature (Xu et al., NeurIPS 2023)",
+        "VRA++: VRA minus a * ||h - m||^2 of the raw feature",
+        paper="Xu et al., NeurIPS 2023",
     ),
     "vra_openood": Entry(
         VRA,
         {"lower": 10.0, "upper": 90.0, "per_unit": False, "below": "clamp", "reference": "id_val"},
         "OpenOOD's VRA: all units clamped to their 10th-90th ID-val percentiles, energy (not the authors')",
+        paper="Xu et al., NeurIPS 2023, as OpenOOD runs it",
+        differs=(
+            "OpenOOD's, not the authors': one threshold pair over all units from the id_val features, clamped below"
+        ),
     ),
     "graduncertainty": Entry(
-        GradUncertainty, {}, "squared gradient norms of a confounding all-ones label (Lee & AlRegib, ICIP 2020)"
+        GradUncertainty,
+        {},
+        "squared gradient norms of a confounding all-ones label",
+        paper="Lee & AlRegib, ICIP 2020, as pytorch-ood runs it",
+        differs="a post-hoc score; the authors train a classifier on ID and OOD gradients",
     ),
     "graduncertainty_head": Entry(
-        GradUncertaintyHead, {}, "graduncertainty on the head's weight and bias alone, closed form (ours)"
+        GradUncertaintyHead,
+        {},
+        "graduncertainty on the head's weight and bias alone, closed form (ours)",
+        paper="Lee & AlRegib, ICIP 2020",
+        differs="ours: the head's weight and bias alone, in closed form",
     ),
     "adascale_a": Entry(
-        AdaSCALE, {"variant": "a"}, "SCALE at a per-image percentile set by a perturbation's shift (Regmi, arXiv 2025)"
+        AdaSCALE,
+        {"variant": "a"},
+        "SCALE at a per-image percentile set by a perturbation's shift",
+        paper="Regmi, arXiv 2025",
+        differs="ECDF fitted on at most 5,000 id_val images",
     ),
     "adascale_l": Entry(
-        AdaSCALE, {"variant": "l"}, "AdaSCALE's ratio squared scaling the logits (Regmi, arXiv 2025, AdaSCALE-L)"
+        AdaSCALE,
+        {"variant": "l"},
+        "AdaSCALE's ratio squared scaling the logits",
+        paper="Regmi, arXiv 2025",
+        differs="ECDF fitted on at most 5,000 id_val images",
     ),
-    "nac": Entry(NAC, {}, "training coverage of the neurons' KL-gradient states, NAC-UE (Liu et al., ICLR 2024)"),
+    "nac": Entry(
+        NAC,
+        {},
+        "training coverage of the neurons' KL-gradient states, NAC-UE",
+        paper="Liu et al., ICLR 2024",
+        differs="coverage counted on 1,000 seeded training images (the authors': 1,000 class-balanced)",
+    ),
 }
 
 # The paper's method: what `lightning-ood tune` tunes when told no scorer.
