@@ -3,10 +3,10 @@
 per scorer, the largest difference of one image's score over every test image as a share of the scorer's largest
 |score|, and the metrics that differ.
 
-What it shows: DDP's metrics are exactly those of the union of the ranks' scores (tests/test_ddp.py), but the network
-sees other batches in N processes, and convolutions round by batch composition (oneDNN on a CPU, cuDNN on a GPU): the
-scores agree to rounding, which some scorers magnify (distances near 0, logs of probabilities near 1) and a scorer
-with a hard threshold can turn into another decision.
+What it shows: DDP's metrics are exactly those of the union of the ranks' scores (tests/ddp/test_cli.py), but the
+network sees other batches in N processes, and convolutions round by batch composition (oneDNN on a CPU, cuDNN on a
+GPU): the scores agree to rounding, which some scorers magnify (distances near 0, logs of probabilities near 1) and a
+scorer with a hard threshold can turn into another decision.
 
     python benchmarks/bench_ddp.py --devices 2                      # CPU processes (gloo)
     python benchmarks/bench_ddp.py --devices 2 --accelerator gpu    # two GPUs

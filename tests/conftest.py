@@ -1,15 +1,23 @@
-"""Shared fixtures: generated image data in the real on-disk layouts, and paths to the optional shared data."""
+"""Shared fixtures: generated image data in the real on-disk layouts, paths to the optional shared data, the
+scorers' toy problems (``p``, ``prob``) and the CLI runs of the reliability tests (``setup``, ``case``)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+
+from lightning_ood.statistics import FeatureStatistics
+from tests.helpers import random_problem, run_cli
+
+# ----------------------------------------------------------------------------------------------- generated image data
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LIGHTNING_OOD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -48,6 +56,9 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------------ the scorers' toy problems
+
+
 def toy_features(L: int = 12, C: int = 5, N: int = 400):
     """The scorer tests' toy problem, from one seeded generator: labels ``(N,)``, training features ``(N, L)`` around
     ``C`` random centres with a dead unit (unit 3) and tied rows (50-59 repeat 40-49), a head that classifies most of
@@ -66,3 +77,47 @@ def toy_features(L: int = 12, C: int = 5, N: int = 400):
     near = (centres[torch.arange(30) % C] + torch.randn(30, L, generator=g)).relu()
     far = torch.rand(30, L, generator=g) * 6
     return labels, train, head, near, far
+
+
+@pytest.fixture(scope="module")
+def prob():
+    return random_problem(0)
+
+
+@pytest.fixture(scope="module")
+def p():
+    """Training features exactly representable in float16 (so the bank equals them), ties (repeated rows) and
+    zeros (dead units), a head that classifies most of them right, and test features near and far."""
+    L, C, N = 12, 5, 400
+    labels, train, head, near, far = toy_features(L, C, N)
+    train = train.half().float()
+    test = torch.cat([near, far, train[:5]])
+    with torch.no_grad():
+        logits, train_logits = head(test), head(train)
+    stats = FeatureStatistics.from_features(train, labels, C, head)
+    return SimpleNamespace(L=L, C=C, N=N, train=train, labels=labels, head=head, test=test, logits=logits,
+                           train_logits=train_logits, stats=stats, W=head.weight.detach().double().numpy(),
+                           b=head.bias.detach().double().numpy(), X=train.double().numpy(), T=test.double().numpy(),
+                           y=labels.numpy())  # fmt: skip
+
+
+# ----------------------------------------------- a 1-epoch run that the bad-input tests share (cli/ and reliability/)
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    data = make_cifar_folder(tmp / "data", train=4, test=4)
+    run_cli("fit", "--data", "CIFARDataModule", "--data.root", str(data), "--data.num_workers", "0",
+            "--data.batch_size", "20", "--model.backbone", "resnet20", "--trainer.max_epochs", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp / "fitlogs"),
+            "--checkpoint.dirpath", str(tmp / "ckpt"))  # fmt: skip
+    return tmp, data, tmp / "ckpt" / "last.ckpt"
+
+
+@pytest.fixture
+def case(setup, tmp_path):
+    """A fresh folder per test with a link to the shared data and checkpoint."""
+    tmp, data, ckpt = setup
+    shutil.rmtree(tmp / "logs", ignore_errors=True)
+    return tmp, data, ckpt, tmp_path

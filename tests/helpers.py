@@ -1,17 +1,30 @@
-"""Helpers the tests load into CLI runs (``--trainer.callbacks tests.helpers.KillAtStep``)."""
+"""Helpers the tests load into CLI runs (``--trainer.callbacks tests.helpers.KillAtStep``), run the CLI with
+(``run_cli``, ``cli_error``, ``args``) and build toy data with (``random_problem``, ``batches``, ``case``)."""
+
+from __future__ import annotations
 
 import os
 import signal
+import sys
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
+from unittest.mock import patch
 
+import numpy as np
+import pytest
 import torch
 from lightning.pytorch import Callback
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_ood.cli import main
 from lightning_ood.data import CIFARDataModule
 from lightning_ood.data.tensors import RawBatch
+from tests.references import ref_class_means
+
+# ----------------------------------------------------------------------------------------------- loaded into CLI runs
 
 
 class KillAtStep(Callback):
@@ -193,8 +206,6 @@ SMALL_DATA_SETTINGS = {
     "nnguide": {"k": 5, "fraction": 0.25},
     "gmm": {"components": 4, "dim": 10},
 }
-
-
 # A cheaper setting of the one costly scorer, where a test checks something its magnitude search does not change
 # (shapes, dtypes, devices, float32 ties): one magnitude instead of the authors' seven.
 QUICK_SETTINGS = {**SMALL_DATA_SETTINGS, "mahalanobis_paper": {"magnitudes": [0.0]}}
@@ -205,3 +216,122 @@ def scorer_mapping(names, settings: dict | None = None) -> dict:
     where a name has them."""
     settings = SMALL_DATA_SETTINGS if settings is None else settings
     return {name: {"scorer": name, **settings.get(name, {})} for name in names}
+
+
+# ---------------------------------------------------------------------------------------------------- running the CLI
+
+
+def run_cli(*args: str) -> None:
+    with patch.object(sys, "argv", ["lightning-ood"]):
+        main(list(args))
+
+
+def quiet(tmp_path: Path) -> list[str]:
+    """Arguments that keep a CLI run's files inside the test's folder."""
+    return [
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--checkpoint.dirpath",
+        str(tmp_path / "ckpt"),
+    ]
+
+
+def cli_error(capsys, *args: str) -> str:
+    """Run the CLI expecting a user error: exit status 2 and a one-line message on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return " ".join(err.split())
+
+
+def args(logs: Path, data: Path, *extra: str) -> list[str]:
+    return ["--data", "CIFARDataModule", "--data.root", str(data), "--data.num_workers", "0",
+            "--model.backbone", "resnet20", "--model.scorers", "[msp, energy, fmls]",
+            "--trainer.enable_progress_bar", "false", "--data.ood", '[{"name": "gaussian_noise", "size": 10}]',
+            "--trainer.logger.init_args.save_dir", str(logs), *extra]  # fmt: skip
+
+
+def one_line(err: str) -> None:
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def nothing_left(logs: Path) -> None:
+    """A run refused before it started leaves no log folder, no results and no temporary files behind."""
+    assert not logs.exists() or not [p for p in logs.rglob("*") if p.is_file()], sorted(logs.rglob("*"))
+
+
+def case_args(tmp, data, *extra, workers="0"):
+    return ["--data", "CIFARDataModule", "--data.root", str(data), "--data.num_workers", workers,
+            "--model.backbone", "resnet20", "--model.scorers", "[msp, fmls]", "--trainer.enable_progress_bar", "false",
+            "--data.ood", '[{"name": "gaussian_noise", "size": 10}]',
+            "--trainer.logger.init_args.save_dir", str(tmp / "logs"), *extra]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------- toy data
+
+
+def linear_head(W: np.ndarray, b: np.ndarray) -> nn.Linear:
+    head = nn.Linear(W.shape[1], W.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(W, dtype=torch.float32))
+        head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+    return head
+
+
+def make_problem(train, labels, test, W, b) -> SimpleNamespace:
+    """Float32 tensors for the scorers, float64 numpy copies of the SAME values for the references."""
+    t = SimpleNamespace(
+        train=torch.as_tensor(np.asarray(train), dtype=torch.float32),
+        labels=torch.as_tensor(np.asarray(labels), dtype=torch.long),
+        test=torch.as_tensor(np.asarray(test), dtype=torch.float32),
+        head=linear_head(np.asarray(W), np.asarray(b)),
+    )
+    t.logits = t.head(t.test).detach()
+    t.num_classes = t.head.out_features
+    t.train64 = t.train.double().numpy()
+    t.test64 = t.test.double().numpy()
+    t.labels64 = t.labels.numpy()
+    t.W = t.head.weight.detach().double().numpy()
+    t.b = t.head.bias.detach().double().numpy()
+    t.prototypes = ref_class_means(t.train64, t.labels64, t.num_classes)
+    return t
+
+
+def random_problem(seed: int = 0, num_classes: int = 4, dim: int = 10, n_train: int = 48, n_test: int = 24):
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.arange(num_classes), rng.integers(0, num_classes, n_train - num_classes)]
+    centers = rng.gamma(2.0, 0.5, (num_classes, dim))
+    train = np.maximum(centers[labels] + rng.normal(0, 0.4, (n_train, dim)), 0)
+    test = np.maximum(centers[rng.integers(0, num_classes, n_test)] + rng.normal(0, 0.8, (n_test, dim)), 0)
+    test[: n_test // 4] *= 3  # abnormally large activations
+    test[-1] = 0  # a dead feature vector (possible after the ReLU): cosine 0
+    W = rng.normal(0, 1, (num_classes, dim))
+    b = rng.normal(0, 0.5, num_classes)
+    return make_problem(train, labels, test, W, b)
+
+
+def case(seed: int, n_id: int, n_ood: int, decimals: int | None):
+    rng = np.random.default_rng(seed)
+    scores = np.r_[rng.normal(1.0, 1.0, n_id), rng.normal(0.0, 1.0, n_ood)]
+    if decimals is not None:
+        scores = np.round(scores, decimals)
+    return np.r_[np.ones(n_id, dtype=np.int64), np.zeros(n_ood, dtype=np.int64)], scores
+
+
+SETS = ["id", "far", "near"]
+
+
+def batches(seed: int = 0):
+    """``(set index, logits, labels, scores, indices)`` of 3 sets of 13, 9 and 11 images in uneven batches."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for s, (n, shift) in enumerate(zip((13, 9, 11), (0.0, -2.0, -0.5), strict=True)):
+        logits = torch.randn(n, 4, generator=generator) * 3
+        labels = torch.randint(0, 4, (n,), generator=generator)
+        scores = {"a": torch.randn(n, generator=generator) + shift, "b": logits.logsumexp(1).double()}
+        for start in range(0, n, 4):
+            part = slice(start, start + 4)
+            out.append((s, logits[part], labels[part], {k: v[part] for k, v in scores.items()}, torch.arange(n)[part]))
+    return out

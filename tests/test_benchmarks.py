@@ -1,5 +1,7 @@
 """The benchmark scripts run end to end at toy sizes and write what their README figures come from."""
 
+from __future__ import annotations
+
 import json
 import subprocess
 import sys

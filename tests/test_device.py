@@ -118,4 +118,4 @@ def test_every_scorer_scores_float64_inputs_of_a_float64_model(tmp_path):
 
 
 # The test pass in float64 (--trainer.precision 64-true) with every scorer and the statistics and reference images
-# computed at its start (a checkpoint without them): tests/test_ddp.py runs it, once per process count.
+# computed at its start (a checkpoint without them): tests/ddp/test_cli.py runs it, once per process count.

@@ -2,6 +2,8 @@
 the CLI's own Trainer (checkpoints keep their keys, training is the same to float rounding), and scores computed in
 float32 whatever the Trainer's precision."""
 
+from __future__ import annotations
+
 import copy
 import json
 from pathlib import Path
@@ -13,8 +15,7 @@ from lightning_ood.cli import fast_benchmark, fast_precision
 from lightning_ood.fast_path import match_state_strides
 from lightning_ood.graphed import CudaGraphReplayer, EagerReplayer, GraphedStep
 from lightning_ood.precision import device_constant
-from tests.helpers import CountHostReads, CountTestHostReads
-from tests.test_cli import cli_error, quiet, run_cli
+from tests.helpers import CountHostReads, CountTestHostReads, cli_error, quiet, run_cli
 
 
 def test_precision_default_is_bf16_only_to_train_on_cuda(monkeypatch):

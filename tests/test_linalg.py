@@ -1,6 +1,8 @@
 """lightning_ood.linalg: the rank and pseudo-inverse of fitted covariances, with rounding noise treated as zero, against
 scipy's pinvh on exactly known matrices."""
 
+from __future__ import annotations
+
 import numpy as np
 import pytest
 import torch

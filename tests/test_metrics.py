@@ -5,7 +5,12 @@ References:
 - AUROC: ``roc_auc_score(is_id, scores)``;
 - AUPR-In: ``average_precision_score(is_id, scores)``; AUPR-Out: ``average_precision_score(1 - is_id, -scores)``.
 The references are computed on the float32 scores converted to float64: the values the metrics see.
-"""
+
+
+And FPR95 as the paper's code computes it (HIMPLoS ``utils/test_utils.py``, ``fpr_and_fdr_at_recall`` called by
+``get_measures`` with ID labelled 1 and ``recall_level = 0.95``): the threshold whose TPR is nearest to 95%,
+``model.fpr_threshold: closest`` (numpy: ``paper_fpr`` of tests/references.py), against ours (``first_at_tpr``);
+OpenOOD's FPR with OOD as the positive class."""
 
 from __future__ import annotations
 
@@ -15,9 +20,95 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torchmetrics.classification import BinaryAUROC
 
-from lightning_ood.metrics import FPRAtTPR, OODMetrics, fpr_at_tpr
+from lightning_ood.errors import ConfigError
+from lightning_ood.metrics import FPRAtTPR, OODMetrics, fpr_at_tpr, ood_metrics
+from lightning_ood.report import OODReport
+from tests.helpers import case
+from tests.references import paper_fpr
 
-pytestmark = pytest.mark.numerics  # run again at another thread count by make test
+
+def test_openood_fpr_has_ood_as_the_positive_class():
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(0)
+    id_scores, ood_scores = torch.tensor(rng.normal(1, 1, 500)), torch.tensor(rng.normal(0, 1, 300))
+    ours_ood = ood_metrics(id_scores, ood_scores, positive="ood")["fpr95"]
+    labels = np.r_[np.zeros(500), np.ones(300)]  # OOD positive, scores negated (higher = more OOD)
+    fpr, tpr, _ = roc_curve(labels, -np.r_[id_scores.numpy(), ood_scores.numpy()], drop_intermediate=False)
+    assert ours_ood == pytest.approx(fpr[np.searchsorted(tpr, 0.95, side="left")])
+    assert ours_ood != pytest.approx(ood_metrics(id_scores, ood_scores)["fpr95"])  # a different number
+
+
+def first_at_tpr_fpr(is_id: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Ours, independently: the largest score keeping at least ``tpr`` of the ID scores."""
+    id_scores = np.sort(scores[is_id == 1])[::-1]
+    kept = np.arange(1, id_scores.size + 1) / id_scores.size
+    threshold = id_scores[np.argmax(kept >= tpr)]
+    return float(np.mean(scores[is_id == 0] >= threshold))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("decimals", [None, 1, 0])
+def test_closest_equals_the_papers_code(decimals):
+    for seed in range(60):
+        rng = np.random.default_rng(1000 + seed)
+        is_id, scores = case(seed, int(rng.integers(3, 800)), int(rng.integers(3, 800)), decimals)
+        ours = fpr_at_tpr(torch.from_numpy(scores), torch.from_numpy(is_id), threshold="closest").item()
+        assert ours == paper_fpr(is_id, scores), seed  # exactly: the same counts, the same float64 comparisons
+        assert fpr_at_tpr(torch.from_numpy(scores), torch.from_numpy(is_id)).item() == pytest.approx(
+            first_at_tpr_fpr(is_id, scores), abs=1e-15
+        )
+    # the Metric over batches in any order, and the OOD-positive variant (the same rule on negated scores)
+    is_id, scores = case(7, 500, 300, 1)
+    metric = FPRAtTPR(threshold="closest")
+    for chunk in np.array_split(np.random.default_rng(0).permutation(800), 7):
+        metric.update(torch.from_numpy(scores[chunk]), torch.from_numpy(is_id[chunk]))
+    assert metric.compute().item() == paper_fpr(is_id, scores)
+    flipped = ood_metrics(torch.from_numpy(scores[is_id == 1]), torch.from_numpy(scores[is_id == 0]),
+                          positive="ood", threshold="closest")  # fmt: skip
+    assert flipped["fpr95"] == paper_fpr(1 - is_id, -scores)
+
+
+@pytest.mark.numerics
+def test_how_far_the_two_rules_differ():
+    # heavy ties across the 95% mark: 90% of the ID scores at 2, 10% at 1 with every OOD score; |0.90 - 0.95| is
+    # below |1.00 - 0.95| in float64, so the paper's code keeps 90% of ID at threshold 2: FPR 0; ours keeps all: FPR 1
+    is_id = np.r_[np.ones(100, dtype=np.int64), np.zeros(100, dtype=np.int64)]
+    scores = np.r_[np.full(90, 2.0), np.full(10, 1.0), np.full(100, 1.0)]
+    args = torch.from_numpy(scores), torch.from_numpy(is_id)
+    assert paper_fpr(is_id, scores) == fpr_at_tpr(*args, threshold="closest").item() == 0.0
+    assert first_at_tpr_fpr(is_id, scores) == fpr_at_tpr(*args).item() == 1.0
+    # scores rounded to integers (heavy ties): 0.22 apart on average, up to 0.28
+    gaps = []
+    for seed in range(40):
+        is_id, scores = case(seed, 400, 400, 0)
+        gaps.append(abs(paper_fpr(is_id, scores) - first_at_tpr_fpr(is_id, scores)))
+    assert max(gaps) > 0.25 and np.mean(gaps) > 0.15
+    # continuous scores: only the OOD scores between the 95% ID score and the next lower one (~1/n_id) apart
+    is_id, scores = case(0, 10_000, 10_000, None)
+    gap = paper_fpr(is_id, scores) - first_at_tpr_fpr(is_id, scores)
+    assert 0 <= gap < 2e-3
+
+
+@pytest.mark.numerics
+def test_the_option_is_checked_recorded_and_labelled():
+    from lightning_ood.module import OODClassifier
+
+    with pytest.raises(ConfigError, match="fpr_threshold must be 'first_at_tpr' or 'closest'"):
+        OODClassifier(backbone="resnet20", num_classes=3, scorers=["msp"], fpr_threshold="nearest")
+    with pytest.raises(ValueError, match="threshold must be one of"):
+        FPRAtTPR(threshold="nearest")
+    model = OODClassifier(backbone="resnet20", num_classes=3, scorers=["msp"], fpr_threshold="closest")
+    assert model.provenance()["fpr_threshold"] == "closest"
+    metrics = {"msp": {"noise": {"fpr95": 0.5, "auroc": 0.8, "aupr_in": 0.7, "aupr_out": 0.6}}}
+    plain = OODReport("cifar10", "resnet18", 0.9, metrics, provenance={"fpr_threshold": "first_at_tpr"})
+    closest = OODReport("cifar10", "resnet18", 0.9, metrics, provenance={"fpr_threshold": "closest"})
+    assert plain.fpr_label == "FPR95" and closest.fpr_label == "FPR95 (closest TPR)"
+    assert (
+        "FPR95 (closest TPR)" in closest.to_markdown() and "closest" not in plain.to_markdown().split("Provenance")[0]
+    )
+    assert "FPR95 (closest TPR)" in closest.to_latex() and "closest" not in plain.to_latex()
+
 
 NUM_RANDOM_CASES = 1000
 NUM_CHUNKS = 4  # the random cases run as 4 test items of 250 cases each
@@ -40,6 +131,7 @@ def random_case(rng: np.random.Generator, index: int) -> tuple[np.ndarray, np.nd
     return scores.astype(np.float32)[order], is_id[order]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("chunk", range(NUM_CHUNKS))
 def test_random_cases_match_sklearn(chunk):
     per_chunk = NUM_RANDOM_CASES // NUM_CHUNKS
@@ -69,6 +161,7 @@ def test_random_cases_match_sklearn(chunk):
     assert tied >= 0.4 * per_chunk  # the rounded half really has ties (tiny cases may have none)
 
 
+@pytest.mark.numerics
 def test_fpr_hand_computed():
     id_scores = torch.arange(1, 21, dtype=torch.float32)  # 1..20: 19 of 20 (95%) are >= 2, so the threshold is 2
     ood_scores = torch.tensor([0.0, 1.5, 2.0, 2.5, 10.0])  # OOD >= 2: {2, 2.5, 10} -> 3 / 5 (a tie at t counts)
@@ -87,6 +180,7 @@ def test_fpr_hand_computed():
     assert fpr_at_tpr(torch.tensor([1.0, 0.0, 1.0, 2.0]), torch.tensor([1, 0, 0, 0])).item() == pytest.approx(2 / 3)
 
 
+@pytest.mark.numerics
 def test_drop_intermediate_would_skip_the_95_percent_point():
     # ID 1..20, OOD {1, 2, 3}: the points at t = 3, 2, 1 each add one ID and one OOD, so they are collinear and
     # sklearn's default drop_intermediate=True removes t = 2 (TPR exactly 0.95, FPR 2/3); the first kept point with
@@ -102,6 +196,7 @@ def test_drop_intermediate_would_skip_the_95_percent_point():
     assert default_fpr - ours == pytest.approx(1 / 3)
 
 
+@pytest.mark.numerics
 def test_sigmoid_pitfall_energy_scores():
     """Energy-like scores (|s| > 20): torchmetrics' default sigmoid saturates them into ties; ours does not."""
     rng = np.random.default_rng(7)
@@ -121,6 +216,7 @@ def test_sigmoid_pitfall_energy_scores():
     assert abs(default.compute().item() - expected) > 0.01  # why normalization=None matters
 
 
+@pytest.mark.numerics
 def test_batching_and_order_invariance():
     rng = np.random.default_rng(3)
     scores = torch.from_numpy(np.round(rng.normal(0, 30, 3001)).astype(np.float32))  # ties included
@@ -139,6 +235,7 @@ def test_batching_and_order_invariance():
         assert torch.equal(result[key], expected[key]), key
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     ("scores", "is_id", "match"),
     [
@@ -162,6 +259,7 @@ def test_invalid_inputs_raise(scores, is_id, match):
         collection.compute()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tpr", [0.8, 0.5, 0.9, 0.99, 1.0])
 def test_tpr_parameter(tpr):
     rng = np.random.default_rng(int(tpr * 100))
@@ -177,12 +275,14 @@ def test_tpr_parameter(tpr):
     assert collection.compute()["fpr95"].item() == expected
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tpr", [0.0, -0.1, 1.5])
 def test_invalid_tpr(tpr):
     with pytest.raises(ValueError, match="tpr"):
         FPRAtTPR(tpr=tpr)
 
 
+@pytest.mark.numerics
 def test_fpr_differs_from_strict_and_from_ood_positive_conventions():
     """Ours counts OOD scores equal to the threshold; OOD-positive FPR95 (OpenOOD) is a different number."""
     rng = np.random.default_rng(11)

@@ -1,5 +1,7 @@
 """End to end on generated data: fit, statistics, checkpoint, one-pass OOD test, metrics, tables, TensorBoard."""
 
+from __future__ import annotations
+
 import logging
 
 import numpy as np

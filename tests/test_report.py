@@ -1,6 +1,11 @@
+"""lightning_ood/report.py: result tables (Markdown, CSV, LaTeX, console) and the paper's figures."""
+
+from __future__ import annotations
+
 import json
 
 import pytest
+import torch
 
 from lightning_ood.report import OODReport, paper_figure, paper_results
 
@@ -197,3 +202,20 @@ def test_console_tables_without_colours_mark_the_best_with_a_star():
     assert all(cell.endswith("*") for row in fmls_rows for cell in row[1:])  # best everywhere: 20.00*, 80.00*
     msp_rows = [line.split() for line in text.splitlines() if line.strip().startswith("msp")]
     assert not any("*" in cell for row in msp_rows for cell in row[1:])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: these batches of one or two images gain nothing from more, and OpenMP threads spinning
+    against other work on a 2-core machine made this file several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_report_maps_the_imagenet_names_to_the_paper():
+    assert paper_figure("imagenet", "resnet50", "fmls", "inaturalist") == (8.91, 98.18)
+    assert paper_figure("imagenet", "resnet50", "react", "Average") == (31.43, 92.95)
+    assert paper_figure("imagenet", "mobilenet_v2", "msp", "sun") == (77.02, 77.1)

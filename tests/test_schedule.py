@@ -1,3 +1,7 @@
+"""The paper's learning-rate schedule and the saved hyperparameters."""
+
+from __future__ import annotations
+
 import pytest
 
 from lightning_ood.module import OODClassifier
