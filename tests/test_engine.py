@@ -1,4 +1,4 @@
-"""The evaluation engine without Lightning: the README's plain PyTorch loop runs as written, and the engine refuses
+"""The evaluation engine without Lightning: the docs' plain PyTorch loop runs as written, and the engine refuses
 to score before it is fitted."""
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ood.engine import Engine
 from lightning_ood.models import build_backbone
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+LIBRARY = Path(__file__).resolve().parents[1] / "docs" / "library.md"
 
 
-def readme_code(heading: str) -> str:
-    text = README.read_text()
+def docs_code(heading: str) -> str:
+    text = LIBRARY.read_text()
     section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_plain_pytorch_loop_runs(tmp_path):
-    """The README's engine example, run as written on the CPU, with random weights instead of the download, four
-    classes and a few random images instead of ImageNet: the engine's scores, the evaluation's report and its files."""
-    code = readme_code("### The benchmark without Lightning")
+def test_the_docs_plain_pytorch_loop_runs(tmp_path):
+    """The docs' engine example (docs/library.md), run as written on the CPU, with random weights instead of the
+    download, four classes and a few random images instead of ImageNet: the engine's scores, the evaluation's report
+    and its files."""
+    code = docs_code("## The benchmark without Lightning")
     swaps = {
         'device = "cuda"': 'device = "cpu"',
         'weights="IMAGENET1K_V1"': "weights=None",
@@ -41,7 +42,7 @@ def test_the_readme_plain_pytorch_loop_runs(tmp_path):
         "test_sets": [TensorDataset(torch.rand(n, 3, 32, 32), torch.arange(n) % 4) for n in (6, 5, 7)],
         "results": tmp_path,
     }
-    exec(compile(code, str(README), "exec"), namespace)
+    exec(compile(code, str(LIBRARY), "exec"), namespace)
     scores, logits, report = namespace["scores"], namespace["logits"], namespace["report"]
     assert list(scores) == ["msp", "energy", "react", "fmls", "knn", "odin"] and logits.shape == (7, 4)
     assert all(s.shape == (7,) and torch.isfinite(s).all() for s in scores.values())

@@ -87,6 +87,7 @@ SCORERS: dict[str, Entry] = {
             "scored as log p_max in float64, an increasing function of the authors' MSP (no ties where float32 rounds "
             "p to 1)"
         ),
+        test="tests/scoring/test_output.py::test_msp_energy_maxlogit",
     ),
     "odin": Entry(
         ODIN,
@@ -98,6 +99,7 @@ SCORERS: dict[str, Entry] = {
             "eps 0.0014 with the gradient sign divided by the std (ODIN's and OpenOOD's code; the paper's code: eps "
             "0.004, no division, scale_by_std: false); scored as log p_max"
         ),
+        test="tests/scoring/test_odin.py::test_odin_matches_manual_autograd",
     ),
     "mahalanobis": Entry(
         Mahalanobis,
@@ -108,6 +110,7 @@ SCORERS: dict[str, Entry] = {
             "penultimate features only, no input pre-processing or layer ensemble (OpenOOD's mds); the paper's row is "
             "mahalanobis_paper"
         ),
+        test="tests/scoring/test_mahalanobis.py::test_mahalanobis_matches_sklearn_and_pinv",
     ),
     "mahalanobis_paper": Entry(
         MahalanobisPaper,
@@ -119,8 +122,16 @@ SCORERS: dict[str, Entry] = {
             "regression and noise magnitude fitted on 1,000 seeded ID training images; the authors took them from the "
             "ID test set they then scored"
         ),
+        test="tests/scoring/test_ensemble.py::test_mahalanobis_paper_against_the_authors",
     ),
-    "energy": Entry(Energy, {}, "logsumexp of the logits", "Energy", paper="Liu et al., NeurIPS 2020"),
+    "energy": Entry(
+        Energy,
+        {},
+        "logsumexp of the logits",
+        "Energy",
+        paper="Liu et al., NeurIPS 2020",
+        test="tests/scoring/test_output.py::test_msp_energy_maxlogit",
+    ),
     "bats": Entry(
         BATS,
         {},
@@ -131,8 +142,16 @@ SCORERS: dict[str, Entry] = {
             "statistics: bn truncates the last BatchNorm's output (the paper's definition); the authors' released "
             "CIFAR code bounds the pooled features (statistics: bn_pooled)"
         ),
+        test="tests/scoring/test_shaping.py::test_bats_truncates_to_training_mean_plus_minus_lam_std",
     ),
-    "dice": Entry(DICE, {}, "head sparsified by contribution, energy", "DICE", paper="Sun & Li, ECCV 2022"),
+    "dice": Entry(
+        DICE,
+        {},
+        "head sparsified by contribution, energy",
+        "DICE",
+        paper="Sun & Li, ECCV 2022",
+        test="tests/scoring/test_dice.py::test_dice_matches_reference",
+    ),
     "react": Entry(
         ReAct,
         {},
@@ -143,6 +162,7 @@ SCORERS: dict[str, Entry] = {
             "threshold from the training activations by default; reference: id_val is OpenOOD's, id_test the authors' "
             "run (test-set leakage, flagged in the results)"
         ),
+        test="tests/scoring/test_shaping.py::test_react_threshold_is_the_90th_percentile_of_all_training_activations",
     ),
     "dice_react": Entry(
         DICE,
@@ -151,11 +171,23 @@ SCORERS: dict[str, Entry] = {
         "DICE+ReAct",
         paper="Sun & Li, ECCV 2022",
         differs="ReAct's threshold as react",
+        test="tests/scoring/test_dice.py::test_dice_matches_reference",
     ),
     "line": Entry(
-        LINE, {}, "Shapley-based unit and weight masks + clipping, energy", "LINE", paper="Ahn et al., CVPR 2023"
+        LINE,
+        {},
+        "Shapley-based unit and weight masks + clipping, energy",
+        "LINE",
+        paper="Ahn et al., CVPR 2023",
+        test="tests/scoring/test_line.py::test_line_matches_reference",
     ),
-    "maxlogit": Entry(MaxLogit, {}, "largest logit", paper="Hendrycks et al., ICML 2022"),
+    "maxlogit": Entry(
+        MaxLogit,
+        {},
+        "largest logit",
+        paper="Hendrycks et al., ICML 2022",
+        test="tests/scoring/test_output.py::test_msp_energy_maxlogit",
+    ),
     "featurenorm": Entry(
         FeatureNorm,
         {},
@@ -165,6 +197,7 @@ SCORERS: dict[str, Entry] = {
             "NormRatio's jigsaws seeded per image (reproducible, identical under DDP); normratio_images takes a seeded "
             "subset"
         ),
+        test="tests/scoring/test_featurenorm.py::test_featurenorm_scorer",
     ),
     # The paper's method
     "fmls": Entry(
@@ -173,6 +206,7 @@ SCORERS: dict[str, Entry] = {
         "feature masking + ReAct + logit smoothing, energy (the paper)",
         "Ours",
         paper="Sun, Qiu, Tan, Zheng & Wang: feature masking and logit smoothing (the paper)",
+        test="tests/scoring/test_fmls.py::test_fmls_family_matches_reference",
     ),
     # Table III ablations (the same lambda as fmls)
     "react_fm": Entry(
@@ -181,6 +215,7 @@ SCORERS: dict[str, Entry] = {
         "ablation: ReAct + feature masking",
         "ReAct+FM",
         paper="Sun et al., Table III ablation of the paper",
+        test="tests/scoring/test_fmls.py::test_fmls_family_matches_reference",
     ),
     "react_ls": Entry(
         FMLS,
@@ -188,6 +223,7 @@ SCORERS: dict[str, Entry] = {
         "ablation: ReAct + logit smoothing",
         "ReAct+LS",
         paper="Sun et al., Table III ablation of the paper",
+        test="tests/scoring/test_fmls.py::test_fmls_family_matches_reference",
     ),
     "fm_ls": Entry(
         FMLS,
@@ -195,6 +231,7 @@ SCORERS: dict[str, Entry] = {
         "ablation: feature masking + logit smoothing, no ReAct",
         "FM+LS",
         paper="Sun et al., Table III ablation of the paper",
+        test="tests/scoring/test_fmls.py::test_fmls_family_matches_reference",
     ),
     # Table IV combinations
     "msp_react": Entry(
@@ -207,6 +244,7 @@ SCORERS: dict[str, Entry] = {
             "scored as log p_max in float64, an increasing function of the authors' MSP (no ties where float32 rounds "
             "p to 1)"
         ),
+        test="tests/scoring/test_shaping.py::test_react_variants",
     ),
     "msp_fmls": Entry(
         FMLS,
@@ -218,6 +256,7 @@ SCORERS: dict[str, Entry] = {
             "scored as log p_max in float64, an increasing function of the authors' MSP (no ties where float32 rounds "
             "p to 1)"
         ),
+        test="tests/scoring/test_fmls.py::test_fmls_family_matches_reference",
     ),
     "energy_react": Entry(
         ReAct,
@@ -226,6 +265,7 @@ SCORERS: dict[str, Entry] = {
         "Energy+ReAct",
         paper="Sun et al., Table IV combination of the paper",
         differs="an alias of react",
+        test="tests/scoring/test_shaping.py::test_react_threshold_is_the_90th_percentile_of_all_training_activations",
     ),
     "energy_fmls": Entry(
         FMLS,
@@ -234,6 +274,7 @@ SCORERS: dict[str, Entry] = {
         "Energy+Ours",
         paper="Sun et al., Table IV combination of the paper",
         differs="an alias of fmls",
+        test="tests/scoring/test_fmls.py::test_fmls_family_matches_reference",
     ),
     "odin_react": Entry(
         odin_on(ReAct),
@@ -242,6 +283,7 @@ SCORERS: dict[str, Entry] = {
         "ODIN+ReAct",
         paper="Sun et al., Table IV combination of the paper",
         differs="ODIN as odin",
+        test="tests/scoring/test_odin.py::test_odin_on_a_base_scorer_uses_its_logits_in_both_passes",
     ),
     "odin_fmls": Entry(
         odin_on(FMLS),
@@ -250,6 +292,7 @@ SCORERS: dict[str, Entry] = {
         "ODIN+Ours",
         paper="Sun et al., Table IV combination of the paper",
         differs="ODIN as odin",
+        test="tests/scoring/test_odin.py::test_odin_on_a_base_scorer_uses_its_logits_in_both_passes",
     ),
     "line_ls": Entry(
         LINE,
@@ -257,6 +300,7 @@ SCORERS: dict[str, Entry] = {
         "LINE + logit smoothing",
         "LINE+Ours",
         paper="Sun et al., Table IV combination of the paper",
+        test="tests/scoring/test_line.py::test_line_matches_reference",
     ),
     # Further post-hoc detectors of OpenOOD v1.5 and pytorch-ood 0.4 (none is in the paper's tables)
     "knn": Entry(
@@ -265,9 +309,14 @@ SCORERS: dict[str, Entry] = {
         "k-th nearest normalised training feature",
         paper="Sun et al., ICML 2022",
         differs="ranks by the distance, the same order as faiss's squared distance",
+        test="tests/scoring/test_neighbours.py::test_knn",
     ),
     "vim": Entry(
-        ViM, {}, "energy minus the scaled residual outside the principal subspace", paper="Wang et al., CVPR 2022"
+        ViM,
+        {},
+        "energy minus the scaled residual outside the principal subspace",
+        paper="Wang et al., CVPR 2022",
+        test="tests/scoring/test_subspace.py::test_vim_and_residual",
     ),
     "residual": Entry(
         Residual,
@@ -275,6 +324,7 @@ SCORERS: dict[str, Entry] = {
         "norm of the residual outside the principal subspace",
         paper="Wang et al., CVPR 2022",
         differs="fitted on the training features; OpenOOD fits it on its ID validation split",
+        test="tests/scoring/test_subspace.py::test_vim_and_residual",
     ),
     "gradnorm": Entry(
         GradNorm,
@@ -282,6 +332,7 @@ SCORERS: dict[str, Entry] = {
         "L1 norm of the head's KL-to-uniform gradient",
         paper="Huang et al., NeurIPS 2021",
         differs="closed form of the head's gradient, averaged over the classes (OpenOOD sums: the same order)",
+        test="tests/scoring/test_logits.py::test_gradnorm_equals_the_autograd_definition",
     ),
     "klm": Entry(
         KLMatching,
@@ -289,6 +340,7 @@ SCORERS: dict[str, Entry] = {
         "KL divergence to the closest predicted-class softmax template",
         paper="Hendrycks et al., ICML 2022",
         differs="templates from held-out ID images (reference: id_val); reference: train is not the authors'",
+        test="tests/scoring/test_logits.py::test_klm",
     ),
     "gen": Entry(
         GEN,
@@ -296,6 +348,7 @@ SCORERS: dict[str, Entry] = {
         "generalized entropy of the top softmax probabilities",
         paper="Liu et al., CVPR 2023",
         differs="exact 1 - p in float64, unclipped (pytorch-ood clips p to [1e-7, 1 - 1e-7])",
+        test="tests/scoring/test_logits.py::test_gen_and_entropy",
     ),
     "entropy": Entry(
         Entropy,
@@ -303,6 +356,7 @@ SCORERS: dict[str, Entry] = {
         "negative softmax entropy",
         paper="softmax-entropy baseline of OpenOOD v1.5 and pytorch-ood",
         differs="exact log p in float64 (pytorch-ood clips p at 1e-7)",
+        test="tests/scoring/test_logits.py::test_gen_and_entropy",
     ),
     "temp_scaling": Entry(
         TemperatureScaling,
@@ -310,36 +364,87 @@ SCORERS: dict[str, Entry] = {
         "MSP at the NLL-fitted temperature",
         paper="Guo et al., ICML 2017",
         differs="temperature fitted on held-out ID images (reference: id_val); scored as log p_max",
+        test="tests/scoring/test_logits.py::test_temperature_scaling_finds_the_nll_minimum",
     ),
-    "rmds": Entry(RMDS, {}, "relative Mahalanobis distance", paper="Ren et al., arXiv 2021"),
+    "rmds": Entry(
+        RMDS,
+        {},
+        "relative Mahalanobis distance",
+        paper="Ren et al., arXiv 2021",
+        test="tests/scoring/test_mahalanobis.py::test_rmds",
+    ),
     "mds_ensemble": Entry(
         MahalanobisEnsemble,
         {},
         "Mahalanobis with input pre-processing, layer ensemble",
         paper="Lee et al., NeurIPS 2018",
         differs="the layers combined with equal weights (no regression)",
+        test="tests/scoring/test_ensemble.py::test_mds_ensemble_against_lee_et_al",
     ),
     "she": Entry(
-        SHE, {}, "inner product with the predicted class's correct-training pattern", paper="Zhang et al., ICLR 2023"
+        SHE,
+        {},
+        "inner product with the predicted class's correct-training pattern",
+        paper="Zhang et al., ICLR 2023",
+        test="tests/scoring/test_boundary.py::test_she_fdbd_nci",
     ),
-    "nnguide": Entry(NNGuide, {}, "nearest-neighbour guidance of the energy", paper="Park et al., ICCV 2023"),
-    "relation": Entry(Relation, {}, "relational kernel to the training features", paper="Kim et al., NeurIPS 2023"),
+    "nnguide": Entry(
+        NNGuide,
+        {},
+        "nearest-neighbour guidance of the energy",
+        paper="Park et al., ICCV 2023",
+        test="tests/scoring/test_neighbours.py::test_nnguide",
+    ),
+    "relation": Entry(
+        Relation,
+        {},
+        "relational kernel to the training features",
+        paper="Kim et al., NeurIPS 2023",
+        test="tests/scoring/test_neighbours.py::test_relation",
+    ),
     "fdbd": Entry(
         FDBD,
         {},
         "distance to the decision boundaries over distance to the mean",
         paper="Liu & Qin, ICML 2024",
         differs="averages over the classes",
+        test="tests/scoring/test_boundary.py::test_she_fdbd_nci",
     ),
     "nci": Entry(
-        NCI, {}, "alignment of the centred feature with the predicted class's weight", paper="Liu et al., CVPR 2025"
+        NCI,
+        {},
+        "alignment of the centred feature with the predicted class's weight",
+        paper="Liu et al., CVPR 2025",
+        test="tests/scoring/test_boundary.py::test_she_fdbd_nci",
     ),
     "ash_p": Entry(
-        ASH, {"variant": "p"}, "activation pruning of the pooled feature", paper="Djurisic et al., ICLR 2023"
+        ASH,
+        {"variant": "p"},
+        "activation pruning of the pooled feature",
+        paper="Djurisic et al., ICLR 2023",
+        test="tests/scoring/test_activation.py::test_ash_on_pooled_features",
     ),
-    "ash_b": Entry(ASH, {"variant": "b"}, "activation pruning and binarisation", paper="Djurisic et al., ICLR 2023"),
-    "ash_s": Entry(ASH, {"variant": "s"}, "activation pruning and scaling", paper="Djurisic et al., ICLR 2023"),
-    "scale": Entry(SCALE, {}, "activation scaling of the pooled feature", paper="Xu et al., ICLR 2024"),
+    "ash_b": Entry(
+        ASH,
+        {"variant": "b"},
+        "activation pruning and binarisation",
+        paper="Djurisic et al., ICLR 2023",
+        test="tests/scoring/test_activation.py::test_ash_on_pooled_features",
+    ),
+    "ash_s": Entry(
+        ASH,
+        {"variant": "s"},
+        "activation pruning and scaling",
+        paper="Djurisic et al., ICLR 2023",
+        test="tests/scoring/test_activation.py::test_ash_on_pooled_features",
+    ),
+    "scale": Entry(
+        SCALE,
+        {},
+        "activation scaling of the pooled feature",
+        paper="Xu et al., ICLR 2024",
+        test="tests/scoring/test_activation.py::test_scale_on_pooled_features",
+    ),
     # ours: ASH and SCALE on the final feature map before the pooling (the authors shape the pooled feature)
     "ash_p_map": Entry(
         ASH,
@@ -350,6 +455,7 @@ SCORERS: dict[str, Entry] = {
             "ours: on the final feature map before the pooling (pytorch-ood's placement); the authors shape the pooled "
             "feature"
         ),
+        test="tests/scoring/test_activation.py::test_ash_and_scale_on_the_final_feature_map",
     ),
     "ash_b_map": Entry(
         ASH,
@@ -360,6 +466,7 @@ SCORERS: dict[str, Entry] = {
             "ours: on the final feature map before the pooling (pytorch-ood's placement); the authors shape the pooled "
             "feature"
         ),
+        test="tests/scoring/test_activation.py::test_ash_and_scale_on_the_final_feature_map",
     ),
     "ash_s_map": Entry(
         ASH,
@@ -370,6 +477,7 @@ SCORERS: dict[str, Entry] = {
             "ours: on the final feature map before the pooling (pytorch-ood's placement); the authors shape the pooled "
             "feature"
         ),
+        test="tests/scoring/test_activation.py::test_ash_and_scale_on_the_final_feature_map",
     ),
     "scale_map": Entry(
         SCALE,
@@ -380,12 +488,14 @@ SCORERS: dict[str, Entry] = {
             "ours: on the final feature map before the pooling (pytorch-ood's placement); the authors scale the pooled "
             "feature"
         ),
+        test="tests/scoring/test_activation.py::test_ash_and_scale_on_the_final_feature_map",
     ),
     "rankfeat": Entry(
         RankFeat,
         {},
         "energy of the Block-3 and Block-4 paths' mean logits, rank-1 parts removed",
         paper="Song et al., NeurIPS 2022",
+        test="tests/scoring/test_activation.py::test_rankfeat_averages_the_block3_and_block4_logits_on_the_cifar_resnet18",
     ),
     "rankfeat_block4": Entry(
         RankFeat,
@@ -393,6 +503,7 @@ SCORERS: dict[str, Entry] = {
         "RankFeat on Block-4 alone (the authors' one-block variant)",
         paper="Song et al., NeurIPS 2022",
         differs="the authors' one-block variant",
+        test="tests/scoring/test_activation.py::test_rankfeat_block4",
     ),
     "gram": Entry(
         Gram,
@@ -400,6 +511,7 @@ SCORERS: dict[str, Entry] = {
         "deviation of the blocks' Gram features from their training range",
         paper="Sastry & Oore, ICML 2020",
         differs="a fixed held-out split for the normaliser (pytorch-ood draws it at random)",
+        test="tests/scoring/test_gram.py::test_gram_statistics_and_score",
     ),
     "openmax": Entry(
         OpenMax,
@@ -407,9 +519,14 @@ SCORERS: dict[str, Entry] = {
         "extreme-value revision of the logits",
         paper="Bendale & Boult, CVPR 2016",
         differs="centred on the correctly classified images; scored as -log p(unknown)",
+        test="tests/scoring/test_openmax.py::test_openmax_matches_pytorch_ood",
     ),
     "iodin": Entry(
-        IODIN, {}, "ODIN perturbing one input value, the largest gradient's", paper="Regmi, arXiv 2024 (ASCOOD)"
+        IODIN,
+        {},
+        "ODIN perturbing one input value, the largest gradient's",
+        paper="Regmi, arXiv 2024 (ASCOOD)",
+        test="tests/scoring/test_iodin.py::test_iodin_matches_the_authors_postprocessor",
     ),
     "gmm": Entry(
         GMM,
@@ -417,6 +534,7 @@ SCORERS: dict[str, Entry] = {
         "tied Gaussian mixture by EM on PCA-50 features, OpenOOD's",
         paper="Yang et al., IJCV 2023 (SEM), OpenOOD's gmm",
         differs="on the penultimate features where OpenOOD's gmm.yml reads layer2's map; no underflow floor",
+        test="tests/scoring/test_gmm.py::test_gmm_em_matches_sklearn_from_the_same_start",
     ),
     "cfood": Entry(
         CFOOD,
@@ -424,6 +542,7 @@ SCORERS: dict[str, Entry] = {
         "concentration-free outlier factor in the training bank",
         paper="Angiulli, Fassetti & Zupi, SISAP 2025",
         differs="the reference share drawn by a seeded generator",
+        test="tests/scoring/test_cfood.py::test_cfood_matches_the_authors_postprocessor",
     ),
     "grood": Entry(
         GrOOD,
@@ -434,6 +553,7 @@ SCORERS: dict[str, Entry] = {
             "OOD prototype the mean of the class prototypes (ood_prototype: noise for their blurred noise), not their "
             "100 OOD validation images"
         ),
+        test="tests/scoring/test_grood.py::test_grood_matches_the_authors_postprocessor",
     ),
     "weiper": Entry(
         WeiPer,
@@ -444,6 +564,7 @@ SCORERS: dict[str, Entry] = {
             "one seeded draw of the perturbed heads, the same on every process (the authors draw anew per batch); "
             "scored as -log(1 - mean MSP)"
         ),
+        test="tests/scoring/test_weiper.py::test_weiper_msp",
     ),
     "weiper_kld": Entry(
         WeiPerKLD,
@@ -451,12 +572,21 @@ SCORERS: dict[str, Entry] = {
         "WeiPer's MSP minus KL of feature and perturbed-logit densities",
         paper="Granz et al., NeurIPS 2024",
         differs="one seeded draw of the perturbed heads, the same on every process",
+        test="tests/scoring/test_weiper.py::test_weiper_kld",
     ),
     "caref": Entry(
-        CARef, {}, "relative L1 error to the predicted class's training mean", paper="Ling et al., CVPR 2025"
+        CARef,
+        {},
+        "relative L1 error to the predicted class's training mean",
+        paper="Ling et al., CVPR 2025",
+        test="tests/scoring/test_caref.py::test_caref",
     ),
     "cadref": Entry(
-        CADRef, {}, "CARef's error split by the class weights' sign, over logit scores", paper="Ling et al., CVPR 2025"
+        CADRef,
+        {},
+        "CARef's error split by the class weights' sign, over logit scores",
+        paper="Ling et al., CVPR 2025",
+        test="tests/scoring/test_caref.py::test_cadref",
     ),
     "ora": Entry(
         ORA,
@@ -464,12 +594,21 @@ SCORERS: dict[str, Entry] = {
         "largest angle to a decision-boundary projection, from the ID centre",
         paper="Demirel, Fumero & Locatello, NeurIPS 2025",
         differs="class means of the training images (reference: id_test: the authors' ID test features)",
+        test="tests/scoring/test_ora.py::test_ora",
     ),
     "mahalanobis_pp": Entry(
-        MahalanobisPP, {}, "Mahalanobis on L2-normalised features, Mahalanobis++", paper="Mueller & Hein, ICML 2025"
+        MahalanobisPP,
+        {},
+        "Mahalanobis on L2-normalised features, Mahalanobis++",
+        paper="Mueller & Hein, ICML 2025",
+        test="tests/scoring/test_mahalanobis_pp.py::test_mahalanobis_pp_matches_the_authors_code",
     ),
     "rmds_pp": Entry(
-        RMDSPP, {}, "relative Mahalanobis on L2-normalised features, RMDS++", paper="Mueller & Hein, ICML 2025"
+        RMDSPP,
+        {},
+        "relative Mahalanobis on L2-normalised features, RMDS++",
+        paper="Mueller & Hein, ICML 2025",
+        test="tests/scoring/test_mahalanobis_pp.py::test_rmds_pp_matches_the_authors_code",
     ),
     "mahalanobis_odin": Entry(
         MahalanobisODIN,
@@ -477,6 +616,7 @@ SCORERS: dict[str, Entry] = {
         "penultimate Mahalanobis, input pre-processing",
         paper="Lee et al., NeurIPS 2018, as pytorch-ood runs it",
         differs="mds_ensemble on the last layer alone but for sign(0) = 0",
+        test="tests/scoring/test_mahalanobis_odin.py::test_mahalanobis_odin_against_autograd_and_pytorch_ood",
     ),
     "neco": Entry(
         NECO,
@@ -484,6 +624,7 @@ SCORERS: dict[str, Entry] = {
         "norm share in the standardised principal subspace",
         paper="Ben Ammar et al., ICLR 2024",
         differs="d: half the features below 200-d (ours)",
+        test="tests/scoring/test_neco.py::test_neco_matches_the_authors_code",
     ),
     "lts": Entry(
         LTS,
@@ -491,6 +632,7 @@ SCORERS: dict[str, Entry] = {
         "logits scaled by the squared activation-mass ratio, energy",
         paper="Djurisic, Liu & Nikolic, MVA 2025",
         differs="an all-zero feature gets a factor of 1 (0 / 0 in the authors' code)",
+        test="tests/scoring/test_lts.py::test_lts_follows_the_authors_code",
     ),
     "pnml": Entry(
         PNML,
@@ -498,16 +640,28 @@ SCORERS: dict[str, Entry] = {
         "single-layer pNML regret of the normalised feature",
         paper="Bibas, Feder & Hassner, NeurIPS 2021",
         differs="genies in log form, finite where p is 0 or 1; 1 - regret in float64",
+        test="tests/scoring/test_pnml.py::test_pnml_follows_the_authors_code",
     ),
-    "vra": Entry(VRA, {}, "per-unit rectification: 0 below alpha, beta above, energy", paper="Xu et al., NeurIPS 2023"),
+    "vra": Entry(
+        VRA,
+        {},
+        "per-unit rectification: 0 below alpha, beta above, energy",
+        paper="Xu et al., NeurIPS 2023",
+        test="tests/scoring/test_vra.py::test_vra_follows_the_authors_code",
+    ),
     "vra_plus": Entry(
-        VRA, {"upper": 95.0, "gamma": 0.6}, "VRA+: kept activations raised by gamma", paper="Xu et al., NeurIPS 2023"
+        VRA,
+        {"upper": 95.0, "gamma": 0.6},
+        "VRA+: kept activations raised by gamma",
+        paper="Xu et al., NeurIPS 2023",
+        test="tests/scoring/test_vra.py::test_vra_follows_the_authors_code",
     ),
     "vra_plusplus": Entry(
         VRA,
         {"lower": 50.0, "upper": 85.0, "norm_weight": 0.01, "norm_centre": 4.0},
         "VRA++: VRA minus a * ||h - m||^2 of the raw feature",
         paper="Xu et al., NeurIPS 2023",
+        test="tests/scoring/test_vra.py::test_vra_follows_the_authors_code",
     ),
     "vra_openood": Entry(
         VRA,
@@ -517,6 +671,7 @@ SCORERS: dict[str, Entry] = {
         differs=(
             "OpenOOD's, not the authors': one threshold pair over all units from the id_val features, clamped below"
         ),
+        test="tests/scoring/test_vra.py::test_vra_openood_follows_openoods_postprocessor",
     ),
     "graduncertainty": Entry(
         GradUncertainty,
@@ -524,6 +679,7 @@ SCORERS: dict[str, Entry] = {
         "squared gradient norms of a confounding all-ones label",
         paper="Lee & AlRegib, ICIP 2020, as pytorch-ood runs it",
         differs="a post-hoc score; the authors train a classifier on ID and OOD gradients",
+        test="tests/scoring/test_graduncertainty.py::test_graduncertainty_every_parameter_equals_autograd_and_pytorch_ood",
     ),
     "graduncertainty_head": Entry(
         GradUncertaintyHead,
@@ -531,6 +687,7 @@ SCORERS: dict[str, Entry] = {
         "graduncertainty on the head's weight and bias alone, closed form (ours)",
         paper="Lee & AlRegib, ICIP 2020",
         differs="ours: the head's weight and bias alone, in closed form",
+        test="tests/scoring/test_graduncertainty.py::test_graduncertainty_head_equals_autograd_and_pytorch_ood",
     ),
     "adascale_a": Entry(
         AdaSCALE,
@@ -538,6 +695,7 @@ SCORERS: dict[str, Entry] = {
         "SCALE at a per-image percentile set by a perturbation's shift",
         paper="Regmi, arXiv 2025",
         differs="ECDF fitted on at most 5,000 id_val images",
+        test="tests/scoring/test_adascale.py::test_adascale_agrees_with_the_authors_computation",
     ),
     "adascale_l": Entry(
         AdaSCALE,
@@ -545,6 +703,7 @@ SCORERS: dict[str, Entry] = {
         "AdaSCALE's ratio squared scaling the logits",
         paper="Regmi, arXiv 2025",
         differs="ECDF fitted on at most 5,000 id_val images",
+        test="tests/scoring/test_adascale.py::test_adascale_agrees_with_the_authors_computation",
     ),
     "nac": Entry(
         NAC,
@@ -552,6 +711,7 @@ SCORERS: dict[str, Entry] = {
         "training coverage of the neurons' KL-gradient states, NAC-UE",
         paper="Liu et al., ICLR 2024",
         differs="coverage counted on 1,000 seeded training images (the authors': 1,000 class-balanced)",
+        test="tests/scoring/test_nac.py::test_nac_agrees_with_the_authors_computation",
     ),
 }
 
