@@ -16,8 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUT = Path(__file__).resolve().parents[1] / "_generated" / "detector_table.md"
-COLUMNS = ("name", "method", "paper", "reads", "fitted statistics", "hyperparameters (defaults)", "reference test",
-           "differs from the authors")  # fmt: skip
+COLUMNS = ("name", "method", "paper")  # the summary table; every field in the detector's own section below it
+FIELDS = ("reads", "fitted statistics", "hyperparameters (defaults)", "reference test", "differs from the authors")
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,23 @@ class Row:
     test: str
     differs: str
 
+    @property
+    def target(self) -> str:
+        return f"detector-{self.name}"
+
     def cells(self) -> tuple[str, ...]:
+        """The summary table's cells: the name (a link to its section), the method, the paper."""
+        return f"{{ref}}`{self.name} <{self.target}>`", self.method, self.paper
+
+    def fields(self) -> tuple[str, ...]:
         test = f"`{self.test}`" if self.test else ""
-        return (f"`{self.name}`", self.method, self.paper, self.reads, self.statistics, self.hyperparameters, test,
-                self.differs or "computes what the authors' code computes")  # fmt: skip
+        return (self.reads, self.statistics, self.hyperparameters, test,
+                self.differs or "none: it computes what the authors' code computes")  # fmt: skip
+
+    def section(self) -> str:
+        lines = [f"({self.target})=", f"### `{self.name}`", "", f"{self.method}. *{self.paper}.*", ""]
+        lines += [f"- **{field}**: {value}" for field, value in zip(FIELDS, self.fields(), strict=True)]
+        return "\n".join(lines) + "\n"
 
 
 @cache
@@ -86,10 +99,20 @@ def rows() -> list[Row]:
     return [row(name) for name in SCORERS]
 
 
-def markdown(table_rows: list[Row]) -> str:
+def summary(table_rows: list[Row]) -> str:
+    """The summary table: name (a link to its section), method, paper."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r.cells()) + " |" for r in table_rows]
     return "\n".join(lines) + "\n"
+
+
+def sections(table_rows: list[Row]) -> str:
+    """One section per detector with every field."""
+    return "\n".join(r.section() for r in table_rows)
+
+
+def markdown(table_rows: list[Row]) -> str:
+    return summary(table_rows) + "\n" + sections(table_rows)
 
 
 def test_exists(node: str) -> bool:
@@ -122,12 +145,18 @@ def problems(table_rows: list[Row], registered) -> list[str]:
     return issues
 
 
-def write(path: Path = OUTPUT) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(rows())
-    if not path.is_file() or path.read_text() != text:  # unchanged: Sphinx does not rebuild the page
-        path.write_text(text)
-    return path
+def write(folder: Path = OUTPUT.parent) -> list[Path]:
+    """Write ``detector_table.md`` (the summary) and ``detector_sections.md`` into ``folder``; a file whose text is
+    unchanged is not touched (Sphinx then does not rebuild the page)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table_rows = rows()
+    written = []
+    for name, text in (("detector_table.md", summary(table_rows)), ("detector_sections.md", sections(table_rows))):
+        path = folder / name
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+        written.append(path)
+    return written
 
 
 def _on_builder_inited(app) -> None:

@@ -37,10 +37,16 @@ def test_every_registered_scorer_has_a_row_a_paper_and_a_reference_test(table, r
 def test_the_page_holds_every_row(table, rows):
     text = table.markdown(rows)
     lines = text.splitlines()
-    assert len(lines) == 2 + len(registry.SCORERS)
-    for r in rows:
-        assert any(line.startswith(f"| `{r.name}` | ") and r.paper in line for line in lines)
-    assert all(line.count(" | ") == len(table.COLUMNS) - 1 for line in lines[2:])  # no cell broke the table
+    summary = lines[2 : 2 + len(registry.SCORERS)]
+    assert lines[2 + len(registry.SCORERS)] == ""  # the table ends after one row per scorer
+    for r, line in zip(rows, summary, strict=True):
+        assert line.startswith(f"| {{ref}}`{r.name} <detector-{r.name}>` | ") and line.endswith(f" | {r.paper} |")
+        assert line.count(" | ") == len(table.COLUMNS) - 1  # no cell broke the table
+        section = text[text.index(f"({r.target})=\n### `{r.name}`") :]
+        section = section[: section.index("\n\n(") if "\n\n(" in section else None]
+        for field, value in zip(table.FIELDS, r.fields(), strict=True):
+            assert f"- **{field}**: {value}" in section, (r.name, field)
+        assert f"`{r.test}`" in section
 
 
 def test_a_scorer_registered_without_paper_or_test_is_reported(table, rows, monkeypatch):

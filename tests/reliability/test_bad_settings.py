@@ -30,6 +30,27 @@ def test_an_unknown_featurenorm_block_fails_before_any_work(capsys, tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize(
+    ("scorers", "message"),
+    [
+        ('{"knn": {"k": 50}}', "knn cannot be fitted: k = 50 nearest neighbours need at least 50 training features in "
+                               "the bank, which holds 10: lower k, or keep more training images in the bank"),
+        ('{"gmm": {"dim": null}}', "gmm cannot be fitted: its 50 mixture components need at least 50 training "
+                                   "features in the bank, which holds 10: lower components to at most 10"),
+    ],
+    ids=["knn k beyond the bank", "gmm components beyond the bank"],
+)  # fmt: skip
+def test_a_setting_beyond_the_training_images_is_refused_not_altered(case, capsys, scorers, message):
+    """k larger than the bank (10 images: one per class) would silently take every feature, and sklearn refuses
+    more mixture components than samples: refused through the CLI before any image is scored, with the setting as
+    given and what to change."""
+    tmp, data, ckpt, _ = case
+    err = cli_error(capsys, "test", *case_args(tmp, data, "--ckpt_path", str(ckpt), "--data.train_per_class", "1",
+                                               "--model.scorers", scorers))  # fmt: skip
+    assert err.startswith(f"error: {message}"), err
+    no_results(tmp)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(
     ("extra", "message"),
@@ -95,6 +116,8 @@ def test_validate_needs_held_out_images_and_predict_is_not_offered(trained, tmp_
         ('{"fmls": {"clip": -0.5}}', "clip must be >= 0, got -0.5."),
         ('{"react": {"percentile": 101}}', "percentile must be a percentile in [0, 100], got 101."),
         ('{"fmls": {"lambda": 1.0}}', "Scorer 'fmls' has no hyperparameter 'lambda'. Valid: clip, clip_percentile,"),
+        ('{"knn": {"k": 2.5}}', "k must be an integer >= 1, got 2.5."),  # a fractional k is refused, not rounded
+        ('{"gmm": {"components": 0}}', "components must be an integer >= 1, got 0."),
     ],
 )
 def test_invalid_scorers(case, capsys, scorers, message):
