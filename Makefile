@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv with the package, its dependencies and the dev tools
 
 DEMO := -c configs/demo.yaml --trainer.logger.init_args.version
-demo: $(STAMP) ## Main job, offline (~2 min on 2 CPU cores): train, statistics, OOD benchmark of every scorer, sweeps
+demo: $(STAMP) ## Main job, offline (about 4 min on 2 CPU cores): train, statistics, OOD benchmark of every scorer, sweeps
 	rm -rf logs/demo checkpoints/demo cache/demo
 	$(BIN)/lightning-ood fit $(DEMO) fit
 	$(BIN)/lightning-ood test $(DEMO) test --ckpt_path checkpoints/demo/last.ckpt
@@ -67,7 +67,7 @@ test-slow: $(STAMP) ## Run the long tests on real data too (marked `slow`)
 	$(BIN)/pytest -q -m "slow or not slow"
 
 $(DOCS_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install -e '.[dev,timm,docs]'
+	$(BIN)/pip install -e '.[docs]'
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP) ## Build the documentation site into docs/_build/html (Sphinx, strict: a warning is an error)

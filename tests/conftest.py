@@ -48,6 +48,17 @@ def cifar_folder(tmp_path_factory) -> Path:
     return make_cifar_folder(tmp_path_factory.mktemp("cifar10-generated"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (``pytest.mark.usefixtures("one_thread")``): batches of one or two
+    ImageNet-sized images gain nothing from more, and OpenMP threads spinning against other work on a 2-core machine
+    made those files several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, skipping the test when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
@@ -104,15 +115,21 @@ def p():
 # ----------------------------------------------- a 1-epoch run that the bad-input tests share (cli/ and reliability/)
 
 
-@pytest.fixture(scope="session")
-def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bad")
-    data = make_cifar_folder(tmp / "data", train=4, test=4)
+def fit_one_epoch(tmp: Path, test: int) -> tuple[Path, Path]:
+    """A generated CIFAR folder (4 training and ``test`` test images per class) under ``tmp`` and a 1-epoch ResNet-20
+    fitted on it through the CLI, with statistics: ``(data folder, last.ckpt)``."""
+    data = make_cifar_folder(tmp / "data", train=4, test=test)
     run_cli("fit", "--data", "CIFARDataModule", "--data.root", str(data), "--data.num_workers", "0",
             "--data.batch_size", "20", "--model.backbone", "resnet20", "--trainer.max_epochs", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp / "fitlogs"),
             "--checkpoint.dirpath", str(tmp / "ckpt"))  # fmt: skip
-    return tmp, data, tmp / "ckpt" / "last.ckpt"
+    return data, tmp / "ckpt" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    return tmp, *fit_one_epoch(tmp, test=4)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from lightning_ood.report import OODReport, paper_figure, paper_results
 
@@ -202,16 +201,6 @@ def test_console_tables_without_colours_mark_the_best_with_a_star():
     assert all(cell.endswith("*") for row in fmls_rows for cell in row[1:])  # best everywhere: 20.00*, 80.00*
     msp_rows = [line.split() for line in text.splitlines() if line.strip().startswith("msp")]
     assert not any("*" in cell for row in msp_rows for cell in row[1:])
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread: these batches of one or two images gain nothing from more, and OpenMP threads spinning
-    against other work on a 2-core machine made this file several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-OUTPUT = Path(__file__).resolve().parents[1] / "_generated" / "detector_table.md"
+GENERATED = Path(__file__).resolve().parents[1] / "_generated"  # included by docs/detectors.md
 COLUMNS = ("name", "method", "paper")  # the summary table; every field in the detector's own section below it
 FIELDS = ("reads", "fitted statistics", "hyperparameters (defaults)", "reference test", "differs from the authors")
 
@@ -145,7 +145,7 @@ def problems(table_rows: list[Row], registered) -> list[str]:
     return issues
 
 
-def write(folder: Path = OUTPUT.parent) -> list[Path]:
+def write(folder: Path = GENERATED) -> list[Path]:
     """Write ``detector_table.md`` (the summary) and ``detector_sections.md`` into ``folder``; a file whose text is
     unchanged is not touched (Sphinx then does not rebuild the page)."""
     folder.mkdir(parents=True, exist_ok=True)

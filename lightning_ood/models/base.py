@@ -73,10 +73,11 @@ class Backbone(nn.Module):
         return None
 
     def require_last_batchnorm(self, refusal: str) -> BatchNormTail:
-        """:meth:`last_batchnorm`, or a :class:`ConfigError` of ``refusal`` (what needs it, and the way out)."""
+        """:meth:`last_batchnorm`, or a :class:`ConfigError` of ``refusal`` (what needs it, and the way out;
+        ``{network}`` is replaced by the backbone's class name)."""
         point = self.last_batchnorm()
         if point is None:
-            raise ConfigError(f"{refusal.format(network=type(self).__name__)}")
+            raise ConfigError(refusal.format(network=type(self).__name__))
         return point
 
     def check_image_size(self, x: Tensor, size: int, name: str, hint: str) -> None:

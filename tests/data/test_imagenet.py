@@ -22,14 +22,7 @@ WNIDS = ["n01440764", "n01443537", "n01484850"]
 OOD = ["inaturalist", "sun", "places", "textures"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these batches of one or two images gain nothing from more, and OpenMP threads spinning
-    against other work on a 2-core machine made this file several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ data

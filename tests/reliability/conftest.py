@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, make_cifar_folder
-from tests.helpers import run_cli
+from tests.conftest import REPO, fit_one_epoch
 
 
 def cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
@@ -25,13 +24,7 @@ def cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A generated CIFAR folder and a 1-epoch ResNet-20 checkpoint with statistics."""
-    tmp = tmp_path_factory.mktemp("faults")
-    data = make_cifar_folder(tmp / "data", train=4, test=3)
-    run_cli("fit", "--data", "CIFARDataModule", "--data.root", str(data), "--data.num_workers", "0",
-            "--data.batch_size", "20", "--model.backbone", "resnet20", "--trainer.max_epochs", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp / "fitlogs"),
-            "--checkpoint.dirpath", str(tmp / "ckpt"))  # fmt: skip
-    return data, tmp / "ckpt" / "last.ckpt"
+    return fit_one_epoch(tmp_path_factory.mktemp("faults"), test=3)
 
 
 RUN_RECORDS = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")  # what a run writes from its first step

@@ -333,3 +333,21 @@ def test_rankfeat_blocks_on_densenet():
         block4 = last_stage(block3)
     expected = authors_rankfeat(block3, block4, last_stage, pooled, net.head, 1.0)
     close(rankfeat_scores(net, x)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "method"), [("ash_p_map", "ASH"), ("scale_map", "SCALE")])
+def test_the_map_variants_refuse_a_network_without_a_final_feature_map(name, method):
+    from lightning_ood.errors import ConfigError
+    from lightning_ood.models.base import Backbone
+
+    class NoBN(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+
+    with pytest.raises(ConfigError) as refused:
+        build_scorer(name).bind(NoBN())
+    assert str(refused.value) == (
+        f"{method} on the feature map needs a network with a final feature map, and NoBN has none: use where: pooled "
+        f"(the authors' placement)."
+    )

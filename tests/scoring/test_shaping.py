@@ -183,7 +183,7 @@ def test_bats_needs_a_batchnorm():
             super().__init__()
             self.head = nn.Linear(4, 2)
 
-    with pytest.raises(ConfigError, match="use \\{scorer: bats, statistics: empirical\\}"):
+    with pytest.raises(ConfigError, match="and NoBN has none: use \\{scorer: bats, statistics: empirical\\}"):
         build_scorer("bats").bind(NoBN())
     with pytest.raises(ConfigError, match="BATS statistics must be one of bn, bn_pooled, empirical"):
         build_scorer("bats", statistics="bn_empirical")
